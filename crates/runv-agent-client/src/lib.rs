@@ -1,0 +1,189 @@
+//! The host side of the agent protocol: finds the agent through the VM's
+//! hybrid vsock socket, checks that it speaks our protocol version, and
+//! offers typed calls. It does not know which hypervisor runs the VM.
+
+pub mod hybrid_vsock;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use runv_protocol::{agent, agent_ttrpc, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use ttrpc::context;
+
+/// Pause between attempts while the guest is still booting.
+const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+/// Deadline of one call once the agent is up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "the guest agent did not answer on vsock port {port} through {socket} within {waited:?} \
+         (last attempt: {last_error}); check the guest console log for a kernel or agent failure, \
+         or raise vm.agent_timeout_secs on a slow host"
+    )]
+    NotReady {
+        socket: PathBuf,
+        port: u32,
+        waited: Duration,
+        last_error: String,
+    },
+    #[error(
+        "the guest agent {agent_version} speaks protocol version {agent}, this runv speaks \
+         version {ours}: rebuild the initramfs from the same runv release \
+         (scripts/build-initramfs.sh) and install it"
+    )]
+    ProtocolMismatch {
+        agent: u32,
+        ours: u32,
+        agent_version: String,
+    },
+    #[error("agent call {method} failed: {source}")]
+    Call {
+        method: &'static str,
+        source: ttrpc::Error,
+    },
+}
+
+/// How to reach the agent.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The guest vsock port the agent listens on.
+    pub port: u32,
+    /// How long to keep trying while the guest boots.
+    pub timeout: Duration,
+    /// The protocol version to require of the agent.
+    pub protocol_version: u32,
+}
+
+impl ConnectOptions {
+    pub fn new(timeout: Duration) -> Self {
+        ConnectOptions {
+            port: AGENT_VSOCK_PORT,
+            timeout,
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// When the connection came about, for the boot timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectTimes {
+    /// From the start of `connect` to the first answered Check.
+    pub until_ready: Duration,
+    /// The round trip of that first answered Check.
+    pub first_rpc: Duration,
+    /// Attempts it took.
+    pub attempts: u32,
+}
+
+/// A checked connection to runv-agent.
+pub struct AgentClient {
+    client: agent_ttrpc::AgentClient,
+    agent_version: String,
+}
+
+impl AgentClient {
+    /// Dials the agent through `socket` until it answers Check or
+    /// `options.timeout` passes, then requires a matching protocol version.
+    pub async fn connect(
+        socket: &Path,
+        options: &ConnectOptions,
+    ) -> Result<(AgentClient, ConnectTimes), AgentError> {
+        let start = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let remaining = options.timeout.saturating_sub(start.elapsed());
+            let last_error = match tokio::time::timeout(remaining, Self::try_check(socket, options))
+                .await
+            {
+                Ok(Ok((client, response, first_rpc))) => {
+                    if response.protocol_version != options.protocol_version {
+                        return Err(AgentError::ProtocolMismatch {
+                            agent: response.protocol_version,
+                            ours: options.protocol_version,
+                            agent_version: response.agent_version,
+                        });
+                    }
+                    let times = ConnectTimes {
+                        until_ready: start.elapsed(),
+                        first_rpc,
+                        attempts,
+                    };
+                    let client = AgentClient {
+                        client,
+                        agent_version: response.agent_version,
+                    };
+                    return Ok((client, times));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => "timed out".to_owned(),
+            };
+            if start.elapsed() + RETRY_INTERVAL >= options.timeout {
+                return Err(AgentError::NotReady {
+                    socket: socket.to_owned(),
+                    port: options.port,
+                    waited: start.elapsed(),
+                    last_error,
+                });
+            }
+            tracing::trace!(attempts, %last_error, "agent not ready yet");
+            tokio::time::sleep(RETRY_INTERVAL).await;
+        }
+    }
+
+    /// One attempt: dial, then Check.
+    async fn try_check(
+        socket: &Path,
+        options: &ConnectOptions,
+    ) -> Result<(agent_ttrpc::AgentClient, agent::CheckResponse, Duration), String> {
+        let stream = hybrid_vsock::connect(socket, options.port)
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(stream.into()));
+        let request = agent::CheckRequest {
+            protocol_version: options.protocol_version,
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let response = client
+            .check(context::with_timeout(CALL_TIMEOUT.as_nanos() as i64), &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((client, response, sent.elapsed()))
+    }
+
+    /// The agent's crate version, as it reported it.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    pub async fn guest_details(&self) -> Result<agent::GuestDetails, AgentError> {
+        self.client
+            .get_guest_details(call_context(), &agent::GetGuestDetailsRequest::new())
+            .await
+            .map_err(|source| AgentError::Call {
+                method: "GetGuestDetails",
+                source,
+            })
+    }
+
+    /// Asks the guest to power off. The VM ends shortly after the reply.
+    pub async fn power_off(&self) -> Result<(), AgentError> {
+        self.client
+            .power_off(call_context(), &agent::PowerOffRequest::new())
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "PowerOff",
+                source,
+            })
+    }
+}
+
+fn call_context() -> context::Context {
+    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}

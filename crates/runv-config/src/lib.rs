@@ -1,0 +1,287 @@
+//! runv's configuration file (`/etc/runv/runv.toml` by default).
+//!
+//! Every key is optional and has a working default; an unknown key or a
+//! value out of range is an error that names the key and the file, so that
+//! a typo never silently falls back to a default.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Where the shim and `runv-ctl` look for the configuration when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/runv/runv.toml";
+
+/// Where `scripts/install.sh` puts the guest kernel and initramfs.
+pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/runv";
+
+/// A configuration error, always naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read runv config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid runv config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid runv config {path}: `{key}` {problem}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// Which hypervisor runs the pod VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// `qemu-system-x86_64 -M microvm` with vhost-user helpers.
+    Qemu,
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HypervisorKind::Qemu => f.write_str("qemu"),
+        }
+    }
+}
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelMode {
+    /// KVM when the host can run the guest with it, TCG otherwise.
+    Auto,
+    /// KVM, or fail when the host cannot run the guest with it.
+    Kvm,
+    /// Software emulation: slow, but runs anywhere.
+    Tcg,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The hypervisor of every pod VM.
+    pub hypervisor: HypervisorKind,
+    /// Log level of the shim and the agent: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Directory under which each VM gets a private directory for its sockets.
+    pub run_dir: PathBuf,
+    pub vm: VmConfig,
+    pub qemu: QemuConfig,
+}
+
+/// The pod VM's shape and boot files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// Uncompressed ELF guest kernel with a PVH entry point.
+    pub kernel: PathBuf,
+    /// Compressed cpio initramfs with runv-agent as /init.
+    pub initramfs: PathBuf,
+    /// Extra guest kernel command line parameters, appended to runv's own.
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// How long to wait for the guest agent to answer after the VM starts.
+    pub agent_timeout_secs: u64,
+    /// How long a VM may take to power off before it is killed.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Settings of the `qemu` hypervisor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The QEMU binary, a path or a name looked up in PATH.
+    pub binary: PathBuf,
+    /// The vhost-user vsock backend (from the vhost-device-vsock crate).
+    pub vhost_vsock_binary: PathBuf,
+    pub accel: AccelMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hypervisor: HypervisorKind::Qemu,
+            log_level: "info".into(),
+            run_dir: PathBuf::from("/run/runv"),
+            vm: VmConfig::default(),
+            qemu: QemuConfig::default(),
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: Path::new(DEFAULT_SHARE_DIR).join("vmlinux"),
+            initramfs: Path::new(DEFAULT_SHARE_DIR).join("runv-initramfs.cpio.gz"),
+            kernel_params: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            agent_timeout_secs: 30,
+            shutdown_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            vhost_vsock_binary: PathBuf::from("vhost-device-vsock"),
+            accel: AccelMode::Auto,
+        }
+    }
+}
+
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+const MAX_VCPUS: u32 = 255;
+const MIN_MEMORY_MIB: u32 = 64;
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Reads `path` when given, else the default file when it exists, else
+    /// the built-in defaults.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => Config::load(path),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::load(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, problem: String| ConfigError::Value {
+            path: origin.to_owned(),
+            key,
+            problem,
+        };
+        if !LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return Err(invalid(
+                "log_level",
+                format!("is {:?}; use one of {}", self.log_level, LOG_LEVELS.join(", ")),
+            ));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vm.vcpus) {
+            return Err(invalid(
+                "vm.vcpus",
+                format!("is {}; use 1 to {MAX_VCPUS}", self.vm.vcpus),
+            ));
+        }
+        if self.vm.memory_mib < MIN_MEMORY_MIB {
+            return Err(invalid(
+                "vm.memory_mib",
+                format!(
+                    "is {}; the guest needs at least {MIN_MEMORY_MIB}",
+                    self.vm.memory_mib
+                ),
+            ));
+        }
+        if self.vm.agent_timeout_secs == 0 {
+            return Err(invalid("vm.agent_timeout_secs", "must be above 0".into()));
+        }
+        if !self.run_dir.is_absolute() {
+            return Err(invalid(
+                "run_dir",
+                format!("is {:?}; it must be an absolute path", self.run_dir),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.hypervisor, HypervisorKind::Qemu);
+        assert_eq!(config.vm.vcpus, 1);
+        assert_eq!(config.qemu.accel, AccelMode::Auto);
+        assert_eq!(
+            config.vm.kernel,
+            Path::new("/usr/local/share/runv/vmlinux")
+        );
+    }
+
+    #[test]
+    fn shipped_default_config_parses() {
+        let shipped = include_str!("../../../configs/runv.toml");
+        let config = parse(shipped).unwrap();
+        assert_eq!(config.vm.memory_mib, VmConfig::default().memory_mib);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[vm]\nvcpu = 2\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `vcpu`"), "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named_with_the_fix() {
+        let err = parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
+        assert!(err.contains("`vm.vcpus` is 0; use 1 to 255"), "{err}");
+        let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
+        assert!(err.contains("`vm.memory_mib`"), "{err}");
+        let err = parse("log_level = \"loud\"\n").unwrap_err().to_string();
+        assert!(err.contains("`log_level`") && err.contains("debug"), "{err}");
+        let err = parse("hypervisor = \"xen\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `xen`"), "{err}");
+        let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown variant `hvf`"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+    }
+}

@@ -1,0 +1,153 @@
+//! runv-ctl: boots a pod VM to prove a node is ready, and reports on it.
+
+use std::{path::PathBuf, process::ExitCode, time::Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use runv_agent_client::ConnectOptions;
+use runv_config::{Config, DEFAULT_CONFIG_PATH};
+use runv_hypervisor::KvmSupport;
+use runv_sandbox::PodVm;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The runv configuration file [default: /etc/runv/runv.toml when it
+    /// exists, else built-in defaults]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a pod VM, print the guest's details and the boot timeline, and
+    /// shut it down.
+    Boot {
+        /// Keep the guest console log at this path (else it is discarded)
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+    },
+    /// Show what this host offers runv: KVM, accelerator, boot files.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load_or_default(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("runv-ctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| config.log_level.as_str().into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Boot { console_log } => boot(&config, console_log),
+        Command::Check => {
+            check(&config, cli.config.as_deref());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runv-ctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn boot(config: &Config, console_log: Option<PathBuf>) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let console = console_log.unwrap_or_else(|| scratch.path().join("console.log"));
+    let id = format!("runv-ctl-{}", std::process::id());
+    let spec = PodVm::spec(config, &id, console.clone());
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let vm = PodVm::boot(config, spec, &connect).await?;
+    let start = vm.start_info().clone();
+    let details = vm.agent().guest_details().await?;
+    let timeline = vm.boot_timeline().await?;
+    let booted_for = vm.age();
+    let shutdown = vm.shutdown().await;
+
+    println!(
+        "runv: booted a {} VM with {} ({})",
+        config.hypervisor, start.accel, start.accel_reason
+    );
+    println!("guest:");
+    println!("  kernel                  {}", details.kernel_release);
+    println!(
+        "  memory                  {} MiB",
+        details.memory_total_bytes / (1024 * 1024)
+    );
+    println!("  online CPUs             {}", details.online_cpus);
+    println!(
+        "  agent                   runv-agent {} (protocol {})",
+        details.agent_version, details.protocol_version
+    );
+    println!("boot timeline:");
+    println!("{timeline}");
+    println!(
+        "shutdown                  {:>9.1} ms  ({}{})",
+        shutdown.duration.as_secs_f64() * 1000.0,
+        shutdown.exit,
+        if shutdown.forced { ", forced" } else { "" }
+    );
+    println!(
+        "total                     {:>9.1} ms",
+        (booted_for + shutdown.duration).as_secs_f64() * 1000.0
+    );
+    if shutdown.forced {
+        anyhow::bail!("the guest did not power off when asked and was killed");
+    }
+    Ok(())
+}
+
+fn check(config: &Config, config_path: Option<&std::path::Path>) {
+    let started = Instant::now();
+    let kvm = KvmSupport::probe();
+    println!("config:      {}", config_origin(config_path));
+    println!("hypervisor:  {}", config.hypervisor);
+    match kvm.why_not_usable() {
+        None => println!("kvm:         usable ({kvm:?})"),
+        Some(reason) => println!("kvm:         not usable: {reason}"),
+    }
+    match runv_hypervisor::host::choose_accel(config.qemu.accel, &kvm) {
+        Ok((accel, reason)) => println!("qemu accel:  {accel} ({reason})"),
+        Err(e) => println!("qemu accel:  error: {e}"),
+    }
+    for (what, path) in [("kernel", &config.vm.kernel), ("initramfs", &config.vm.initramfs)] {
+        let state = if path.is_file() { "ok" } else { "MISSING" };
+        println!("{what:<12} {} ({state})", path.display());
+    }
+    for (what, program) in [
+        ("qemu", &config.qemu.binary),
+        ("vhost-vsock", &config.qemu.vhost_vsock_binary),
+    ] {
+        match runv_hypervisor::process::find_executable(program) {
+            Some(found) => println!("{what:<12} {} (ok)", found.display()),
+            None => println!("{what:<12} {} (MISSING)", program.display()),
+        }
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "host checked");
+}
+
+fn config_origin(config_path: Option<&std::path::Path>) -> String {
+    if let Some(path) = config_path {
+        path.display().to_string()
+    } else if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() {
+        DEFAULT_CONFIG_PATH.to_owned()
+    } else {
+        "built-in defaults".to_owned()
+    }
+}

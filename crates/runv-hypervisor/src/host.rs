@@ -1,0 +1,166 @@
+//! What this host's KVM can do, and the accelerator choice that follows.
+
+use std::{fs, path::Path};
+
+use runv_config::AccelMode;
+
+/// How guest code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        })
+    }
+}
+
+/// What /dev/kvm offers on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmSupport {
+    /// Hardware virtualization: an ordinary guest kernel runs.
+    Hardware { extension: &'static str },
+    /// The PVM backend (`kvm_pvm`): only PVM-enabled guest kernels run.
+    Pvm,
+    /// No usable KVM, with the reason.
+    Unavailable(String),
+}
+
+impl KvmSupport {
+    /// Probes /dev/kvm, the loaded KVM backend and the CPU flags.
+    pub fn probe() -> KvmSupport {
+        Self::probe_at(
+            Path::new("/dev/kvm"),
+            Path::new("/sys/module"),
+            Path::new("/proc/cpuinfo"),
+        )
+    }
+
+    fn probe_at(dev_kvm: &Path, sys_module: &Path, cpuinfo: &Path) -> KvmSupport {
+        if let Err(e) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev_kvm)
+        {
+            return KvmSupport::Unavailable(format!("cannot open {}: {e}", dev_kvm.display()));
+        }
+        if sys_module.join("kvm_pvm").exists() {
+            return KvmSupport::Pvm;
+        }
+        let flags = fs::read_to_string(cpuinfo).unwrap_or_default();
+        let flags = flags
+            .lines()
+            .find(|line| line.starts_with("flags"))
+            .unwrap_or_default();
+        let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+        if has("vmx") {
+            KvmSupport::Hardware { extension: "VT-x" }
+        } else if has("svm") {
+            KvmSupport::Hardware { extension: "AMD-V" }
+        } else {
+            KvmSupport::Unavailable("the CPU offers neither VT-x nor AMD-V".into())
+        }
+    }
+
+    /// Why KVM cannot run an ordinary guest kernel, if it cannot.
+    pub fn why_not_usable(&self) -> Option<String> {
+        match self {
+            KvmSupport::Hardware { .. } => None,
+            KvmSupport::Pvm => Some(
+                "/dev/kvm is the PVM backend (module kvm_pvm), which runs only PVM-enabled \
+                 guest kernels"
+                    .into(),
+            ),
+            KvmSupport::Unavailable(reason) => Some(reason.clone()),
+        }
+    }
+}
+
+/// The accelerator for `mode` on a host with `kvm`, and the reason, for the log.
+pub fn choose_accel(mode: AccelMode, kvm: &KvmSupport) -> Result<(Accel, String), String> {
+    match (mode, kvm.why_not_usable()) {
+        (AccelMode::Tcg, _) => Ok((Accel::Tcg, "qemu.accel is \"tcg\"".into())),
+        (AccelMode::Kvm | AccelMode::Auto, None) => {
+            let KvmSupport::Hardware { extension } = kvm else {
+                unreachable!("only hardware support is usable")
+            };
+            Ok((Accel::Kvm, format!("/dev/kvm with {extension}")))
+        }
+        (AccelMode::Auto, Some(reason)) => Ok((Accel::Tcg, format!("KVM unusable: {reason}"))),
+        (AccelMode::Kvm, Some(reason)) => Err(format!(
+            "qemu.accel is \"kvm\" but {reason}; set qemu.accel = \"auto\" or \"tcg\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeHost {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new(kvm_dev: bool, pvm: bool, flags: &str) -> FakeHost {
+            let dir = tempfile::tempdir().unwrap();
+            if kvm_dev {
+                fs::write(dir.path().join("kvm"), "").unwrap();
+            }
+            fs::create_dir(dir.path().join("module")).unwrap();
+            if pvm {
+                fs::create_dir(dir.path().join("module/kvm_pvm")).unwrap();
+            }
+            fs::write(
+                dir.path().join("cpuinfo"),
+                format!("processor\t: 0\nflags\t\t: {flags}\n"),
+            )
+            .unwrap();
+            FakeHost { dir }
+        }
+
+        fn probe(&self) -> KvmSupport {
+            let p = self.dir.path();
+            KvmSupport::probe_at(&p.join("kvm"), &p.join("module"), &p.join("cpuinfo"))
+        }
+    }
+
+    #[test]
+    fn vmx_host_uses_kvm() {
+        let kvm = FakeHost::new(true, false, "fpu vme vmx sse").probe();
+        assert_eq!(kvm, KvmSupport::Hardware { extension: "VT-x" });
+        let (accel, reason) = choose_accel(AccelMode::Auto, &kvm).unwrap();
+        assert_eq!(accel, Accel::Kvm);
+        assert!(reason.contains("VT-x"));
+    }
+
+    #[test]
+    fn pvm_host_falls_back_to_tcg_with_reason() {
+        let kvm = FakeHost::new(true, true, "fpu sse").probe();
+        assert_eq!(kvm, KvmSupport::Pvm);
+        let (accel, reason) = choose_accel(AccelMode::Auto, &kvm).unwrap();
+        assert_eq!(accel, Accel::Tcg);
+        assert!(reason.contains("kvm_pvm"), "{reason}");
+        let err = choose_accel(AccelMode::Kvm, &kvm).unwrap_err();
+        assert!(err.contains("qemu.accel = \"auto\""), "{err}");
+    }
+
+    #[test]
+    fn missing_dev_kvm_is_named() {
+        let kvm = FakeHost::new(false, false, "svm").probe();
+        let reason = kvm.why_not_usable().unwrap();
+        assert!(reason.contains("cannot open") && reason.contains("kvm"), "{reason}");
+    }
+
+    #[test]
+    fn amd_host_uses_kvm_and_tcg_can_be_forced() {
+        let kvm = FakeHost::new(true, false, "fpu svm").probe();
+        assert_eq!(kvm, KvmSupport::Hardware { extension: "AMD-V" });
+        assert_eq!(choose_accel(AccelMode::Tcg, &kvm).unwrap().0, Accel::Tcg);
+    }
+}

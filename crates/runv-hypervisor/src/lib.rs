@@ -1,0 +1,144 @@
+//! The `Hypervisor` abstraction: what runv needs of whatever runs a pod VM,
+//! and the backends that provide it. A backend boots the guest kernel and
+//! initramfs, exposes the guest's vsock as a hybrid vsock Unix socket,
+//! captures the serial console, and leaves no process or file behind.
+
+pub mod host;
+pub mod process;
+mod qemu;
+mod run_dir;
+
+use std::{path::PathBuf, time::Duration};
+
+use async_trait::async_trait;
+use runv_config::{Config, HypervisorKind};
+use tokio::sync::watch;
+
+pub use host::{Accel, KvmSupport};
+pub use qemu::QemuVm;
+
+/// Guest kernel parameters every backend passes: the console on the first
+/// serial port; a reset (the triple fault of `reboot=t`) as the way the
+/// guest ends itself, which backends turn into the VM's exit; and an
+/// immediate reset on panic, so that a dead guest does not linger.
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 reboot=t panic=-1";
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Unique among running VMs; names the VM's private directory.
+    pub id: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Parameters appended to [`BASE_KERNEL_PARAMS`].
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The parent of the VM's private directory (sockets, helper logs),
+    /// which the backend creates at start and removes when the VM is gone.
+    pub run_dir: PathBuf,
+    /// Where the guest's serial console goes. The caller owns this file.
+    pub console_log: PathBuf,
+}
+
+/// How the hypervisor started, for logs and the boot timeline.
+#[derive(Debug, Clone)]
+pub struct StartInfo {
+    pub accel: Accel,
+    /// Why this accelerator was chosen.
+    pub accel_reason: String,
+    /// From the call of `start` until the VM was running.
+    pub spawn: Duration,
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off or reset itself.
+    GuestShutdown,
+    /// `stop` ended it.
+    Stopped,
+    /// The hypervisor or one of its helpers failed, with its own words.
+    Failed(String),
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::GuestShutdown => f.write_str("the guest shut down"),
+            VmExit::Stopped => f.write_str("the VM was stopped"),
+            VmExit::Failed(why) => write!(f, "the hypervisor failed: {why}"),
+        }
+    }
+}
+
+/// Waits for a VM's end; any number of them may wait.
+#[derive(Debug, Clone)]
+pub struct ExitWatch(watch::Receiver<Option<VmExit>>);
+
+impl ExitWatch {
+    /// Resolves once the VM has ended and every helper process is reaped.
+    pub async fn wait(&mut self) -> VmExit {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(exit) => exit.clone().expect("waited for Some"),
+            // The sender only goes away after sending the exit, or when the
+            // runtime shuts down, and then nobody is left to wait anyway.
+            Err(_) => VmExit::Failed("the VM supervisor went away".into()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("{what} {path} not found: {fix}")]
+    MissingFile {
+        what: &'static str,
+        path: PathBuf,
+        fix: &'static str,
+    },
+    #[error("{what} `{program}` not found: {fix}")]
+    MissingProgram {
+        what: &'static str,
+        program: PathBuf,
+        fix: &'static str,
+    },
+    #[error("cannot choose an accelerator: {0}")]
+    Accel(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{what} failed to start: {detail}")]
+    StartFailed { what: &'static str, detail: String },
+    #[error("the VM was already started")]
+    AlreadyStarted,
+}
+
+/// A pod VM's hypervisor.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Checks the inputs, starts the VM and returns once it runs. On error
+    /// nothing is left running and no file is left behind.
+    async fn start(&mut self) -> Result<StartInfo, HypervisorError>;
+
+    /// The hybrid vsock Unix socket through which the host dials guest ports.
+    fn vsock_socket(&self) -> PathBuf;
+
+    /// The PIDs of the host processes that make up the VM.
+    fn pids(&self) -> Vec<u32>;
+
+    /// Watches for the VM's end. Only valid after a successful `start`.
+    fn exit_watch(&self) -> Option<ExitWatch>;
+
+    /// Ends the VM: a polite request, then a kill after `grace`. Reaps every
+    /// helper and removes the VM's directory. Safe to call more than once.
+    async fn stop(&mut self, grace: Duration) -> VmExit;
+}
+
+/// The hypervisor the configuration names, for `spec`.
+pub fn create(config: &Config, spec: VmSpec) -> Box<dyn Hypervisor> {
+    match config.hypervisor {
+        HypervisorKind::Qemu => Box::new(QemuVm::new(spec, config.qemu.clone())),
+    }
+}

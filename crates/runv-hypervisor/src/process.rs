@@ -1,0 +1,137 @@
+//! Helper processes of a VM: finding them, starting them so that they die
+//! with the shim, and reading their logs for error messages.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    sys::{prctl, signal::Signal},
+    unistd::{getpid, getppid},
+};
+
+/// Lines of a helper's log quoted in an error.
+pub const LOG_TAIL_LINES: usize = 20;
+
+/// Finds `program` as given when it names a path, else in `PATH`.
+pub fn find_executable(program: &Path) -> Option<PathBuf> {
+    let is_executable = |path: &Path| {
+        fs::metadata(path)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.components().count() > 1 {
+        return is_executable(program).then(|| program.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+/// A command whose process is killed when the thread that spawned it dies,
+/// so that no helper outlives a crashed shim. Spawn it from a thread that
+/// lives as long as the VM (a runtime worker, not a blocking-pool thread).
+pub fn command_dying_with_parent(program: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    let parent = getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died between fork and prctl.
+            if getppid() != parent {
+                libc_exit();
+            }
+            Ok(())
+        });
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+fn libc_exit() -> ! {
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { nix::libc::_exit(1) }
+}
+
+/// The last `lines` lines of a log file, or a note that it could not be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_programs_in_path_and_by_path() {
+        let sh = find_executable(Path::new("sh")).expect("sh is in PATH");
+        assert!(sh.is_absolute());
+        assert_eq!(find_executable(&sh), Some(sh.clone()));
+        assert_eq!(find_executable(Path::new("runv-no-such-program")), None);
+        assert_eq!(find_executable(Path::new("/nonexistent/qemu")), None);
+    }
+
+    #[test]
+    fn non_executable_file_is_not_a_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data");
+        fs::write(&file, "x").unwrap();
+        assert_eq!(find_executable(&file), None);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        fs::write(&log, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(tail(&log, 2), "c\nd");
+        assert_eq!(tail(&log, 10), "a\nb\nc\nd");
+        assert!(tail(&dir.path().join("none"), 2).contains("cannot read"));
+    }
+
+    #[tokio::test]
+    async fn helper_is_killed_with_its_parent_thread() {
+        // A child spawned from a short-lived thread dies when that thread
+        // ends: that is the parent-death signal at work.
+        let pid = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let child = command_dying_with_parent(Path::new("sleep"))
+                    .arg("30")
+                    .kill_on_drop(false)
+                    .spawn()
+                    .unwrap();
+                child.id().unwrap()
+            })
+        })
+        .join()
+        .unwrap();
+        let alive = || {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| !stat.contains(") Z "))
+                .unwrap_or(false)
+        };
+        for _ in 0..200 {
+            if !alive() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("child {pid} outlived the thread that spawned it");
+    }
+}

@@ -1,0 +1,60 @@
+//! A VM's private directory for its sockets and helper logs.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+/// Created at VM start, removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `parent/id`. A leftover of a crashed VM with the same id is
+    /// removed first: ids are unique among live VMs.
+    pub fn create(parent: &Path, id: &str) -> io::Result<RunDir> {
+        let path = parent.join(id);
+        fs::create_dir_all(parent)?;
+        match fs::remove_dir_all(&path) {
+            Ok(()) => tracing::warn!(path = %path.display(), "removed a stale VM directory"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::create_dir(&path)?;
+        Ok(RunDir { path })
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove VM directory");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removed_on_drop_and_stale_one_replaced() {
+        let parent = tempfile::tempdir().unwrap();
+        let stale = parent.path().join("vm1");
+        fs::create_dir(&stale).unwrap();
+        fs::write(stale.join("old.sock"), "").unwrap();
+        let dir = RunDir::create(parent.path(), "vm1").unwrap();
+        assert!(!dir.join("old.sock").exists());
+        fs::write(dir.join("new.sock"), "").unwrap();
+        drop(dir);
+        assert!(!stale.exists());
+    }
+}

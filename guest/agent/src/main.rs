@@ -1,0 +1,71 @@
+//! runv-agent: PID 1 of a runv pod VM. It brings up the minimal system
+//! (pseudo file systems, console, orphan reaping) and serves the agent
+//! protocol to the shim over vsock.
+
+mod boot_clock;
+mod init;
+mod reaper;
+mod service;
+
+use std::{process, sync::Arc};
+
+use runv_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
+use tracing::Level;
+
+fn main() {
+    let init_started = boot_clock::now();
+    let is_init = process::id() == 1;
+    if is_init {
+        if let Err(e) = init::set_up_system() {
+            fatal(is_init, &format!("cannot set up the guest system: {e}"));
+        }
+    }
+    let level = init::kernel_param("runv.log_level")
+        .and_then(|level| level.parse::<Level>().ok())
+        .unwrap_or(Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => fatal(is_init, &format!("cannot start the async runtime: {e}")),
+    };
+    if let Err(e) = runtime.block_on(serve(init_started, is_init)) {
+        fatal(is_init, &format!("cannot serve the agent protocol: {e}"));
+    }
+}
+
+async fn serve(init_started: u64, is_init: bool) -> ttrpc::Result<()> {
+    if is_init {
+        tokio::spawn(reaper::reap_orphans());
+    }
+    let service = Arc::new(service::AgentService::new(init_started, is_init));
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))?
+        .register_service(agent_ttrpc::create_agent(service.clone()));
+    server.start().await?;
+    service.mark_ready(boot_clock::now());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        port = AGENT_VSOCK_PORT,
+        "runv-agent ready"
+    );
+    // The server runs on the runtime's tasks until the VM powers off.
+    std::future::pending().await
+}
+
+/// PID 1 must never exit (the kernel would panic): report the failure on
+/// the console and reset the VM, which ends it.
+fn fatal(is_init: bool, message: &str) -> ! {
+    eprintln!("runv-agent: fatal: {message}");
+    if is_init {
+        init::end_vm();
+    }
+    process::exit(1)
+}

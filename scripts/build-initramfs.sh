@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds runv-agent as a static binary and packs it as /init into a
+# gzip-compressed cpio initramfs.
+#
+#   scripts/build-initramfs.sh [OUTPUT]   (default: target/runv/runv-initramfs.cpio.gz)
+#
+# Progress goes to stderr; the last line on stdout is the initramfs path.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=${1:-$repo/target/runv/runv-initramfs.cpio.gz}
+# The gnu target with a static C runtime: there is no musl std on the
+# build machines. With --target, RUSTFLAGS reach only the agent's own
+# artefacts, not build scripts or the host crates.
+target=x86_64-unknown-linux-gnu
+max_bytes=$((4 * 1024 * 1024))
+
+for tool in cargo cpio gzip; do
+    command -v "$tool" >/dev/null || {
+        echo "build-initramfs: $tool not found: run scripts/install.sh" >&2
+        exit 1
+    }
+done
+
+echo "build-initramfs: building runv-agent (static, profile guest)" >&2
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --manifest-path "$repo/Cargo.toml" --locked --profile guest \
+    -p runv-agent --target "$target" >&2
+agent=$repo/target/$target/guest/runv-agent
+# A dynamic executable names its loader in a PT_INTERP header.
+if readelf -l "$agent" | grep -q INTERP; then
+    echo "build-initramfs: $agent is dynamically linked; it must be static" >&2
+    exit 1
+fi
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{proc,sys,dev,run,tmp}
+install -m 0755 "$agent" "$stage/init"
+mkdir -p "$(dirname "$out")"
+(cd "$stage" && find . -print0 | LC_ALL=C sort -z |
+    cpio --null --quiet -o -H newc --reproducible -R 0:0) | gzip -9 -n >"$out.tmp"
+mv "$out.tmp" "$out"
+
+size=$(stat -c %s "$out")
+echo "build-initramfs: $out: $((size / 1024)) KiB (agent $(($(stat -c %s "$agent") / 1024)) KiB uncompressed)" >&2
+if ((size > max_bytes)); then
+    echo "build-initramfs: the initramfs exceeds its 4 MiB budget" >&2
+    exit 1
+fi
+echo "$out"

@@ -1,0 +1,140 @@
+//! The harness of runv's integration tests: where the guest images are, a
+//! configuration confined to a temporary directory, and the checks that a
+//! test left nothing behind.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use runv_config::{Config, DEFAULT_SHARE_DIR};
+
+/// The guest kernel and initramfs under test: `RUNV_KERNEL` and
+/// `RUNV_INITRAMFS` (set by scripts/test.sh to the freshly built ones),
+/// else the installed ones.
+pub fn guest_images() -> (PathBuf, PathBuf) {
+    let pick = |var: &str, installed: &str| {
+        let path = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(DEFAULT_SHARE_DIR).join(installed));
+        assert!(
+            path.is_file(),
+            "{} not found: run the tests through scripts/test.sh, which builds the guest \
+             images, or set {var}",
+            path.display()
+        );
+        path
+    };
+    (
+        pick("RUNV_KERNEL", "vmlinux"),
+        pick("RUNV_INITRAMFS", "runv-initramfs.cpio.gz"),
+    )
+}
+
+/// A configuration whose VMs keep everything under `scratch`.
+pub fn test_config(scratch: &Path) -> Config {
+    let (kernel, initramfs) = guest_images();
+    let mut config = Config::default();
+    config.run_dir = scratch.join("run");
+    config.vm.kernel = kernel;
+    config.vm.initramfs = initramfs;
+    config.vm.vcpus = 2;
+    // Several TCG guests may boot at once on two cores.
+    config.vm.agent_timeout_secs = 180;
+    config
+}
+
+/// Host processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|entry| {
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(&needle)
+                .then(|| format!("{}: {cmdline}", entry.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn is_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
+}
+
+/// Asserts that the VM's processes are gone, that no process refers to
+/// `scratch`, and that nothing but `allowed` files is left in it.
+pub fn assert_nothing_left(scratch: &Path, vm_pids: &[u32], allowed: &[&str]) {
+    // Reaping happens on the runtime's tasks: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm_pids.iter().any(|&pid| is_running(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive: Vec<_> = vm_pids.iter().filter(|&&pid| is_running(pid)).collect();
+    assert!(alive.is_empty(), "VM processes still running: {alive:?}");
+    let mentioning = processes_mentioning(scratch);
+    assert!(mentioning.is_empty(), "processes left behind: {mentioning:?}");
+    let mut left = Vec::new();
+    collect_files(scratch, scratch, &mut left);
+    left.retain(|file| !allowed.contains(&file.as_str()));
+    assert!(left.is_empty(), "files left behind in {}: {left:?}", scratch.display());
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(root, &path, out);
+        } else {
+            out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// Builds an initramfs whose /init is a busybox shell that never starts an
+/// agent: a guest that boots fine but never answers.
+pub fn initramfs_without_agent(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox not found: install Debian's busybox-static (scripts/install.sh does)"
+    );
+    let root = dir.join("no-agent-root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    fs::write(
+        root.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox echo 'no agent in this initramfs'\n\
+         exec /bin/busybox sleep 3600\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(root.join("init"))
+        .status()
+        .unwrap();
+    let image = dir.join("no-agent.cpio.gz");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio --quiet -o -H newc | gzip -1 > \"$0\"")
+        .arg(&image)
+        .current_dir(&root)
+        .status()
+        .expect("running cpio");
+    assert!(status.success(), "building the initramfs failed");
+    fs::remove_dir_all(&root).unwrap();
+    image
+}

@@ -1,0 +1,149 @@
+//! A real pod VM (QEMU; TCG on hosts whose KVM cannot run the guest) with
+//! the real guest kernel and runv-agent: boot, talk, shut down, and the
+//! failures a user can meet on the way. Every test checks that nothing is
+//! left behind.
+
+use std::time::Duration;
+
+use runv_agent_client::{AgentError, ConnectOptions};
+use runv_protocol::PROTOCOL_VERSION;
+use runv_sandbox::{PodVm, SandboxError};
+use runv_tests::{assert_nothing_left, initramfs_without_agent, is_running, test_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_a_vm_and_talks_to_its_agent() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let console = scratch.path().join("console.log");
+    let spec = PodVm::spec(&config, "boot", console.clone());
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let vm = PodVm::boot(&config, spec, &connect).await.expect("VM boots");
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 2, "qemu and vhost-device-vsock: {pids:?}");
+    assert!(pids.iter().all(|&pid| is_running(pid)));
+
+    let details = vm.agent().guest_details().await.expect("guest details");
+    assert!(
+        details.kernel_release.starts_with("6.12"),
+        "guest kernel: {}",
+        details.kernel_release
+    );
+    assert_eq!(details.online_cpus, config.vm.vcpus);
+    let memory_mib = details.memory_total_bytes / (1024 * 1024);
+    let configured = u64::from(config.vm.memory_mib);
+    assert!(
+        memory_mib <= configured && memory_mib >= configured * 3 / 4,
+        "guest sees {memory_mib} MiB of {configured}"
+    );
+    assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(details.protocol_version, PROTOCOL_VERSION);
+
+    let timeline = vm.boot_timeline().await.expect("timeline");
+    let guest = timeline.guest.expect("the agent reports its boot times");
+    assert!(guest.kernel_to_init > Duration::ZERO);
+    assert!(timeline.agent_ready >= timeline.hypervisor_spawn);
+    println!("boot timeline (qemu, {}):\n{timeline}", vm.start_info().accel);
+
+    let shutdown = vm.shutdown().await;
+    println!("shutdown: {:?}", shutdown);
+    assert!(!shutdown.forced, "the guest powered off when asked");
+    assert_eq!(shutdown.exit, runv_hypervisor::VmExit::GuestShutdown);
+
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert!(log.contains("runv-agent ready"), "console log:\n{log}");
+    assert_nothing_left(scratch.path(), &pids, &["console.log"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_of_another_protocol_version_is_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let spec = PodVm::spec(&config, "mismatch", scratch.path().join("console.log"));
+    // This side pretends to be a runv of the next protocol version.
+    let connect = ConnectOptions {
+        protocol_version: PROTOCOL_VERSION + 1,
+        ..ConnectOptions::new(config.vm.agent_timeout())
+    };
+
+    let err = PodVm::boot(&config, spec, &connect)
+        .await
+        .err()
+        .expect("a mismatched agent is refused");
+    match &err {
+        SandboxError::Agent {
+            source: AgentError::ProtocolMismatch { agent, ours, .. },
+            ..
+        } => assert_eq!((*agent, *ours), (PROTOCOL_VERSION, PROTOCOL_VERSION + 1)),
+        other => panic!("expected a protocol mismatch, got: {other}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("build-initramfs.sh"), "{message}");
+    assert_nothing_left(scratch.path(), &[], &["console.log"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_that_never_answers_times_out() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    config.vm.initramfs = initramfs_without_agent(scratch.path());
+    config.vm.agent_timeout_secs = 10;
+    let spec = PodVm::spec(&config, "silent", scratch.path().join("console.log"));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let err = PodVm::boot(&config, spec, &connect)
+        .await
+        .err()
+        .expect("no agent, no VM");
+    assert!(
+        matches!(
+            err,
+            SandboxError::Agent {
+                source: AgentError::NotReady { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("vsock port 1024"), "{message}");
+    assert!(message.contains("vm.agent_timeout_secs"), "{message}");
+    assert_nothing_left(
+        scratch.path(),
+        &[],
+        &["console.log", "no-agent.cpio.gz"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_that_cannot_boot_is_reported() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    let not_a_kernel = scratch.path().join("not-a-kernel");
+    std::fs::write(&not_a_kernel, b"this is not an ELF kernel").unwrap();
+    config.vm.kernel = not_a_kernel;
+    let spec = PodVm::spec(&config, "badkernel", scratch.path().join("console.log"));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let err = PodVm::boot(&config, spec, &connect)
+        .await
+        .err()
+        .expect("a bad kernel does not boot");
+    assert!(matches!(err, SandboxError::EndedDuringBoot { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("qemu exited"), "{message}");
+    assert_nothing_left(scratch.path(), &[], &["console.log", "not-a-kernel"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_vm_is_killed_and_cleaned_up() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let spec = PodVm::spec(&config, "dropped", scratch.path().join("console.log"));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let vm = PodVm::boot(&config, spec, &connect).await.expect("VM boots");
+    let pids = vm.pids();
+    drop(vm);
+    assert_nothing_left(scratch.path(), &pids, &["console.log"]);
+}
