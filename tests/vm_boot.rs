@@ -18,7 +18,9 @@ async fn boots_a_vm_and_talks_to_its_agent() {
     let spec = PodVm::spec(&config, "boot", console.clone());
     let connect = ConnectOptions::new(config.vm.agent_timeout());
 
-    let vm = PodVm::boot(&config, spec, &connect).await.expect("VM boots");
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
     let pids = vm.pids();
     assert_eq!(pids.len(), 2, "qemu and vhost-device-vsock: {pids:?}");
     assert!(pids.iter().all(|&pid| is_running(pid)));
@@ -38,12 +40,21 @@ async fn boots_a_vm_and_talks_to_its_agent() {
     );
     assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(details.protocol_version, PROTOCOL_VERSION);
+    // The guest has no RTC: its clock comes from the host in the handshake.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let skew = host_now.abs_diff(Duration::from_nanos(details.wall_clock_ns));
+    assert!(skew < Duration::from_secs(5), "guest clock is {skew:?} off");
 
     let timeline = vm.boot_timeline().await.expect("timeline");
     let guest = timeline.guest.expect("the agent reports its boot times");
     assert!(guest.kernel_to_init > Duration::ZERO);
     assert!(timeline.agent_ready >= timeline.hypervisor_spawn);
-    println!("boot timeline (qemu, {}):\n{timeline}", vm.start_info().accel);
+    println!(
+        "boot timeline (qemu, {}):\n{timeline}",
+        vm.start_info().accel
+    );
 
     let shutdown = vm.shutdown().await;
     println!("shutdown: {:?}", shutdown);
@@ -108,11 +119,7 @@ async fn agent_that_never_answers_times_out() {
     let message = err.to_string();
     assert!(message.contains("vsock port 1024"), "{message}");
     assert!(message.contains("vm.agent_timeout_secs"), "{message}");
-    assert_nothing_left(
-        scratch.path(),
-        &[],
-        &["console.log", "no-agent.cpio.gz"],
-    );
+    assert_nothing_left(scratch.path(), &[], &["console.log", "no-agent.cpio.gz"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +149,9 @@ async fn dropped_vm_is_killed_and_cleaned_up() {
     let spec = PodVm::spec(&config, "dropped", scratch.path().join("console.log"));
     let connect = ConnectOptions::new(config.vm.agent_timeout());
 
-    let vm = PodVm::boot(&config, spec, &connect).await.expect("VM boots");
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
     let pids = vm.pids();
     drop(vm);
     assert_nothing_left(scratch.path(), &pids, &["console.log"]);

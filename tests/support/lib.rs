@@ -36,8 +36,10 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
 /// A configuration whose VMs keep everything under `scratch`.
 pub fn test_config(scratch: &Path) -> Config {
     let (kernel, initramfs) = guest_images();
-    let mut config = Config::default();
-    config.run_dir = scratch.join("run");
+    let mut config = Config {
+        run_dir: scratch.join("run"),
+        ..Config::default()
+    };
     config.vm.kernel = kernel;
     config.vm.initramfs = initramfs;
     config.vm.vcpus = 2;
@@ -86,11 +88,18 @@ pub fn assert_nothing_left(scratch: &Path, vm_pids: &[u32], allowed: &[&str]) {
     let alive: Vec<_> = vm_pids.iter().filter(|&&pid| is_running(pid)).collect();
     assert!(alive.is_empty(), "VM processes still running: {alive:?}");
     let mentioning = processes_mentioning(scratch);
-    assert!(mentioning.is_empty(), "processes left behind: {mentioning:?}");
+    assert!(
+        mentioning.is_empty(),
+        "processes left behind: {mentioning:?}"
+    );
     let mut left = Vec::new();
     collect_files(scratch, scratch, &mut left);
     left.retain(|file| !allowed.contains(&file.as_str()));
-    assert!(left.is_empty(), "files left behind in {}: {left:?}", scratch.display());
+    assert!(
+        left.is_empty(),
+        "files left behind in {}: {left:?}",
+        scratch.display()
+    );
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -99,7 +108,12 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
         if path.is_dir() {
             collect_files(root, &path, out);
         } else {
-            out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
 }

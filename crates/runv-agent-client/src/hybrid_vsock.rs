@@ -41,7 +41,13 @@ async fn read_line(stream: &mut UnixStream) -> io::Result<String> {
     loop {
         let byte = match stream.read_u8().await {
             Ok(byte) => byte,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            // A close, or a reset when our request was still unread.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     "the guest did not accept the connection (nothing listens on the port yet)",

@@ -97,31 +97,30 @@ impl AgentClient {
         loop {
             attempts += 1;
             let remaining = options.timeout.saturating_sub(start.elapsed());
-            let last_error = match tokio::time::timeout(remaining, Self::try_check(socket, options))
-                .await
-            {
-                Ok(Ok((client, response, first_rpc))) => {
-                    if response.protocol_version != options.protocol_version {
-                        return Err(AgentError::ProtocolMismatch {
-                            agent: response.protocol_version,
-                            ours: options.protocol_version,
+            let last_error =
+                match tokio::time::timeout(remaining, Self::try_check(socket, options)).await {
+                    Ok(Ok((client, response, first_rpc))) => {
+                        if response.protocol_version != options.protocol_version {
+                            return Err(AgentError::ProtocolMismatch {
+                                agent: response.protocol_version,
+                                ours: options.protocol_version,
+                                agent_version: response.agent_version,
+                            });
+                        }
+                        let times = ConnectTimes {
+                            until_ready: start.elapsed(),
+                            first_rpc,
+                            attempts,
+                        };
+                        let client = AgentClient {
+                            client,
                             agent_version: response.agent_version,
-                        });
+                        };
+                        return Ok((client, times));
                     }
-                    let times = ConnectTimes {
-                        until_ready: start.elapsed(),
-                        first_rpc,
-                        attempts,
-                    };
-                    let client = AgentClient {
-                        client,
-                        agent_version: response.agent_version,
-                    };
-                    return Ok((client, times));
-                }
-                Ok(Err(e)) => e,
-                Err(_) => "timed out".to_owned(),
-            };
+                    Ok(Err(e)) => e,
+                    Err(_) => "timed out".to_owned(),
+                };
             if start.elapsed() + RETRY_INTERVAL >= options.timeout {
                 return Err(AgentError::NotReady {
                     socket: socket.to_owned(),
@@ -144,13 +143,20 @@ impl AgentClient {
             .await
             .map_err(|e| e.to_string())?;
         let client = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(stream.into()));
+        let host_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
         let request = agent::CheckRequest {
             protocol_version: options.protocol_version,
+            host_time_ns,
             ..Default::default()
         };
         let sent = Instant::now();
         let response = client
-            .check(context::with_timeout(CALL_TIMEOUT.as_nanos() as i64), &request)
+            .check(
+                context::with_timeout(CALL_TIMEOUT.as_nanos() as i64),
+                &request,
+            )
             .await
             .map_err(|e| e.to_string())?;
         Ok((client, response, sent.elapsed()))

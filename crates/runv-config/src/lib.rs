@@ -188,7 +188,11 @@ impl Config {
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
             return Err(invalid(
                 "log_level",
-                format!("is {:?}; use one of {}", self.log_level, LOG_LEVELS.join(", ")),
+                format!(
+                    "is {:?}; use one of {}",
+                    self.log_level,
+                    LOG_LEVELS.join(", ")
+                ),
             ));
         }
         if !(1..=MAX_VCPUS).contains(&self.vm.vcpus) {
@@ -243,10 +247,7 @@ mod tests {
         assert_eq!(config.hypervisor, HypervisorKind::Qemu);
         assert_eq!(config.vm.vcpus, 1);
         assert_eq!(config.qemu.accel, AccelMode::Auto);
-        assert_eq!(
-            config.vm.kernel,
-            Path::new("/usr/local/share/runv/vmlinux")
-        );
+        assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
     }
 
     #[test]
@@ -270,7 +271,10 @@ mod tests {
         let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
         assert!(err.contains("`vm.memory_mib`"), "{err}");
         let err = parse("log_level = \"loud\"\n").unwrap_err().to_string();
-        assert!(err.contains("`log_level`") && err.contains("debug"), "{err}");
+        assert!(
+            err.contains("`log_level`") && err.contains("debug"),
+            "{err}"
+        );
         let err = parse("hypervisor = \"xen\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `xen`"), "{err}");
         let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();

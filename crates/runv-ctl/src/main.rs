@@ -126,7 +126,10 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
         Ok((accel, reason)) => println!("qemu accel:  {accel} ({reason})"),
         Err(e) => println!("qemu accel:  error: {e}"),
     }
-    for (what, path) in [("kernel", &config.vm.kernel), ("initramfs", &config.vm.initramfs)] {
+    for (what, path) in [
+        ("kernel", &config.vm.kernel),
+        ("initramfs", &config.vm.initramfs),
+    ] {
         let state = if path.is_file() { "ok" } else { "MISSING" };
         println!("{what:<12} {} ({state})", path.display());
     }

@@ -42,11 +42,7 @@ impl KvmSupport {
     }
 
     fn probe_at(dev_kvm: &Path, sys_module: &Path, cpuinfo: &Path) -> KvmSupport {
-        if let Err(e) = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dev_kvm)
-        {
+        if let Err(e) = fs::OpenOptions::new().read(true).write(true).open(dev_kvm) {
             return KvmSupport::Unavailable(format!("cannot open {}: {e}", dev_kvm.display()));
         }
         if sys_module.join("kvm_pvm").exists() {
@@ -154,7 +150,10 @@ mod tests {
     fn missing_dev_kvm_is_named() {
         let kvm = FakeHost::new(false, false, "svm").probe();
         let reason = kvm.why_not_usable().unwrap();
-        assert!(reason.contains("cannot open") && reason.contains("kvm"), "{reason}");
+        assert!(
+            reason.contains("cannot open") && reason.contains("kvm"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -209,8 +209,8 @@ impl Hypervisor for QemuVm {
         }
         let begin = Instant::now();
         let (qemu, helper) = self.check_inputs()?;
-        let (accel, accel_reason) =
-            choose_accel(self.config.accel, &KvmSupport::probe()).map_err(HypervisorError::Accel)?;
+        let (accel, accel_reason) = choose_accel(self.config.accel, &KvmSupport::probe())
+            .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
         let dir = RunDir::create(&self.spec.run_dir, &self.spec.id).map_err(|source| {
             HypervisorError::Io {
@@ -260,7 +260,10 @@ impl Hypervisor for QemuVm {
     }
 
     fn vsock_socket(&self) -> PathBuf {
-        self.spec.run_dir.join(&self.spec.id).join(HYBRID_VSOCK_SOCKET)
+        self.spec
+            .run_dir
+            .join(&self.spec.id)
+            .join(HYBRID_VSOCK_SOCKET)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -404,12 +407,18 @@ mod tests {
         let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
         let dir = RunDir::create(tmp.path(), "vm").unwrap();
         let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
-        assert!(args.contains("memory-backend-memfd,id=ram,size=128M,share=on"), "{args}");
+        assert!(
+            args.contains("memory-backend-memfd,id=ram,size=128M,share=on"),
+            "{args}"
+        );
         assert!(args.contains("memory-backend=ram"), "{args}");
         assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
         assert!(args.contains("-smp 2"), "{args}");
         assert!(args.contains("-no-reboot"), "{args}");
-        assert!(args.contains("vhost-user-vsock-device,chardev=vsock"), "{args}");
+        assert!(
+            args.contains("vhost-user-vsock-device,chardev=vsock"),
+            "{args}"
+        );
         assert!(args.contains("console,,log"), "commas doubled: {args}");
         assert!(
             args.contains("console=ttyS0 reboot=t panic=-1 runv.log_level=debug"),
@@ -424,10 +433,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
         let err = vm.start().await.unwrap_err().to_string();
-        assert!(err.contains("guest kernel") && err.contains("build-kernel.sh"), "{err}");
+        assert!(
+            err.contains("guest kernel") && err.contains("build-kernel.sh"),
+            "{err}"
+        );
         std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
         let err = vm.start().await.unwrap_err().to_string();
-        assert!(err.contains("initramfs") && err.contains("build-initramfs.sh"), "{err}");
+        assert!(
+            err.contains("initramfs") && err.contains("build-initramfs.sh"),
+            "{err}"
+        );
         std::fs::write(tmp.path().join("initrd"), "").unwrap();
         let config = QemuConfig {
             binary: "/nonexistent/qemu-system-x86_64".into(),
@@ -435,7 +450,10 @@ mod tests {
         };
         let mut vm = QemuVm::new(spec(tmp.path()), config);
         let err = vm.start().await.unwrap_err().to_string();
-        assert!(err.contains("qemu-system-x86") && err.contains("qemu.binary"), "{err}");
+        assert!(
+            err.contains("qemu-system-x86") && err.contains("qemu.binary"),
+            "{err}"
+        );
         assert!(!tmp.path().join("vm,1").exists(), "no VM directory is left");
     }
 }

@@ -40,17 +40,33 @@ pub struct BootTimeline {
 impl fmt::Display for BootTimeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        writeln!(f, "  hypervisor spawn        {:>9.1} ms  (host)", ms(self.hypervisor_spawn))?;
+        writeln!(
+            f,
+            "  hypervisor spawn        {:>9.1} ms  (host)",
+            ms(self.hypervisor_spawn)
+        )?;
         if let Some(guest) = self.guest {
-            writeln!(f, "  kernel start to init    {:>9.1} ms  (guest clock)", ms(guest.kernel_to_init))?;
+            writeln!(
+                f,
+                "  kernel start to init    {:>9.1} ms  (guest clock)",
+                ms(guest.kernel_to_init)
+            )?;
             writeln!(
                 f,
                 "  init to agent ready     {:>9.1} ms  (guest clock)",
                 ms(guest.init_to_agent_ready)
             )?;
         }
-        writeln!(f, "  boot to agent answering {:>9.1} ms  (host)", ms(self.agent_ready))?;
-        write!(f, "  first RPC round trip    {:>9.1} ms  (host)", ms(self.first_rpc))
+        writeln!(
+            f,
+            "  boot to agent answering {:>9.1} ms  (host)",
+            ms(self.agent_ready)
+        )?;
+        write!(
+            f,
+            "  first RPC round trip    {:>9.1} ms  (host)",
+            ms(self.first_rpc)
+        )
     }
 }
 

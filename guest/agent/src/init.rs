@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn finds_kernel_params() {
         let cmdline = "console=ttyS0 reboot=t runv.log_level=debug quiet\n";
-        assert_eq!(parse_param(cmdline, "runv.log_level").as_deref(), Some("debug"));
+        assert_eq!(
+            parse_param(cmdline, "runv.log_level").as_deref(),
+            Some("debug")
+        );
         assert_eq!(parse_param(cmdline, "reboot").as_deref(), Some("t"));
         assert_eq!(parse_param(cmdline, "quiet"), None);
         assert_eq!(parse_param(cmdline, "runv.log"), None);

@@ -27,6 +27,8 @@ fn main() {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // No wall-clock stamps: it reads 1970 until the host sets it.
+        .without_time()
         .init();
 
     let runtime = match tokio::runtime::Builder::new_current_thread()

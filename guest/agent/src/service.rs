@@ -1,9 +1,6 @@
 //! The agent protocol's service: health check, guest details, power off.
 
-use std::{
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{sync::OnceLock, time::Duration};
 
 use async_trait::async_trait;
 use nix::{
@@ -13,7 +10,7 @@ use nix::{
 use runv_protocol::{agent, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use crate::init;
+use crate::{boot_clock, init};
 
 /// How long the power-off reply has to leave the guest before it resets.
 const POWER_OFF_DELAY: Duration = Duration::from_millis(20);
@@ -59,6 +56,13 @@ impl agent_ttrpc::Agent for AgentService {
                 "the shim speaks another protocol version"
             );
         }
+        if self.is_init {
+            match boot_clock::follow_host(request.host_time_ns) {
+                Ok(true) => tracing::info!("guest clock set from the host's"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot set the guest clock"),
+            }
+        }
         Ok(agent::CheckResponse {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -87,6 +91,7 @@ impl agent_ttrpc::Agent for AgentService {
                 agent_ready_ns: self.agent_ready_ns.get().copied().unwrap_or_default(),
                 ..Default::default()
             }),
+            wall_clock_ns: boot_clock::wall_clock(),
             ..Default::default()
         })
     }

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs everything runv needs on a Debian 12 node, from this checkout:
+# Debian packages, vhost-device-vsock, the guest kernel and initramfs, the
+# runv binaries and the default configuration. Idempotent: a second run
+# only redoes what changed (the kernel build is cached in ~/.cache/runv).
+#
+#   scripts/install.sh        (as root)
+#
+# RUNV_PREFIX (default /usr/local) moves the binaries and guest images.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+prefix=${RUNV_PREFIX:-/usr/local}
+share=$prefix/share/runv
+config=/etc/runv/runv.toml
+vhost_vsock_version=0.3.0
+
+log() { echo "install: $*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    log "run me as root: I install Debian packages and write to $prefix and /etc/runv"
+    exit 1
+fi
+
+# Debian packages: QEMU (the qemu hypervisor), the kernel source and its
+# build tools, cpio for the initramfs, busybox for test images.
+packages=(
+    qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
+    libssl-dev cpio xz-utils busybox-static binutils
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# vhost-device-vsock: the guest vsock for QEMU, with the hybrid Unix socket.
+if ! "$prefix/bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$vhost_vsock_version"; then
+    log "installing vhost-device-vsock $vhost_vsock_version"
+    cargo install --quiet --locked --root "$prefix" "vhost-device-vsock@$vhost_vsock_version"
+fi
+
+# Guest kernel (cached outside the repo) and initramfs.
+kernel=$("$repo/scripts/build-kernel.sh")
+initramfs=$("$repo/scripts/build-initramfs.sh")
+install -D -m 0644 "$kernel" "$share/vmlinux"
+install -D -m 0644 "$initramfs" "$share/runv-initramfs.cpio.gz"
+log "guest kernel and initramfs in $share"
+
+# Host binaries.
+log "building the runv binaries"
+cargo build --manifest-path "$repo/Cargo.toml" --locked --release -p runv-ctl >&2
+install -D -m 0755 "$repo/target/release/runv-ctl" "$prefix/bin/runv-ctl"
+log "installed $prefix/bin/runv-ctl"
+
+# Default configuration, pointing at the images above. An existing file is
+# the operator's and is left alone.
+if [[ ! -e $config ]]; then
+    install -d /etc/runv
+    sed "s#/usr/local/share/runv#$share#" "$repo/configs/runv.toml" >"$config"
+    log "wrote $config"
+else
+    log "kept the existing $config"
+fi
