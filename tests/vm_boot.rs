@@ -3,8 +3,16 @@
 //! failures a user can meet on the way. Every test checks that nothing is
 //! left behind.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
 
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 use runv_agent_client::{AgentError, ConnectOptions};
 use runv_protocol::PROTOCOL_VERSION;
 use runv_sandbox::{PodVm, SandboxError};
@@ -155,4 +163,64 @@ async fn dropped_vm_is_killed_and_cleaned_up() {
     let pids = vm.pids();
     drop(vm);
     assert_nothing_left(scratch.path(), &pids, &["console.log"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_that_does_not_power_off_is_killed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    config.vm.shutdown_timeout_secs = 2;
+    let spec = PodVm::spec(&config, "frozen", scratch.path().join("console.log"));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let pids = vm.pids();
+    // Freeze every process of the VM: the guest can no longer answer, and
+    // QEMU cannot act on SIGTERM, only on SIGKILL.
+    for &pid in &pids {
+        signal::kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+    }
+    let shutdown = vm.shutdown().await;
+    assert!(shutdown.forced, "{shutdown:?}");
+    assert_eq!(shutdown.exit, runv_hypervisor::VmExit::Stopped);
+    assert!(shutdown.duration < Duration::from_secs(10), "{shutdown:?}");
+    assert_nothing_left(scratch.path(), &pids, &["console.log"]);
+}
+
+#[test]
+fn killed_owner_takes_its_vm_along() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut owner = Command::new(env!("CARGO_BIN_EXE_hold-vm"))
+        .arg(scratch.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(owner.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "hold-vm printed {line:?}");
+    assert!(pids.iter().all(|&pid| is_running(pid)));
+
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    // The parent-death signal kills the helpers; nobody was left to remove
+    // the VM directory (the shim's delete does that after a crash).
+    assert_nothing_left(
+        scratch.path(),
+        &pids,
+        &[
+            "console.log",
+            "run/held/vsock.sock",
+            "run/held/vhost-vsock.sock",
+            "run/held/qemu.log",
+            "run/held/vhost-device-vsock.log",
+        ],
+    );
 }

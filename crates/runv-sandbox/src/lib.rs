@@ -178,10 +178,14 @@ impl PodVm {
             .hypervisor
             .exit_watch()
             .expect("a booted VM has an exit watch");
-        if let Err(e) = self.agent.power_off().await {
-            tracing::warn!(error = %e, "agent did not take the power-off request");
-        }
-        let forced = tokio::time::timeout(self.shutdown_timeout, exit.wait())
+        let agent = &self.agent;
+        let powered_off = async move {
+            if let Err(e) = agent.power_off().await {
+                tracing::warn!(error = %e, "agent did not take the power-off request");
+            }
+            exit.wait().await
+        };
+        let forced = tokio::time::timeout(self.shutdown_timeout, powered_off)
             .await
             .is_err();
         if forced {
