@@ -258,10 +258,11 @@ log "  source:    $SOURCE"
 for f in "${FRAGMENTS[@]}"; do log "  fragment:  $f"; done
 log "  work dir:  $WORK (log: $BUILD_LOG)"
 
+IN_MAKE=0
 on_fail() {
 	local rc=$?
 	if [ $rc -ne 0 ]; then
-		if [ "$VERBOSE" = 0 ] && [ -s "$BUILD_LOG" ]; then
+		if [ "$IN_MAKE" = 1 ] && [ "$VERBOSE" = 0 ] && [ -s "$BUILD_LOG" ]; then
 			echo "---- last lines of $BUILD_LOG ----" >&2
 			tail -n 40 "$BUILD_LOG" >&2 || true
 			echo "----" >&2
@@ -272,12 +273,15 @@ on_fail() {
 trap on_fail EXIT
 
 # run_logged CMD...: output to the log (or stderr with --verbose), never stdout.
+# On failure, the EXIT trap shows the log's tail.
 run_logged() {
+	IN_MAKE=1
 	if [ "$VERBOSE" = 1 ]; then
 		"$@" >&2
 	else
 		"$@" >>"$BUILD_LOG" 2>&1
 	fi
+	IN_MAKE=0
 }
 
 if [ "$SOURCE_KIND" = tarball ]; then
@@ -351,6 +355,9 @@ for sym in $(printf '%s\n' "${!WANT[@]}" | sort); do
 done
 if [ "$lost" -ne 0 ]; then
 	cp -f "$BUILD/.config" "$WORK/config.rejected"
+	# Nothing to debug in the extracted tree or the objects: free the disk.
+	[ "$SOURCE_KIND" = tarball ] && rm -rf -- "$SRC"
+	rm -rf -- "$BUILD"
 	die "$lost fragment option(s) did not survive 'make olddefconfig' (final config: $WORK/config.rejected). Fix the fragment(s): add the missing dependencies or drop the options."
 fi
 log "all ${#WANT[@]} fragment options present"

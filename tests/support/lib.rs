@@ -78,7 +78,8 @@ pub fn is_running(pid: u32) -> bool {
 }
 
 /// Asserts that the VM's processes are gone, that no process refers to
-/// `scratch`, and that nothing but `allowed` files is left in it.
+/// `scratch`, and that nothing but `allowed` files is left in it (an entry
+/// ending in `/` allows everything below that directory).
 pub fn assert_nothing_left(scratch: &Path, vm_pids: &[u32], allowed: &[&str]) {
     // Reaping happens on the runtime's tasks: give it a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -94,7 +95,11 @@ pub fn assert_nothing_left(scratch: &Path, vm_pids: &[u32], allowed: &[&str]) {
     );
     let mut left = Vec::new();
     collect_files(scratch, scratch, &mut left);
-    left.retain(|file| !allowed.contains(&file.as_str()));
+    left.retain(|file| {
+        !allowed
+            .iter()
+            .any(|a| file == a || (a.ends_with('/') && file.starts_with(a)))
+    });
     assert!(
         left.is_empty(),
         "files left behind in {}: {left:?}",

@@ -6,12 +6,18 @@
 //! reads back `OK <host port>\n` once the guest accepted; from then on the
 //! stream is the guest connection. When nothing listens on the guest port,
 //! the backend closes the socket instead of answering.
+//!
+//! The other way round, a guest connection to host port `P` reaches the
+//! Unix socket `<socket>_P`, where a host server listens.
 
-use std::{io, path::Path};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::UnixStream,
+    net::{UnixListener, UnixStream},
 };
 
 /// The longest reply line a backend sends (`OK 4294967295\n` is 14 bytes).
@@ -32,6 +38,18 @@ pub async fn connect(socket: &Path, port: u32) -> io::Result<UnixStream> {
             format!("hybrid vsock answered {reply:?} to CONNECT {port}"),
         ))
     }
+}
+
+/// Listens for guest connections to host `port`.
+pub fn listen(socket: &Path, port: u32) -> io::Result<UnixListener> {
+    UnixListener::bind(listener_path(socket, port))
+}
+
+/// Where guest connections to host `port` arrive.
+pub fn listener_path(socket: &Path, port: u32) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
 }
 
 /// Reads the reply byte by byte: anything after the newline already belongs
@@ -100,6 +118,14 @@ mod tests {
         stream.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
         assert_eq!(server.await.unwrap(), "CONNECT 1024\n");
+    }
+
+    #[test]
+    fn guest_connections_arrive_beside_the_socket() {
+        assert_eq!(
+            listener_path(Path::new("/run/runv/vm1/vsock.sock"), 1025),
+            Path::new("/run/runv/vm1/vsock.sock_1025")
+        );
     }
 
     #[tokio::test]

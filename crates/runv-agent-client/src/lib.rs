@@ -5,20 +5,30 @@
 pub mod hybrid_vsock;
 
 use std::{
+    io,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use runv_protocol::{agent, agent_ttrpc, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use runv_protocol::{
+    agent, agent_ttrpc, AGENT_READY_MESSAGE, AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT,
+    PROTOCOL_VERSION,
+};
+use tokio::{io::AsyncReadExt, net::UnixListener};
 use ttrpc::context;
 
-/// Pause between attempts while the guest is still booting.
+/// Pause between dial attempts when one fails.
 const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+/// Deadline of one dial attempt: handshake and Check. A lost handshake
+/// must not hold up the next attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of one call once the agent is up.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("cannot listen for the agent's ready notification on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
     #[error(
         "the guest agent did not answer on vsock port {port} through {socket} within {waited:?} \
          (last attempt: {last_error}); check the guest console log for a kernel or agent failure, \
@@ -68,9 +78,48 @@ impl ConnectOptions {
     }
 }
 
+/// The host end of the agent's ready notification: the agent dials host
+/// port [`AGENT_READY_VSOCK_PORT`] once it serves, and only then does the
+/// host dial the agent. Bind it as soon as the VM's vsock socket exists,
+/// before the guest can get that far.
+pub struct ReadyListener {
+    listener: UnixListener,
+}
+
+impl ReadyListener {
+    /// Listens beside the VM's hybrid vsock `socket`.
+    pub fn bind(socket: &Path) -> Result<ReadyListener, AgentError> {
+        hybrid_vsock::listen(socket, AGENT_READY_VSOCK_PORT)
+            .map(|listener| ReadyListener { listener })
+            .map_err(|source| AgentError::Listen {
+                path: hybrid_vsock::listener_path(socket, AGENT_READY_VSOCK_PORT),
+                source,
+            })
+    }
+
+    /// Waits for the agent's notification.
+    async fn wait(&self) -> Result<(), String> {
+        let (mut stream, _) = self.listener.accept().await.map_err(|e| e.to_string())?;
+        let mut message = vec![0; AGENT_READY_MESSAGE.len()];
+        stream
+            .read_exact(&mut message)
+            .await
+            .map_err(|e| format!("reading the ready notification: {e}"))?;
+        if message != AGENT_READY_MESSAGE {
+            return Err(format!(
+                "unexpected ready notification {:?}",
+                String::from_utf8_lossy(&message)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// When the connection came about, for the boot timeline.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectTimes {
+    /// From the start of `connect` to the agent's ready notification.
+    pub ready_notified: Duration,
     /// From the start of `connect` to the first answered Check.
     pub until_ready: Duration,
     /// The round trip of that first answered Check.
@@ -86,19 +135,35 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// Dials the agent through `socket` until it answers Check or
-    /// `options.timeout` passes, then requires a matching protocol version.
+    /// Waits for the agent's ready notification on `ready`, then dials the
+    /// agent through `socket` until it answers Check, all within
+    /// `options.timeout`, and requires a matching protocol version.
     pub async fn connect(
         socket: &Path,
+        ready: ReadyListener,
         options: &ConnectOptions,
     ) -> Result<(AgentClient, ConnectTimes), AgentError> {
         let start = Instant::now();
+        let not_ready = |last_error: String| AgentError::NotReady {
+            socket: socket.to_owned(),
+            port: options.port,
+            waited: start.elapsed(),
+            last_error,
+        };
+        match tokio::time::timeout(options.timeout, ready.wait()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(not_ready(e)),
+            Err(_) => return Err(not_ready("the agent never reported ready".into())),
+        }
+        drop(ready);
+        let ready_notified = start.elapsed();
         let mut attempts = 0;
         loop {
             attempts += 1;
             let remaining = options.timeout.saturating_sub(start.elapsed());
+            let attempt = Self::try_check(socket, options);
             let last_error =
-                match tokio::time::timeout(remaining, Self::try_check(socket, options)).await {
+                match tokio::time::timeout(remaining.min(ATTEMPT_TIMEOUT), attempt).await {
                     Ok(Ok((client, response, first_rpc))) => {
                         if response.protocol_version != options.protocol_version {
                             return Err(AgentError::ProtocolMismatch {
@@ -108,6 +173,7 @@ impl AgentClient {
                             });
                         }
                         let times = ConnectTimes {
+                            ready_notified,
                             until_ready: start.elapsed(),
                             first_rpc,
                             attempts,
@@ -122,14 +188,9 @@ impl AgentClient {
                     Err(_) => "timed out".to_owned(),
                 };
             if start.elapsed() + RETRY_INTERVAL >= options.timeout {
-                return Err(AgentError::NotReady {
-                    socket: socket.to_owned(),
-                    port: options.port,
-                    waited: start.elapsed(),
-                    last_error,
-                });
+                return Err(not_ready(last_error));
             }
-            tracing::trace!(attempts, %last_error, "agent not ready yet");
+            tracing::debug!(attempts, %last_error, "agent dial failed, retrying");
             tokio::time::sleep(RETRY_INTERVAL).await;
         }
     }

@@ -19,3 +19,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The vsock port on which the agent serves ttrpc.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The host vsock port the agent dials once it serves, so that the host
+/// connects only when the agent is there instead of polling a booting
+/// guest. Through a hybrid vsock socket `S`, the host listens on `S_1025`.
+pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
+
+/// What the agent writes on its ready connection.
+pub const AGENT_READY_MESSAGE: &[u8] = b"READY\n";

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use runv_agent_client::{AgentClient, AgentError, ConnectOptions};
+use runv_agent_client::{AgentClient, AgentError, ConnectOptions, ReadyListener};
 use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
 
@@ -101,8 +101,12 @@ impl PodVm {
             .exit_watch()
             .expect("a started hypervisor has an exit watch");
         let socket = hypervisor.vsock_socket();
+        let connecting = async {
+            let ready = ReadyListener::bind(&socket)?;
+            AgentClient::connect(&socket, ready, connect).await
+        };
         let connected = tokio::select! {
-            connected = AgentClient::connect(&socket, connect) => connected,
+            connected = connecting => connected,
             exit = exit.wait() => {
                 hypervisor.stop(Duration::ZERO).await;
                 return Err(SandboxError::EndedDuringBoot {

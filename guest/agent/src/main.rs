@@ -4,6 +4,7 @@
 
 mod boot_clock;
 mod init;
+mod ready;
 mod reaper;
 mod service;
 
@@ -58,6 +59,7 @@ async fn serve(init_started: u64, is_init: bool) -> ttrpc::Result<()> {
         port = AGENT_VSOCK_PORT,
         "runv-agent ready"
     );
+    tokio::spawn(ready::notify_host());
     // The server runs on the runtime's tasks until the VM powers off.
     std::future::pending().await
 }
