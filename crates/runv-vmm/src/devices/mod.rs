@@ -1,0 +1,4 @@
+//! Devices of the microVM.
+
+pub mod i8042;
+pub mod serial;

@@ -1,0 +1,37 @@
+//! runv's in-process VMM: a KVM microVM held inside the shim process, on
+//! rust-vmm crates. It knows about memory, vCPUs, buses and devices, and
+//! nothing about containers.
+
+pub mod bus;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use bus::{Bus, BusDevice};
+pub use vcpu::{Vcpu, VcpuStop};
+pub use vm::{Vm, VmControl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm: {0}; the builtin hypervisor needs KVM (use hypervisor = \"qemu\" on hosts without it)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("device {name} at {base:#x}+{len:#x} overlaps another device")]
+    BusOverlap {
+        name: &'static str,
+        base: u64,
+        len: u64,
+    },
+}
+
+/// Wraps a KVM error with what was being done.
+pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}

@@ -1,0 +1,105 @@
+//! The KVM VM: in-kernel irqchip and PIT, guest RAM, and the buses that
+//! vCPU exits are routed through.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+
+use crate::{bus::Bus, kvm, memory::GuestMemory, vcpu::Vcpu, VmmError};
+
+/// Three pages below the BIOS area that Intel's VMX needs for its TSS on
+/// older hosts; kept out of guest RAM by the memory layout's gap.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// What devices may ask of the whole VM.
+#[derive(Debug, Default)]
+pub struct VmControl {
+    reset: AtomicBool,
+}
+
+impl VmControl {
+    /// The guest asked for a reset; runv ends the VM on it.
+    pub fn request_reset(&self) {
+        self.reset.store(true, Ordering::SeqCst);
+    }
+
+    pub fn reset_requested(&self) -> bool {
+        self.reset.load(Ordering::SeqCst)
+    }
+}
+
+/// A KVM VM with its RAM and buses.
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemory,
+    /// Port I/O devices.
+    pub pio: Bus,
+    /// Memory-mapped devices.
+    pub mmio: Bus,
+    control: Arc<VmControl>,
+}
+
+impl Vm {
+    /// Creates the VM and hands it `memory` as its RAM.
+    pub fn new(memory: GuestMemory) -> Result<Vm, VmmError> {
+        let host = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let fd = host.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        // The PIT's speaker port is not emulated: writes to it are dropped
+        // in the kernel instead of exiting to us.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host_address = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            let kvm_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_address as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which
+            // the VM keeps for as long as the VM fd lives.
+            unsafe { fd.set_user_memory_region(kvm_region) }
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Vm {
+            fd,
+            memory,
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            control: Arc::default(),
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The VM's file descriptor, for devices that register irqfds.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmmError> {
+        let fd = self.fd.create_vcpu(id).map_err(kvm("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu::new(id, fd))
+    }
+}

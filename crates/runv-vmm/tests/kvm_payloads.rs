@@ -1,0 +1,167 @@
+//! The VMM on real KVM (PVM hosts included) with small 16-bit guest
+//! payloads of our own: the vCPU loop, port I/O to the serial device, MMIO
+//! reads and writes, and the guest ending itself. Skipped, saying why, on
+//! hosts without a usable /dev/kvm.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use kvm_bindings::kvm_regs;
+use runv_vmm::{
+    devices::{
+        i8042::{I8042, I8042_PORT, I8042_PORTS},
+        serial::{SerialPort, COM1_IRQ, COM1_PORT, COM1_PORTS},
+    },
+    memory::{create_guest_memory, MMIO_GAP_START},
+    BusDevice, VcpuStop, Vm,
+};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const LOAD_ADDRESS: u64 = 0x1000;
+const TEST_DEVICE_BASE: u64 = MMIO_GAP_START;
+
+/// Collects what the guest printed.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An MMIO device that answers reads with `b'!'` and records writes.
+#[derive(Default)]
+struct Probe {
+    reads: Vec<u64>,
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl BusDevice for Probe {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.reads.push(offset);
+        data.fill(b'!');
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+struct TestVm {
+    vm: Vm,
+    console: Console,
+    probe: Arc<Mutex<Probe>>,
+}
+
+/// A VM with 2 MiB of RAM, COM1, the i8042 and the probe, with `code` at
+/// LOAD_ADDRESS; or None (after saying why) when KVM cannot be used here.
+fn test_vm(code: &[u8]) -> Option<TestVm> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+        return None;
+    }
+    let memory = create_guest_memory(2 << 20).unwrap();
+    memory
+        .write_slice(code, GuestAddress(LOAD_ADDRESS))
+        .unwrap();
+    let mut vm = Vm::new(memory).expect("KVM VM");
+    let console = Console::default();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.fd().register_irqfd(&irq, COM1_IRQ).unwrap();
+    let serial = SerialPort::new(irq, Box::new(console.clone()));
+    vm.pio
+        .insert("com1", COM1_PORT, COM1_PORTS, Arc::new(Mutex::new(serial)))
+        .unwrap();
+    let i8042 = I8042::new(vm.control().clone());
+    vm.pio
+        .insert(
+            "i8042",
+            I8042_PORT,
+            I8042_PORTS,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .unwrap();
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    vm.mmio
+        .insert("probe", TEST_DEVICE_BASE, 0x1000, probe.clone())
+        .unwrap();
+    Some(TestVm { vm, console, probe })
+}
+
+/// Runs vCPU 0 in real mode from LOAD_ADDRESS, with DS based at the probe.
+fn run_real_mode(test: &TestVm) -> Result<VcpuStop, runv_vmm::vcpu::VcpuError> {
+    let mut vcpu = test.vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = TEST_DEVICE_BASE;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    vcpu.fd()
+        .set_regs(&kvm_regs {
+            rip: LOAD_ADDRESS,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    vcpu.run(&test.vm)
+}
+
+#[rustfmt::skip]
+const SERIAL_MMIO_RESET: &[u8] = &[
+    0xba, 0xf8, 0x03,       // mov dx, 0x3f8     (COM1 data register)
+    0xb0, b'r', 0xee,       // mov al, 'r'; out dx, al
+    0xb0, b'u', 0xee,       // mov al, 'u'; out dx, al
+    0xb0, b'n', 0xee,       // mov al, 'n'; out dx, al
+    0xb0, b'v', 0xee,       // mov al, 'v'; out dx, al
+    0xa0, 0x04, 0x00,       // mov al, [0x4]     (MMIO read from the probe)
+    0xee,                   // out dx, al        (echo what the probe gave)
+    0xb0, 0x5a,             // mov al, 0x5a
+    0xa2, 0x08, 0x00,       // mov [0x8], al     (MMIO write to the probe)
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al  (i8042 CPU reset)
+    0xf4,                   // hlt               (never reached)
+];
+
+#[test]
+fn guest_prints_touches_mmio_and_resets() {
+    let Some(test) = test_vm(SERIAL_MMIO_RESET) else {
+        return;
+    };
+    let stop = run_real_mode(&test).expect("the payload runs");
+    assert_eq!(stop, VcpuStop::Reset, "the i8042 reset line ends the run");
+    assert_eq!(&*test.console.0.lock().unwrap(), b"runv!");
+    let probe = test.probe.lock().unwrap();
+    assert_eq!(probe.reads, vec![4]);
+    assert_eq!(probe.writes, vec![(8, vec![0x5a])]);
+    assert!(test.vm.control().reset_requested());
+}
+
+#[rustfmt::skip]
+const UNCLAIMED_IO_THEN_RESET: &[u8] = &[
+    0xe4, 0x80,             // in al, 0x80       (nobody owns port 0x80)
+    0xba, 0xf8, 0x03,       // mov dx, 0x3f8
+    0xee,                   // out dx, al        (prints what the bus gave)
+    0xa0, 0x00, 0x20,       // mov al, [0x2000]  (past the probe: unclaimed MMIO)
+    0xee,                   // out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+];
+
+#[test]
+fn unclaimed_addresses_read_all_ones_and_do_not_stop_the_guest() {
+    let Some(test) = test_vm(UNCLAIMED_IO_THEN_RESET) else {
+        return;
+    };
+    assert_eq!(run_real_mode(&test).unwrap(), VcpuStop::Reset);
+    assert_eq!(&*test.console.0.lock().unwrap(), &[0xff, 0xff]);
+    assert!(test.probe.lock().unwrap().reads.is_empty());
+}
