@@ -10,6 +10,9 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# rustup's cargo and the helpers installed under /usr/local, whatever PATH
+# the caller had (CI runs with a bare environment).
+export PATH="/usr/local/bin:$HOME/.cargo/bin:$PATH"
 prefix=${RUNV_PREFIX:-/usr/local}
 share=$prefix/share/runv
 config=/etc/runv/runv.toml

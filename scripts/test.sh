@@ -4,6 +4,9 @@
 # the guest images built from this checkout. Ends with a summary line.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# rustup's cargo and the helpers installed under /usr/local, whatever PATH
+# the caller had (CI runs with a bare environment).
+export PATH="/usr/local/bin:$HOME/.cargo/bin:$PATH"
 cd "$repo"
 
 scripts/install.sh
