@@ -2,6 +2,7 @@
 //! rust-vmm crates. It knows about memory, vCPUs, buses and devices, and
 //! nothing about containers.
 
+pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod memory;
