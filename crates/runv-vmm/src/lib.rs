@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod cpuid;
 pub mod devices;
 pub mod memory;
 pub mod vcpu;

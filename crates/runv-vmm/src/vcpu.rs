@@ -20,9 +20,14 @@ pub enum VcpuError {
     #[error("vCPU {id}: KVM_RUN failed: {source}")]
     Run { id: u64, source: kvm_ioctls::Error },
     #[error(
-        "vCPU {id}: KVM could not emulate a guest instruction (KVM_EXIT_INTERNAL_ERROR){hint}"
+        "vCPU {id}: KVM could not emulate the guest instruction at {rip:#x} \
+         (KVM_EXIT_INTERNAL_ERROR){hint}"
     )]
-    Emulation { id: u64, hint: &'static str },
+    Emulation {
+        id: u64,
+        rip: u64,
+        hint: &'static str,
+    },
     #[error("vCPU {id}: entry failed, hardware reason {reason:#x}")]
     FailEntry { id: u64, reason: u64 },
     #[error("vCPU {id}: unexpected exit {exit}")]
@@ -85,7 +90,8 @@ impl Vcpu {
                     } else {
                         ""
                     };
-                    return Err(VcpuError::Emulation { id, hint });
+                    let rip = self.fd.get_regs().map_or(0, |regs| regs.rip);
+                    return Err(VcpuError::Emulation { id, rip, hint });
                 }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     return Err(VcpuError::FailEntry { id, reason })

@@ -35,6 +35,7 @@ impl VmControl {
 
 /// A KVM VM with its RAM and buses.
 pub struct Vm {
+    supported_cpuid: kvm_bindings::CpuId,
     fd: VmFd,
     memory: GuestMemory,
     /// Port I/O devices.
@@ -48,6 +49,9 @@ impl Vm {
     /// Creates the VM and hands it `memory` as its RAM.
     pub fn new(memory: GuestMemory) -> Result<Vm, VmmError> {
         let host = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let supported_cpuid = host
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let fd = host.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(kvm("KVM_SET_TSS_ADDR"))?;
@@ -76,6 +80,7 @@ impl Vm {
                 .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(Vm {
+            supported_cpuid,
             fd,
             memory,
             pio: Bus::default(),
@@ -97,9 +102,15 @@ impl Vm {
         &self.control
     }
 
-    /// Creates vCPU `id`.
-    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmmError> {
-        let fd = self.fd.create_vcpu(id).map_err(kvm("KVM_CREATE_VCPU"))?;
-        Ok(Vcpu::new(id, fd))
+    /// Creates vCPU `id` of `count`, with its CPUID set.
+    pub fn create_vcpu(&self, id: u8, count: u8) -> Result<Vcpu, VmmError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        let mut cpuid = self.supported_cpuid.clone();
+        crate::cpuid::adjust_for_vcpu(&mut cpuid, id, count);
+        fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        Ok(Vcpu::new(u64::from(id), fd))
     }
 }

@@ -101,7 +101,7 @@ fn test_vm(code: &[u8]) -> Option<TestVm> {
 
 /// Runs vCPU 0 in real mode from LOAD_ADDRESS, with DS based at the probe.
 fn run_real_mode(test: &TestVm) -> Result<VcpuStop, runv_vmm::vcpu::VcpuError> {
-    let mut vcpu = test.vm.create_vcpu(0).unwrap();
+    let mut vcpu = test.vm.create_vcpu(0, 1).unwrap();
     let mut sregs = vcpu.fd().get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
