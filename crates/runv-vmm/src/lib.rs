@@ -25,6 +25,8 @@ pub enum VmmError {
     },
     #[error("guest memory: {0}")]
     Memory(String),
+    #[error("{0}")]
+    Device(String),
     #[error("device {name} at {base:#x}+{len:#x} overlaps another device")]
     BusOverlap {
         name: &'static str,

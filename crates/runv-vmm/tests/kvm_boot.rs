@@ -6,44 +6,14 @@
 //! Until the VMM has its vsock device the agent cannot serve, so the test
 //! asserts that the kernel reached the agent, which then ends the VM.
 
-use std::{
-    io::Write,
-    path::PathBuf,
-    sync::{mpsc, Arc, Mutex},
-    time::Duration,
-};
+mod common;
 
-use runv_vmm::{
-    boot,
-    devices::{
-        i8042::{I8042, I8042_PORT, I8042_PORTS},
-        serial::{SerialPort, COM1_IRQ, COM1_PORT, COM1_PORTS},
-    },
-    memory::create_guest_memory,
-    VcpuStop, Vm,
-};
-use vmm_sys_util::eventfd::EventFd;
+use std::{path::PathBuf, sync::mpsc, time::Duration};
+
+use common::Console;
+use runv_vmm::{boot, devices::add_legacy_devices, memory::create_guest_memory, VcpuStop, Vm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The guest kernel this host can boot, or why there is none.
 fn bootable_kernel() -> Result<(PathBuf, PathBuf), String> {
@@ -90,21 +60,7 @@ fn builtin_boots_the_guest_kernel_to_its_agent() {
     .expect("kernel and initramfs load");
     let mut vm = Vm::new(memory).expect("KVM VM");
     let console = Console::default();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    vm.fd().register_irqfd(&irq, COM1_IRQ).unwrap();
-    let serial = SerialPort::new(irq, Box::new(console.clone()));
-    vm.pio
-        .insert("com1", COM1_PORT, COM1_PORTS, Arc::new(Mutex::new(serial)))
-        .unwrap();
-    let i8042 = I8042::new(vm.control().clone());
-    vm.pio
-        .insert(
-            "i8042",
-            I8042_PORT,
-            I8042_PORTS,
-            Arc::new(Mutex::new(i8042)),
-        )
-        .unwrap();
+    add_legacy_devices(&mut vm, Box::new(console.clone())).unwrap();
     let mut vcpu = vm.create_vcpu(0, 1).unwrap();
     boot::set_up_boot_vcpu(&vcpu, vm.memory(), entry).unwrap();
 
@@ -114,7 +70,7 @@ fn builtin_boots_the_guest_kernel_to_its_agent() {
         let _ = done.send(stop);
     });
     let stop = stopped.recv_timeout(BOOT_TIMEOUT);
-    let log = console.text();
+    let log = String::from_utf8_lossy(&console.bytes()).into_owned();
     println!("guest console:\n{log}");
     let stop = stop.expect("the guest ends within the boot timeout");
     assert_eq!(stop, Ok(VcpuStop::Reset), "console:\n{log}");

@@ -3,39 +3,21 @@
 //! reads and writes, and the guest ending itself. Skipped, saying why, on
 //! hosts without a usable /dev/kvm.
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
+mod common;
 
+use std::sync::{Arc, Mutex};
+
+use common::Console;
 use kvm_bindings::kvm_regs;
 use runv_vmm::{
-    devices::{
-        i8042::{I8042, I8042_PORT, I8042_PORTS},
-        serial::{SerialPort, COM1_IRQ, COM1_PORT, COM1_PORTS},
-    },
+    devices::add_legacy_devices,
     memory::{create_guest_memory, MMIO_GAP_START},
     BusDevice, VcpuStop, Vm,
 };
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 const LOAD_ADDRESS: u64 = 0x1000;
 const TEST_DEVICE_BASE: u64 = MMIO_GAP_START;
-
-/// Collects what the guest printed.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// An MMIO device that answers reads with `b'!'` and records writes.
 #[derive(Default)]
@@ -77,21 +59,7 @@ fn test_vm(code: &[u8]) -> Option<TestVm> {
         .unwrap();
     let mut vm = Vm::new(memory).expect("KVM VM");
     let console = Console::default();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    vm.fd().register_irqfd(&irq, COM1_IRQ).unwrap();
-    let serial = SerialPort::new(irq, Box::new(console.clone()));
-    vm.pio
-        .insert("com1", COM1_PORT, COM1_PORTS, Arc::new(Mutex::new(serial)))
-        .unwrap();
-    let i8042 = I8042::new(vm.control().clone());
-    vm.pio
-        .insert(
-            "i8042",
-            I8042_PORT,
-            I8042_PORTS,
-            Arc::new(Mutex::new(i8042)),
-        )
-        .unwrap();
+    add_legacy_devices(&mut vm, Box::new(console.clone())).unwrap();
     let probe = Arc::new(Mutex::new(Probe::default()));
     vm.mmio
         .insert("probe", TEST_DEVICE_BASE, 0x1000, probe.clone())
@@ -139,7 +107,7 @@ fn guest_prints_touches_mmio_and_resets() {
     };
     let stop = run_real_mode(&test).expect("the payload runs");
     assert_eq!(stop, VcpuStop::Reset, "the i8042 reset line ends the run");
-    assert_eq!(&*test.console.0.lock().unwrap(), b"runv!");
+    assert_eq!(test.console.bytes(), b"runv!");
     let probe = test.probe.lock().unwrap();
     assert_eq!(probe.reads, vec![4]);
     assert_eq!(probe.writes, vec![(8, vec![0x5a])]);
@@ -162,6 +130,6 @@ fn unclaimed_addresses_read_all_ones_and_do_not_stop_the_guest() {
         return;
     };
     assert_eq!(run_real_mode(&test).unwrap(), VcpuStop::Reset);
-    assert_eq!(&*test.console.0.lock().unwrap(), &[0xff, 0xff]);
+    assert_eq!(test.console.bytes(), [0xff, 0xff]);
     assert!(test.probe.lock().unwrap().reads.is_empty());
 }
