@@ -118,11 +118,7 @@ impl ReadyListener {
 /// When the connection came about, for the boot timeline.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectTimes {
-    /// From the start of `connect` to the agent's ready notification.
-    pub ready_notified: Duration,
-    /// From the start of `connect` to the first answered Check.
-    pub until_ready: Duration,
-    /// The round trip of that first answered Check.
+    /// The round trip of the first answered Check.
     pub first_rpc: Duration,
     /// Attempts it took.
     pub attempts: u32,
@@ -156,7 +152,6 @@ impl AgentClient {
             Err(_) => return Err(not_ready("the agent never reported ready".into())),
         }
         drop(ready);
-        let ready_notified = start.elapsed();
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -173,8 +168,6 @@ impl AgentClient {
                             });
                         }
                         let times = ConnectTimes {
-                            ready_notified,
-                            until_ready: start.elapsed(),
                             first_rpc,
                             attempts,
                         };

@@ -16,7 +16,6 @@ pub trait BusDevice: Send {
 
 struct Range {
     len: u64,
-    name: &'static str,
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
@@ -45,11 +44,11 @@ impl Bus {
         if before_overlaps {
             return Err(VmmError::BusOverlap { name, base, len });
         }
-        self.ranges.insert(base, Range { len, name, device });
+        self.ranges.insert(base, Range { len, device });
         Ok(())
     }
 
-    /// The device owning `addr`, its name, and the offset of `addr` in it.
+    /// The device owning `addr`, and the offset of `addr` in it.
     fn find(&self, addr: u64) -> Option<(&Range, u64)> {
         let (start, range) = self.ranges.range(..=addr).next_back()?;
         let offset = addr - start;
@@ -85,11 +84,6 @@ impl Bus {
             None => false,
         }
     }
-
-    /// The name of the device at `addr`, for logs.
-    pub fn device_name(&self, addr: u64) -> Option<&'static str> {
-        self.find(addr).map(|(range, _)| range.name)
-    }
 }
 
 #[cfg(test)]
@@ -121,7 +115,6 @@ mod tests {
         let mut data = [0u8; 2];
         assert!(bus.read(0x10f, &mut data));
         assert_eq!(data, [0xf, 0xf]);
-        assert_eq!(bus.device_name(0x100), Some("rec"));
     }
 
     #[test]

@@ -49,10 +49,6 @@ impl Vcpu {
         Vcpu { id, fd }
     }
 
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
     /// The KVM vCPU, for register and CPUID setup.
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
