@@ -8,6 +8,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use bus::{Bus, BusDevice};

@@ -1,0 +1,70 @@
+//! Virtio devices and their transport.
+
+pub mod mmio;
+
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// A device's way to interrupt the guest: it records why in the
+/// transport's interrupt status, then signals the irqfd.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irq: Arc<EventFd>,
+}
+
+impl Interrupt {
+    fn signal(&self, why: u32) {
+        self.status.fetch_or(why, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!(error = %e, "cannot raise a virtio interrupt");
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_queue(&self) {
+        self.signal(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// The device's configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.signal(VIRTIO_MMIO_INT_CONFIG);
+    }
+}
+
+/// What a device gets when the driver has set it up.
+pub struct Activation {
+    pub memory: GuestMemory,
+    /// One queue per entry of `queue_max_sizes`, validated against memory.
+    pub queues: Vec<Queue>,
+    /// The features the driver accepted.
+    pub features: u64,
+    pub interrupt: Interrupt,
+}
+
+/// A virtio device, behind any transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (3 for console, 19 for vsock, ...).
+    fn device_type(&self) -> u32;
+    /// The largest size of each of the device's queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers; VIRTIO_F_VERSION_1 is added by the
+    /// transport.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver finished setting up the device: start working.
+    fn activate(&mut self, activation: Activation) -> Result<(), String>;
+    /// The driver made buffers available on `queue`.
+    fn queue_notify(&mut self, queue: u16);
+    /// The driver reset the device: drop queues and state.
+    fn reset(&mut self);
+}
