@@ -12,9 +12,11 @@ use kvm_bindings::kvm_regs;
 use runv_vmm::{
     devices::add_legacy_devices,
     memory::{create_guest_memory, MMIO_GAP_START},
+    virtio::{mmio::MmioTransport, Activation, VirtioDevice},
     BusDevice, VcpuStop, Vm,
 };
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 const LOAD_ADDRESS: u64 = 0x1000;
 const TEST_DEVICE_BASE: u64 = MMIO_GAP_START;
@@ -132,4 +134,71 @@ fn unclaimed_addresses_read_all_ones_and_do_not_stop_the_guest() {
     assert_eq!(run_real_mode(&test).unwrap(), VcpuStop::Reset);
     assert_eq!(test.console.bytes(), [0xff, 0xff]);
     assert!(test.probe.lock().unwrap().reads.is_empty());
+}
+
+/// The smallest virtio device: a vsock-typed device with one queue.
+struct Dummy;
+
+impl VirtioDevice for Dummy {
+    fn device_type(&self) -> u32 {
+        19
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _activation: Activation) -> Result<(), String> {
+        Ok(())
+    }
+    fn queue_notify(&mut self, _queue: u16) {}
+    fn reset(&mut self) {}
+}
+
+#[rustfmt::skip]
+const VIRTIO_MMIO_REGISTERS: &[u8] = &[
+    0xba, 0xf8, 0x03,                   // mov dx, 0x3f8
+    0x66, 0xa1, 0x00, 0x00,             // mov eax, [0x0]    (MagicValue, 32-bit MMIO read)
+    0xee,                               // out dx, al        'v'
+    0x66, 0xc1, 0xe8, 0x08, 0xee,       // shr eax, 8; out   'i'
+    0x66, 0xc1, 0xe8, 0x08, 0xee,       // shr eax, 8; out   'r'
+    0x66, 0xc1, 0xe8, 0x08, 0xee,       // shr eax, 8; out   't'
+    0x66, 0xa1, 0x08, 0x00,             // mov eax, [0x8]    (DeviceID)
+    0xee,                               // out dx, al
+    0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1        (ACKNOWLEDGE)
+    0x66, 0xa3, 0x70, 0x00,             // mov [0x70], eax   (Status, 32-bit MMIO write)
+    0xb0, 0xfe, 0xe6, 0x64,             // i8042 reset
+];
+
+#[test]
+fn guest_reads_and_writes_virtio_mmio_registers() {
+    let Some(mut test) = test_vm(VIRTIO_MMIO_REGISTERS) else {
+        return;
+    };
+    // The transport takes the probe's place in the MMIO gap.
+    let memory = test.vm.memory().clone();
+    let transport = MmioTransport::new(Box::new(Dummy), memory, EventFd::new(0).unwrap());
+    test.vm.mmio = runv_vmm::Bus::default();
+    test.vm
+        .mmio
+        .insert(
+            "virtio-mmio",
+            TEST_DEVICE_BASE,
+            0x1000,
+            Arc::new(Mutex::new(transport)),
+        )
+        .unwrap();
+    assert_eq!(run_real_mode(&test).unwrap(), VcpuStop::Reset);
+    assert_eq!(test.console.bytes(), b"virt\x13", "magic and device ID 19");
+    let mut status = [0u8; 4];
+    assert!(test.vm.mmio.read(TEST_DEVICE_BASE + 0x70, &mut status));
+    assert_eq!(
+        u32::from_le_bytes(status),
+        1,
+        "the guest's status write landed"
+    );
 }
