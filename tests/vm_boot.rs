@@ -55,7 +55,7 @@ async fn boots_a_vm_and_talks_to_its_agent() {
     let skew = host_now.abs_diff(Duration::from_nanos(details.wall_clock_ns));
     assert!(skew < Duration::from_secs(5), "guest clock is {skew:?} off");
 
-    let timeline = vm.boot_timeline().await.expect("timeline");
+    let timeline = vm.boot_timeline(&details);
     let guest = timeline.guest.expect("the agent reports its boot times");
     assert!(guest.kernel_to_init > Duration::ZERO);
     assert!(timeline.agent_ready >= timeline.hypervisor_spawn);

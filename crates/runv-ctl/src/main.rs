@@ -76,7 +76,7 @@ async fn boot(config: &Config, console_log: Option<PathBuf>) -> anyhow::Result<(
     let vm = PodVm::boot(config, spec, &connect).await?;
     let start = vm.start_info().clone();
     let details = vm.agent().guest_details().await?;
-    let timeline = vm.boot_timeline().await?;
+    let timeline = vm.boot_timeline(&details);
     let booted_for = vm.age();
     let shutdown = vm.shutdown().await;
 

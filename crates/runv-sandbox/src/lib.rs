@@ -13,6 +13,7 @@ use std::{
 use runv_agent_client::{AgentClient, AgentError, ConnectOptions, ReadyListener};
 use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
+use runv_protocol::agent::GuestDetails;
 
 pub use timeline::BootTimeline;
 
@@ -158,15 +159,15 @@ impl PodVm {
         self.hypervisor.pids()
     }
 
-    /// The boot timeline, with the guest's own milestones from the agent.
-    pub async fn boot_timeline(&self) -> Result<BootTimeline, AgentError> {
-        let details = self.agent.guest_details().await?;
-        Ok(BootTimeline {
+    /// The boot timeline, with the guest's own milestones from `details`
+    /// (as GetGuestDetails returned them).
+    pub fn boot_timeline(&self, details: &GuestDetails) -> BootTimeline {
+        BootTimeline {
             hypervisor_spawn: self.start.spawn,
-            guest: details.boot_times.into_option().map(Into::into),
+            guest: details.boot_times.as_ref().cloned().map(Into::into),
             agent_ready: self.agent_ready,
             first_rpc: self.first_rpc,
-        })
+        }
     }
 
     /// Time since `boot` was called.
