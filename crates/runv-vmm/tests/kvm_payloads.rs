@@ -181,7 +181,7 @@ fn guest_reads_and_writes_virtio_mmio_registers() {
     };
     // The transport takes the probe's place in the MMIO gap.
     let memory = test.vm.memory().clone();
-    let transport = MmioTransport::new(Box::new(Dummy), memory, EventFd::new(0).unwrap());
+    let transport = MmioTransport::new(Box::new(Dummy), memory, EventFd::new(0).unwrap()).unwrap();
     test.vm.mmio = runv_vmm::Bus::default();
     test.vm
         .mmio

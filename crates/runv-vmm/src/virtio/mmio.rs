@@ -25,11 +25,16 @@ const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x564e_5552;
 /// The size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Where in the window the driver writes the index of a queue it notifies.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     memory: GuestMemory,
     queues: Vec<Queue>,
+    /// One per queue, for the whole life of the transport: KVM holds them
+    /// as ioeventfds for the window's QUEUE_NOTIFY register.
+    queue_events: Vec<EventFd>,
     interrupt: Interrupt,
     status: u32,
     activated: bool,
@@ -42,12 +47,21 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`; `irq` is the irqfd of the window's interrupt line.
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemory, irq: EventFd) -> MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemory,
+        irq: EventFd,
+    ) -> std::io::Result<MmioTransport> {
         let queues = fresh_queues(device.as_ref());
-        MmioTransport {
+        let queue_events = queues
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()?;
+        Ok(MmioTransport {
             device,
             memory,
             queues,
+            queue_events,
             interrupt: Interrupt {
                 status: Arc::new(AtomicU32::new(0)),
                 irq: Arc::new(irq),
@@ -59,7 +73,13 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             config_generation: 0,
-        }
+        })
+    }
+
+    /// The eventfd of each queue, in queue order, to register with KVM as
+    /// ioeventfds at [`QUEUE_NOTIFY_OFFSET`] with the queue index as datamatch.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
     }
 
     /// The kernel parameter that declares this window to the guest.
@@ -213,9 +233,16 @@ impl MmioTransport {
         }
         // The device owns the queues from now on; a reset makes new ones.
         let queues = std::mem::take(&mut self.queues);
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| format!("duplicating the queue eventfds: {e}"))?;
         self.device.activate(Activation {
             memory: self.memory.clone(),
             queues,
+            queue_events,
             features: self.driver_features,
             interrupt: self.interrupt.clone(),
         })?;
@@ -351,7 +378,8 @@ mod tests {
                 Box::new(TestDevice(seen.clone())),
                 memory.clone(),
                 irq.try_clone().unwrap(),
-            );
+            )
+            .unwrap();
             Driver {
                 transport,
                 seen,

@@ -45,6 +45,11 @@ pub struct Activation {
     pub memory: GuestMemory,
     /// One queue per entry of `queue_max_sizes`, validated against memory.
     pub queues: Vec<Queue>,
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    /// Wherever the transport's window is registered with KVM as ioeventfds
+    /// (the device manager does it), notifications arrive only here, with no
+    /// exit to the vCPU thread; `VirtioDevice::queue_notify` is then not called.
+    pub queue_events: Vec<EventFd>,
     /// The features the driver accepted.
     pub features: u64,
     pub interrupt: Interrupt,
