@@ -6,6 +6,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod devices;
+pub mod event_loop;
 pub mod memory;
 pub mod vcpu;
 pub mod virtio;
