@@ -2,7 +2,9 @@
 //! point: the kernel, the initramfs and the command line go into guest RAM,
 //! a PVH `start_info` describes them with the memory map, and vCPU 0
 //! starts at the entry in flat 32-bit protected mode, as the PVH protocol
-//! specifies.
+//! specifies. The other vCPUs, listed by the MP table (`mptable::write`,
+//! in an area this memory map keeps out of RAM), wait for the guest to
+//! start them through their local APICs (INIT, then SIPI).
 
 use std::{fs::File, path::Path};
 
@@ -20,7 +22,7 @@ use linux_loader::{
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::{memory::GuestMemory, vcpu::Vcpu};
+use crate::{memory::GuestMemory, mptable, vcpu::Vcpu};
 
 /// Where the boot GDT and the (empty) IDT go.
 const GDT_ADDRESS: u64 = 0x500;
@@ -36,6 +38,13 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 const EBDA_START: u64 = 0x9fc00;
 /// ...and the kernel is loaded from 1 MiB on.
 const HIGH_MEMORY_START: u64 = 0x10_0000;
+// The MP table lies in the EBDA and the BIOS area after it, which the
+// memory map leaves out of RAM: the guest never allocates over it.
+const _: () = assert!(
+    mptable::ADDRESS >= EBDA_START
+        && mptable::ADDRESS + mptable::size(mptable::MAX_VCPUS) as u64 <= HIGH_MEMORY_START,
+    "the largest MP table lies between the EBDA and 1 MiB"
+);
 const PAGE_SIZE: u64 = 4096;
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -275,12 +284,18 @@ fn segment(index: usize, selector: u16) -> kvm_segment {
 }
 
 /// Puts vCPU 0 at the PVH entry: flat 32-bit protected mode, paging off,
-/// EBX pointing at start_info.
+/// EBX pointing at start_info. The other vCPUs keep their reset state.
 pub fn set_up_boot_vcpu(
     vcpu: &Vcpu,
     memory: &GuestMemory,
     boot: BootEntry,
 ) -> Result<(), crate::VmmError> {
+    if vcpu.id() != 0 {
+        return Err(crate::VmmError::Device(format!(
+            "the PVH entry state is for vCPU 0; vCPU {} waits for the guest to start it",
+            vcpu.id()
+        )));
+    }
     let kvm_error = |what| move |source| crate::VmmError::Kvm { what, source };
     for (index, entry) in GDT.iter().enumerate() {
         memory
@@ -357,6 +372,19 @@ mod tests {
                 (HIGH_MEMORY_START, (64 << 20) - HIGH_MEMORY_START)
             ]
         );
+    }
+
+    #[test]
+    fn the_largest_mp_table_is_not_ram() {
+        let memory = create_guest_memory(64 << 20).unwrap();
+        let table = mptable::ADDRESS..mptable::ADDRESS + mptable::size(mptable::MAX_VCPUS) as u64;
+        for entry in memory_map(&memory) {
+            let ram = entry.addr..entry.addr + entry.size;
+            assert!(
+                table.end <= ram.start || ram.end <= table.start,
+                "RAM {ram:x?} overlaps the MP table {table:x?}"
+            );
+        }
     }
 
     #[test]

@@ -5,9 +5,12 @@
 pub mod boot;
 pub mod bus;
 pub mod cpuid;
+pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
+mod kick;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -35,6 +38,12 @@ pub enum VmmError {
         base: u64,
         len: u64,
     },
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("all {slots} virtio-mmio slots declared at boot are in use: unplug a device first")]
+    NoFreeSlot { slots: usize },
+    #[error("virtio-mmio slot {0} holds no device")]
+    SlotNotInUse(device_manager::SlotIndex),
 }
 
 /// Wraps a KVM error with what was being done.

@@ -1,9 +1,19 @@
-//! A vCPU and its run loop: every exit to user space is routed to the
-//! VM's buses until the guest resets or fails.
+//! A vCPU, its run loop and its thread: every exit to user space is
+//! routed to the VM's buses until the guest resets (which ends every
+//! vCPU's run), the vCPU fails, or its owner kicks it.
+
+use std::{
+    os::unix::thread::JoinHandleExt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::vm::Vm;
+use crate::{kick, vm::Vm, VmmError};
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +23,8 @@ pub enum VcpuStop {
     Reset,
     /// The guest halted with no in-kernel irqchip to wake it.
     Halted,
+    /// Its owner stopped it with [`VcpuHandle::kick`].
+    Kicked,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +44,8 @@ pub enum VcpuError {
     FailEntry { id: u64, reason: u64 },
     #[error("vCPU {id}: unexpected exit {exit}")]
     Unexpected { id: u64, exit: String },
+    #[error("vCPU {id}: {why}")]
+    Kick { id: u64, why: String },
 }
 
 /// Shown with an emulation failure on a PVM host, where only PVM-enabled
@@ -42,11 +56,22 @@ const PVM_HINT: &str = "; on a host whose KVM is the PVM backend (kvm_pvm) only 
 pub struct Vcpu {
     id: u64,
     fd: VcpuFd,
+    /// Set by [`VcpuHandle::kick`].
+    kicked: Arc<AtomicBool>,
 }
 
 impl Vcpu {
     pub(crate) fn new(id: u64, fd: VcpuFd) -> Vcpu {
-        Vcpu { id, fd }
+        Vcpu {
+            id,
+            fd,
+            kicked: Arc::default(),
+        }
+    }
+
+    /// The vCPU's index, which is also its APIC ID.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The KVM vCPU, for register and CPUID setup.
@@ -54,10 +79,35 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Runs the guest until it resets or fails, routing I/O to `vm`'s buses.
+    /// Runs the guest until it resets, the vCPU fails or is kicked,
+    /// routing I/O to `vm`'s buses. A reset seen here (a triple fault) ends
+    /// the other vCPUs' runs too. A vCPU that fails leaves the others
+    /// running: its owner decides, and usually kicks them all.
     pub fn run(&mut self, vm: &Vm) -> Result<VcpuStop, VcpuError> {
+        let run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        let _running = vm
+            .control()
+            .vcpu_threads()
+            .enter(run)
+            .map_err(|why| VcpuError::Kick { id: self.id, why })?;
+        let stop = self.run_until_stopped(vm);
+        if matches!(stop, Ok(VcpuStop::Reset)) {
+            vm.control().request_reset();
+        }
+        stop
+    }
+
+    fn run_until_stopped(&mut self, vm: &Vm) -> Result<VcpuStop, VcpuError> {
         let id = self.id;
         loop {
+            // Checked before every entry: a kick that lands between these
+            // checks and KVM_RUN makes KVM_RUN return at once.
+            if vm.control().reset_requested() {
+                return Ok(VcpuStop::Reset);
+            }
+            if self.kicked.load(Ordering::SeqCst) {
+                return Ok(VcpuStop::Kicked);
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !vm.pio.write(u64::from(port), data) {
@@ -98,12 +148,52 @@ impl Vcpu {
                         exit: format!("{exit:?}"),
                     })
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                // A kick: the loop's checks say whether to stop.
+                Err(e) if e.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(source) => return Err(VcpuError::Run { id, source }),
             }
-            if vm.control().reset_requested() {
-                return Ok(VcpuStop::Reset);
-            }
+        }
+    }
+}
+
+/// A vCPU on its own thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+    kicked: Arc<AtomicBool>,
+}
+
+impl VcpuHandle {
+    /// Starts a thread named `name` that hands `vcpu` to `body`, which
+    /// runs it (and reports how the run ended).
+    pub fn spawn(
+        name: String,
+        mut vcpu: Vcpu,
+        body: impl FnOnce(&mut Vcpu) + Send + 'static,
+    ) -> Result<VcpuHandle, VmmError> {
+        // Before the thread exists: a kick must never meet the signal's
+        // default action, which ends the process.
+        kick::install_handler().map_err(VmmError::Device)?;
+        let kicked = vcpu.kicked.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(&mut vcpu))
+            .map_err(|e| VmmError::Device(format!("cannot start a vCPU thread: {e}")))?;
+        Ok(VcpuHandle { thread, kicked })
+    }
+
+    /// Ends the vCPU's run with [`VcpuStop::Kicked`], wherever the vCPU
+    /// is: in guest code, halted, or waiting for the guest to start it.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        // The thread's ID stays valid until it is joined, which takes self.
+        kick::signal(self.thread.as_pthread_t());
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
         }
     }
 }

@@ -10,26 +10,33 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::{bus::Bus, kvm, memory::GuestMemory, vcpu::Vcpu, VmmError};
+use crate::{bus::Bus, kick::VcpuThreads, kvm, memory::GuestMemory, vcpu::Vcpu, VmmError};
 
 /// Three pages below the BIOS area that Intel's VMX needs for its TSS on
 /// older hosts; kept out of guest RAM by the memory layout's gap.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// What devices may ask of the whole VM.
+/// What devices and vCPUs may ask of the whole VM.
 #[derive(Debug, Default)]
 pub struct VmControl {
     reset: AtomicBool,
+    vcpu_threads: VcpuThreads,
 }
 
 impl VmControl {
-    /// The guest asked for a reset; runv ends the VM on it.
+    /// The guest asked for a reset; runv ends the VM on it: every vCPU's
+    /// run ends, wherever the vCPU is.
     pub fn request_reset(&self) {
         self.reset.store(true, Ordering::SeqCst);
+        self.vcpu_threads.kick_all();
     }
 
     pub fn reset_requested(&self) -> bool {
         self.reset.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn vcpu_threads(&self) -> &VcpuThreads {
+        &self.vcpu_threads
     }
 }
 
@@ -102,7 +109,10 @@ impl Vm {
         &self.control
     }
 
-    /// Creates vCPU `id` of `count`, with its CPUID set.
+    /// Creates vCPU `id` of `count`, with its CPUID set. With the in-kernel
+    /// irqchip KVM holds every vCPU but 0 until the guest starts it
+    /// through its local APIC (INIT, then SIPI), so each can be handed to
+    /// its thread's `Vcpu::run` at once.
     pub fn create_vcpu(&self, id: u8, count: u8) -> Result<Vcpu, VmmError> {
         let fd = self
             .fd

@@ -19,8 +19,8 @@ use super::{Activation, Interrupt, VirtioDevice};
 use crate::{bus::BusDevice, memory::GuestMemory};
 
 /// "virt" in little-endian.
-const MAGIC_VALUE: u32 = 0x7472_6976;
-const MMIO_VERSION: u32 = 2;
+pub(crate) const MAGIC_VALUE: u32 = 0x7472_6976;
+pub(crate) const MMIO_VERSION: u32 = 2;
 /// The vendor ID runv reports ("RUNV" is as good as any).
 const VENDOR_ID: u32 = 0x564e_5552;
 /// The size of one device's register window.
