@@ -16,7 +16,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint};
 
 pub use event_manager::SubscriberId;
 
@@ -144,7 +144,11 @@ mod tests {
         let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let trigger = event.try_clone().unwrap();
         let (seen, reports) = channel();
-        (Arc::new(Mutex::new(Counter { event, seen })), trigger, reports)
+        (
+            Arc::new(Mutex::new(Counter { event, seen })),
+            trigger,
+            reports,
+        )
     }
 
     /// Whether a thread called `name` runs in this process, once it had a

@@ -1,6 +1,7 @@
 //! Virtio devices and their transport.
 
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::{
     atomic::{AtomicU32, Ordering},

@@ -1,0 +1,387 @@
+//! The vsock device itself: the virtio side (queues, activation, reset,
+//! config space) and the event-loop side (which fd woke us, and pumping
+//! packets between the queues and the connection table).
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd, RawFd},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    muxer::Muxer,
+    packet::{read_tx_packet, RxBuffer},
+    unix::{Handshake, HostListener, PendingClient},
+};
+use crate::{
+    memory::GuestMemory,
+    virtio::{Activation, Interrupt, VirtioDevice},
+    VmmError,
+};
+
+/// The virtio device ID of vsock.
+pub const DEVICE_TYPE: u32 = 19;
+/// rx, tx, event.
+const QUEUE_SIZES: &[u16] = &[256, 256, 256];
+const RX: usize = 0;
+const TX: usize = 1;
+/// The largest payload of one packet to the guest (Linux's own limit).
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Host clients that have connected but not yet sent their CONNECT line.
+const MAX_PENDING_CLIENTS: usize = 64;
+
+/// The driver's queues while the device runs.
+struct Active {
+    memory: GuestMemory,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Interrupt,
+}
+
+/// A virtio-vsock device with the hybrid Unix-socket backend. See the
+/// module documentation for how to wire it.
+pub struct Vsock {
+    guest_cid: u64,
+    listener: HostListener,
+    /// Written on a vCPU thread when the device is activated or reset, so
+    /// that the loop thread (re)registers file descriptors: only it can.
+    wake: EventFd,
+    active: Option<Active>,
+    /// The queues' notification eventfds, one per queue.
+    queue_events: Vec<EventFd>,
+    queue_events_watched: bool,
+    /// Descriptors dropped on a vCPU thread, for the loop to unregister
+    /// before closing them. Closing first would leave epoll watching the
+    /// transport's duplicate of a queue eventfd under a number we no
+    /// longer own.
+    retired: Vec<Box<dyn AsRawFd + Send>>,
+    pending_clients: HashMap<RawFd, PendingClient>,
+    muxer: Muxer,
+    scratch: Vec<u8>,
+}
+
+impl Vsock {
+    /// A device for the guest `guest_cid`, its host side listening at
+    /// `uds_path` (a stale socket file there is replaced; the file is
+    /// removed when the device is dropped).
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Arc<Mutex<Vsock>>, VmmError> {
+        // 0-2 are the hypervisor, local and host; u32::MAX is "any".
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VmmError::Device(format!(
+                "vsock guest CID {guest_cid} is reserved"
+            )));
+        }
+        let listener = HostListener::bind(&uds_path)
+            .map_err(|e| VmmError::Device(format!("vsock socket {}: {e}", uds_path.display())))?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Device(format!("vsock eventfd: {e}")))?;
+        Ok(Arc::new(Mutex::new(Vsock {
+            guest_cid,
+            listener,
+            wake,
+            active: None,
+            queue_events: Vec::new(),
+            queue_events_watched: false,
+            retired: Vec::new(),
+            pending_clients: HashMap::new(),
+            muxer: Muxer::new(guest_cid, uds_path),
+            scratch: vec![0; MAX_PAYLOAD],
+        })))
+    }
+
+    /// The number of open guest connections.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    fn wake_loop(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!(error = %e, "cannot wake the event loop for the vsock device");
+        }
+    }
+
+    /// On the loop thread after an activation or a reset.
+    fn refresh_watches(&mut self, ops: &mut EventOps) {
+        for fd in self.retired.drain(..) {
+            // Not watched yet if the reset came before the loop saw the
+            // activation.
+            let _ = ops.remove(Events::empty_raw(fd.as_raw_fd()));
+        }
+        if self.active.is_none() || self.queue_events_watched {
+            return;
+        }
+        // The event queue is only for transport resets after migration,
+        // which never happen here: its kicks need no answer.
+        for event in &self.queue_events[RX..=TX] {
+            if let Err(e) = ops.add(Events::new(event, EventSet::IN)) {
+                tracing::error!(error = %e, "cannot watch a vsock queue");
+            }
+        }
+        self.queue_events_watched = true;
+        // Kicks that came before the watch are still counted in the
+        // eventfds, but there may be work queued without any.
+        self.process_tx(ops);
+    }
+
+    fn accept_clients(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok(Some(stream)) if self.pending_clients.len() < MAX_PENDING_CLIENTS => {
+                    let client = PendingClient::new(stream);
+                    match ops.add(Events::new(&client, EventSet::IN | EventSet::READ_HANG_UP)) {
+                        Ok(()) => {
+                            self.pending_clients.insert(client.as_raw_fd(), client);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot watch a vsock client"),
+                    }
+                }
+                Ok(Some(_)) => tracing::warn!("too many vsock clients mid-handshake; refusing one"),
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a vsock client");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn advance_handshake(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(client) = self.pending_clients.get_mut(&fd) else {
+            return;
+        };
+        let port = match client.read_request() {
+            Handshake::Pending => return,
+            Handshake::Connect(port) => Some(port),
+            Handshake::Failed(why) => {
+                tracing::debug!(%why, "vsock client handshake failed");
+                None
+            }
+        };
+        let client = self.pending_clients.remove(&fd).expect("looked up above");
+        // The connection watches the stream with other interests.
+        let _ = ops.remove(Events::empty(&client));
+        let Some(port) = port else {
+            return;
+        };
+        if self.active.is_none() {
+            // Like a guest port nobody listens on: the client retries.
+            tracing::debug!(port, "vsock client refused: the guest driver is not ready");
+            return;
+        }
+        if let Err(why) = self
+            .muxer
+            .connect_from_host(client.into_stream(), port, ops)
+        {
+            tracing::warn!(port, %why, "vsock client refused");
+        }
+    }
+
+    /// Takes every packet the guest queued on tx.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut returned = false;
+        while let Some(chain) = active.tx.pop_descriptor_chain(&active.memory) {
+            let head = chain.head_index();
+            match read_tx_packet(chain, &active.memory) {
+                Ok(packet) => self.muxer.handle_guest_packet(packet, ops),
+                Err(e) => tracing::warn!(error = %e, "malformed vsock tx chain dropped"),
+            }
+            if let Err(e) = active.tx.add_used(&active.memory, head, 0) {
+                tracing::warn!(error = %e, "cannot return a vsock tx chain");
+            }
+            returned = true;
+        }
+        if returned {
+            notify_guest(&mut active.tx, &active.memory, &active.interrupt);
+        }
+    }
+
+    /// Fills rx buffers while there is something for the guest.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut returned = false;
+        while self.muxer.has_packet_for_guest() {
+            let Some(chain) = active.rx.pop_descriptor_chain(&active.memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let used = match RxBuffer::new(chain, &active.memory) {
+                Ok(buffer) => {
+                    let room = buffer.payload_room().min(MAX_PAYLOAD);
+                    let Some(header) = self.muxer.next_packet(room, &mut self.scratch, ops) else {
+                        // Nothing after all (the host had no data): keep
+                        // the buffer for later.
+                        active.rx.go_to_previous_position();
+                        break;
+                    };
+                    let payload = &self.scratch[..header.len as usize];
+                    buffer.write(header, payload).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot write a vsock rx packet");
+                        0
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed vsock rx chain dropped");
+                    0
+                }
+            };
+            if let Err(e) = active.rx.add_used(&active.memory, head, used) {
+                tracing::warn!(error = %e, "cannot return a vsock rx chain");
+            }
+            returned = true;
+        }
+        if returned {
+            notify_guest(&mut active.rx, &active.memory, &active.interrupt);
+        }
+    }
+
+    fn queue_index(&self, fd: RawFd) -> Option<usize> {
+        if !self.queue_events_watched {
+            return None;
+        }
+        self.queue_events[RX..=TX]
+            .iter()
+            .position(|event| event.as_raw_fd() == fd)
+    }
+}
+
+fn notify_guest(queue: &mut Queue, memory: &GuestMemory, interrupt: &Interrupt) {
+    if queue.needs_notification(memory).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, what) in [
+            (self.listener.as_raw_fd(), "socket"),
+            (self.wake.as_raw_fd(), "wake-up eventfd"),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!(error = %e, "cannot watch the vsock {what}");
+            }
+        }
+        // An activation before registration wrote the wake-up eventfd,
+        // which the watch above now reports.
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            self.refresh_watches(ops);
+        } else if fd == self.listener.as_raw_fd() {
+            self.accept_clients(ops);
+        } else if let Some(queue) = self.queue_index(fd) {
+            let _ = self.queue_events[queue].read();
+            if queue == TX {
+                self.process_tx(ops);
+            }
+        } else if self.pending_clients.contains_key(&fd) {
+            self.advance_handshake(fd, ops);
+        } else if !self.muxer.handle_host_event(fd, events.event_set(), ops) {
+            tracing::debug!(fd, "vsock event for a descriptor no longer watched");
+        }
+        self.process_rx(ops);
+    }
+}
+
+/// The transport holds the device through the same lock as the event loop.
+impl VirtioDevice for Arc<Mutex<Vsock>> {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        // Stream sockets only (no SEQPACKET), no EVENT_IDX.
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = lock(self).guest_cid.to_le_bytes();
+        data.fill(0);
+        if let Some(bytes) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+            let len = bytes.len().min(data.len());
+            data[..len].copy_from_slice(&bytes[..len]);
+        }
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), String> {
+        let Activation {
+            memory,
+            queues,
+            queue_events,
+            interrupt,
+            ..
+        } = activation;
+        let Ok([rx, tx, _event]) = <[Queue; 3]>::try_from(queues) else {
+            return Err("vsock needs exactly three queues".into());
+        };
+        if queue_events.len() != QUEUE_SIZES.len() {
+            return Err("vsock needs one eventfd per queue".into());
+        }
+        let mut device = lock(self);
+        if device.active.is_some() {
+            return Err("vsock is already active".into());
+        }
+        device.active = Some(Active {
+            memory,
+            rx,
+            tx,
+            interrupt,
+        });
+        device.queue_events = queue_events;
+        device.queue_events_watched = false;
+        device.wake_loop();
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, queue: u16) {
+        // Handled on the loop thread exactly like an ioeventfd kick.
+        let device = lock(self);
+        if let Some(event) = device.queue_events.get(usize::from(queue)) {
+            if let Err(e) = event.write(1) {
+                tracing::warn!(queue, error = %e, "cannot pass a vsock queue kick on");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let mut device = lock(self);
+        device.active = None;
+        device.queue_events_watched = false;
+        let queue_events = std::mem::take(&mut device.queue_events);
+        let streams = device.muxer.drop_all();
+        device.retired.extend(
+            queue_events
+                .into_iter()
+                .map(|event| Box::new(event) as Box<dyn AsRawFd + Send>)
+                .chain(
+                    streams
+                        .into_iter()
+                        .map(|stream| Box::new(stream) as Box<dyn AsRawFd + Send>),
+                ),
+        );
+        device.wake_loop();
+    }
+}
+
+/// A panic on the loop thread must not take the vCPUs down with it.
+fn lock(device: &Mutex<Vsock>) -> std::sync::MutexGuard<'_, Vsock> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
