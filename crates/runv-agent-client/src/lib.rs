@@ -231,6 +231,43 @@ impl AgentClient {
             })
     }
 
+    /// Has the guest take the device the host has just put into
+    /// virtio-mmio slot `slot`, and says which virtio device it became.
+    /// The agent waits up to 5 s for it.
+    pub async fn plug_virtio_mmio(
+        &self,
+        slot: u32,
+    ) -> Result<agent::PlugVirtioMmioResponse, AgentError> {
+        let request = agent::PlugVirtioMmioRequest {
+            slot,
+            ..Default::default()
+        };
+        self.client
+            .plug_virtio_mmio(call_context(), &request)
+            .await
+            .map_err(|source| AgentError::Call {
+                method: "PlugVirtioMmio",
+                source,
+            })
+    }
+
+    /// Has the guest let go of the device in virtio-mmio slot `slot`,
+    /// before the host empties the slot.
+    pub async fn unplug_virtio_mmio(&self, slot: u32) -> Result<(), AgentError> {
+        let request = agent::UnplugVirtioMmioRequest {
+            slot,
+            ..Default::default()
+        };
+        self.client
+            .unplug_virtio_mmio(call_context(), &request)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "UnplugVirtioMmio",
+                source,
+            })
+    }
+
     /// Asks the guest to power off. The VM ends shortly after the reply.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.client

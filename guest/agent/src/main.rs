@@ -3,6 +3,7 @@
 //! protocol to the shim over vsock.
 
 mod boot_clock;
+mod hotplug;
 mod init;
 mod ready;
 mod reaper;

@@ -1,4 +1,5 @@
-//! The agent protocol's service: health check, guest details, power off.
+//! The agent protocol's service: health check, guest details, power off,
+//! virtio-mmio hot-plug.
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -10,7 +11,11 @@ use nix::{
 use runv_protocol::{agent, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use crate::{boot_clock, init};
+use crate::{
+    boot_clock,
+    hotplug::{HotplugError, PlatformBus, PLUG_TIMEOUT},
+    init,
+};
 
 /// How long the power-off reply has to leave the guest before it resets.
 const POWER_OFF_DELAY: Duration = Duration::from_millis(20);
@@ -40,6 +45,30 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ttrpc::Error {
         ttrpc::Code::INTERNAL,
         format!("{what}: {e}"),
     ))
+}
+
+/// A hot-plug failure with the status code that says whose it is.
+fn hotplug_status(e: HotplugError) -> ttrpc::Error {
+    let code = match e {
+        HotplugError::NoSuchSlot { .. } => ttrpc::Code::NOT_FOUND,
+        HotplugError::EmptySlot { .. } => ttrpc::Code::FAILED_PRECONDITION,
+        HotplugError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        HotplugError::Bind { .. } | HotplugError::Unbind { .. } | HotplugError::Read { .. } => {
+            ttrpc::Code::INTERNAL
+        }
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+/// Runs a sysfs operation off the runtime's only thread: a bind runs the
+/// driver's probe before the write returns.
+async fn on_blocking_thread<T: Send + 'static>(
+    operation: impl FnOnce() -> Result<T, HotplugError> + Send + 'static,
+) -> ttrpc::Result<T> {
+    tokio::task::spawn_blocking(operation)
+        .await
+        .map_err(|e| internal("hot-plug task", e))?
+        .map_err(hotplug_status)
 }
 
 #[async_trait]
@@ -110,6 +139,34 @@ impl agent_ttrpc::Agent for AgentService {
             }
             std::process::exit(0);
         });
+        Ok(agent::Empty::new())
+    }
+
+    async fn plug_virtio_mmio(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::PlugVirtioMmioRequest,
+    ) -> ttrpc::Result<agent::PlugVirtioMmioResponse> {
+        let slot = request.slot;
+        let device =
+            on_blocking_thread(move || PlatformBus::system().plug(slot, PLUG_TIMEOUT)).await?;
+        tracing::info!(slot, device = %device.name, id = device.device_id, driver = ?device.driver, "virtio-mmio device plugged");
+        Ok(agent::PlugVirtioMmioResponse {
+            device_name: device.name,
+            device_id: device.device_id,
+            driver: device.driver.unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    async fn unplug_virtio_mmio(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::UnplugVirtioMmioRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let slot = request.slot;
+        on_blocking_thread(move || PlatformBus::system().unplug(slot)).await?;
+        tracing::info!(slot, "virtio-mmio device unplugged");
         Ok(agent::Empty::new())
     }
 }
