@@ -60,12 +60,16 @@ cargo build --manifest-path "$repo/Cargo.toml" --locked --release -p runv-ctl >&
 install -D -m 0755 "$repo/target/release/runv-ctl" "$prefix/bin/runv-ctl"
 log "installed $prefix/bin/runv-ctl"
 
-# Default configuration, pointing at the images above. An existing file is
-# the operator's and is left alone.
+# Default configuration, pointing at the images above, with the hypervisor
+# this host can run: builtin where its KVM boots the guest, else qemu. An
+# existing file is the operator's and is left alone.
 if [[ ! -e $config ]]; then
     install -d /etc/runv
-    sed "s#/usr/local/share/runv#$share#" "$repo/configs/runv.toml" >"$config"
-    log "wrote $config"
+    hypervisor=$("$prefix/bin/runv-ctl" --config "$repo/configs/runv.toml" pick-hypervisor)
+    sed -e "s#/usr/local/share/runv#$share#" \
+        -e "s#^hypervisor = .*#hypervisor = \"$hypervisor\"#" \
+        "$repo/configs/runv.toml" >"$config"
+    log "wrote $config (hypervisor = \"$hypervisor\")"
 else
     log "kept the existing $config"
 fi

@@ -16,7 +16,9 @@ use nix::{
 use runv_agent_client::{AgentError, ConnectOptions};
 use runv_protocol::PROTOCOL_VERSION;
 use runv_sandbox::{PodVm, SandboxError};
-use runv_tests::{assert_nothing_left, initramfs_without_agent, is_running, test_config};
+use runv_tests::{
+    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running, test_config,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_a_vm_and_talks_to_its_agent() {
@@ -34,26 +36,7 @@ async fn boots_a_vm_and_talks_to_its_agent() {
     assert!(pids.iter().all(|&pid| is_running(pid)));
 
     let details = vm.agent().guest_details().await.expect("guest details");
-    assert!(
-        details.kernel_release.starts_with("6.12"),
-        "guest kernel: {}",
-        details.kernel_release
-    );
-    assert_eq!(details.online_cpus, config.vm.vcpus);
-    let memory_mib = details.memory_total_bytes / (1024 * 1024);
-    let configured = u64::from(config.vm.memory_mib);
-    assert!(
-        memory_mib <= configured && memory_mib >= configured * 3 / 4,
-        "guest sees {memory_mib} MiB of {configured}"
-    );
-    assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(details.protocol_version, PROTOCOL_VERSION);
-    // The guest has no RTC: its clock comes from the host in the handshake.
-    let host_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let skew = host_now.abs_diff(Duration::from_nanos(details.wall_clock_ns));
-    assert!(skew < Duration::from_secs(5), "guest clock is {skew:?} off");
+    assert_guest_matches(&details, &config);
 
     let timeline = vm.boot_timeline(&details);
     let guest = timeline.guest.expect("the agent reports its boot times");

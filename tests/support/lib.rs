@@ -9,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use runv_config::{Config, DEFAULT_SHARE_DIR};
+use runv_config::{Config, HypervisorKind, DEFAULT_SHARE_DIR};
+use runv_protocol::{agent::GuestDetails, PROTOCOL_VERSION};
 
 /// The guest kernel and initramfs under test: `RUNV_KERNEL` and
 /// `RUNV_INITRAMFS` (set by scripts/test.sh to the freshly built ones),
@@ -33,10 +34,13 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
     )
 }
 
-/// A configuration whose VMs keep everything under `scratch`.
+/// A configuration whose VMs keep everything under `scratch`, on the
+/// `qemu` hypervisor, which boots the guest on every host (TCG where KVM
+/// cannot run it).
 pub fn test_config(scratch: &Path) -> Config {
     let (kernel, initramfs) = guest_images();
     let mut config = Config {
+        hypervisor: HypervisorKind::Qemu,
         run_dir: scratch.join("run"),
         ..Config::default()
     };
@@ -46,6 +50,32 @@ pub fn test_config(scratch: &Path) -> Config {
     // Several TCG guests may boot at once on two cores.
     config.vm.agent_timeout_secs = 180;
     config
+}
+
+/// Asserts that what the agent reports is the guest `config` describes:
+/// the kernel built here, every vCPU online, the memory asked for, this
+/// agent and protocol, and a wall clock set from the host.
+pub fn assert_guest_matches(details: &GuestDetails, config: &Config) {
+    assert!(
+        details.kernel_release.starts_with("6."),
+        "guest kernel: {}",
+        details.kernel_release
+    );
+    assert_eq!(details.online_cpus, config.vm.vcpus);
+    let memory_mib = details.memory_total_bytes / (1024 * 1024);
+    let configured = u64::from(config.vm.memory_mib);
+    assert!(
+        memory_mib <= configured && memory_mib >= configured * 3 / 4,
+        "guest sees {memory_mib} MiB of {configured}"
+    );
+    assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(details.protocol_version, PROTOCOL_VERSION);
+    // The guest has no RTC: its clock comes from the host in the handshake.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let skew = host_now.abs_diff(Duration::from_nanos(details.wall_clock_ns));
+    assert!(skew < Duration::from_secs(5), "guest clock is {skew:?} off");
 }
 
 /// Host processes whose command line mentions `needle`.
@@ -64,6 +94,19 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
                 .contains(&needle)
                 .then(|| format!("{}: {cmdline}", entry.file_name().to_string_lossy()))
         })
+        .collect()
+}
+
+/// This process's threads whose name starts with `prefix`.
+pub fn threads_named(prefix: &str) -> Vec<String> {
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .filter(|name| name.starts_with(prefix))
         .collect()
 }
 

@@ -40,15 +40,18 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HypervisorKind {
+    /// The in-process KVM microVM (runv-vmm): no process beside the shim.
+    Builtin,
     /// `qemu-system-x86_64 -M microvm` with vhost-user helpers.
     Qemu,
 }
 
 impl fmt::Display for HypervisorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HypervisorKind::Qemu => f.write_str("qemu"),
-        }
+        f.write_str(match self {
+            HypervisorKind::Builtin => "builtin",
+            HypervisorKind::Qemu => "qemu",
+        })
     }
 }
 
@@ -75,6 +78,7 @@ pub struct Config {
     /// Directory under which each VM gets a private directory for its sockets.
     pub run_dir: PathBuf,
     pub vm: VmConfig,
+    pub builtin: BuiltinConfig,
     pub qemu: QemuConfig,
 }
 
@@ -96,6 +100,15 @@ pub struct VmConfig {
     pub shutdown_timeout_secs: u64,
 }
 
+/// Settings of the `builtin` hypervisor.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuiltinConfig {
+    /// `vm.kernel` is a PVM guest kernel (CONFIG_PVM_GUEST): the only kind
+    /// of guest a host whose KVM is the PVM backend (kvm_pvm) can run.
+    pub pvm_guest_kernel: bool,
+}
+
 /// Settings of the `qemu` hypervisor.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -110,10 +123,11 @@ pub struct QemuConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            hypervisor: HypervisorKind::Qemu,
+            hypervisor: HypervisorKind::Builtin,
             log_level: "info".into(),
             run_dir: PathBuf::from("/run/runv"),
             vm: VmConfig::default(),
+            builtin: BuiltinConfig::default(),
             qemu: QemuConfig::default(),
         }
     }
@@ -244,7 +258,8 @@ mod tests {
     #[test]
     fn empty_file_gives_the_defaults() {
         let config = parse("").unwrap();
-        assert_eq!(config.hypervisor, HypervisorKind::Qemu);
+        assert_eq!(config.hypervisor, HypervisorKind::Builtin);
+        assert!(!config.builtin.pvm_guest_kernel);
         assert_eq!(config.vm.vcpus, 1);
         assert_eq!(config.qemu.accel, AccelMode::Auto);
         assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
@@ -254,6 +269,7 @@ mod tests {
     fn shipped_default_config_parses() {
         let shipped = include_str!("../../../configs/runv.toml");
         let config = parse(shipped).unwrap();
+        assert_eq!(config.hypervisor, Config::default().hypervisor);
         assert_eq!(config.vm.memory_mib, VmConfig::default().memory_mib);
     }
 
@@ -277,6 +293,10 @@ mod tests {
         );
         let err = parse("hypervisor = \"xen\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `xen`"), "{err}");
+        let err = parse("[builtin]\npvm_guest_kernel = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pvm_guest_kernel"), "{err}");
         let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `hvf`"), "{err}");
     }

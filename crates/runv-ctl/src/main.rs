@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use runv_agent_client::ConnectOptions;
-use runv_config::{Config, DEFAULT_CONFIG_PATH};
-use runv_hypervisor::KvmSupport;
+use runv_config::{Config, HypervisorKind, DEFAULT_CONFIG_PATH};
+use runv_hypervisor::{host::builtin_usable, KvmSupport};
 use runv_sandbox::PodVm;
 
 #[derive(Parser)]
@@ -31,6 +31,9 @@ enum Command {
     },
     /// Show what this host offers runv: KVM, accelerator, boot files.
     Check,
+    /// Print the hypervisor this host should run ("builtin" where its KVM
+    /// can boot the configured guest kernel, else "qemu"), and why on stderr.
+    PickHypervisor,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,10 @@ fn main() -> ExitCode {
         Command::Boot { console_log } => boot(&config, console_log),
         Command::Check => {
             check(&config, cli.config.as_deref());
+            Ok(())
+        }
+        Command::PickHypervisor => {
+            pick_hypervisor(&config);
             Ok(())
         }
     };
@@ -122,6 +129,10 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
         None => println!("kvm:         usable ({kvm:?})"),
         Some(reason) => println!("kvm:         not usable: {reason}"),
     }
+    match builtin_usable(&kvm, config.builtin.pvm_guest_kernel) {
+        Ok(reason) => println!("builtin:     usable ({reason})"),
+        Err(why) => println!("builtin:     not usable: {why}"),
+    }
     match runv_hypervisor::host::choose_accel(config.qemu.accel, &kvm) {
         Ok((accel, reason)) => println!("qemu accel:  {accel} ({reason})"),
         Err(e) => println!("qemu accel:  error: {e}"),
@@ -143,6 +154,19 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
         }
     }
     tracing::debug!(elapsed = ?started.elapsed(), "host checked");
+}
+
+fn pick_hypervisor(config: &Config) {
+    match builtin_usable(&KvmSupport::probe(), config.builtin.pvm_guest_kernel) {
+        Ok(reason) => {
+            eprintln!("runv-ctl: builtin: {reason}");
+            println!("{}", HypervisorKind::Builtin);
+        }
+        Err(why) => {
+            eprintln!("runv-ctl: not builtin: {why}");
+            println!("{}", HypervisorKind::Qemu);
+        }
+    }
 }
 
 fn config_origin(config_path: Option<&std::path::Path>) -> String {

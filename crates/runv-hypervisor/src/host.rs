@@ -77,6 +77,26 @@ impl KvmSupport {
     }
 }
 
+/// Whether the builtin hypervisor can boot the guest on a host with `kvm`:
+/// the reason it can, or why not with the way out.
+pub fn builtin_usable(kvm: &KvmSupport, pvm_guest_kernel: bool) -> Result<String, String> {
+    match kvm {
+        KvmSupport::Hardware { extension } => Ok(format!("/dev/kvm with {extension}")),
+        KvmSupport::Pvm if pvm_guest_kernel => {
+            Ok("/dev/kvm is the PVM backend and vm.kernel is a PVM guest kernel".into())
+        }
+        KvmSupport::Pvm => Err(format!(
+            "{}; build a PVM guest kernel (docs/guest-kernel.md) and set \
+             builtin.pvm_guest_kernel = true, or set hypervisor = \"qemu\" in the runv config",
+            kvm.why_not_usable().unwrap_or_default()
+        )),
+        KvmSupport::Unavailable(reason) => Err(format!(
+            "the builtin hypervisor needs KVM, and {reason}; set hypervisor = \"qemu\" in the \
+             runv config (it falls back to TCG software emulation)"
+        )),
+    }
+}
+
 /// The accelerator for `mode` on a host with `kvm`, and the reason, for the log.
 pub fn choose_accel(mode: AccelMode, kvm: &KvmSupport) -> Result<(Accel, String), String> {
     match (mode, kvm.why_not_usable()) {
@@ -153,6 +173,26 @@ mod tests {
         assert!(
             reason.contains("cannot open") && reason.contains("kvm"),
             "{reason}"
+        );
+    }
+
+    #[test]
+    fn builtin_needs_hardware_or_a_pvm_guest_kernel() {
+        let hardware = FakeHost::new(true, false, "vmx").probe();
+        assert!(builtin_usable(&hardware, false).unwrap().contains("VT-x"));
+        let pvm = FakeHost::new(true, true, "vmx").probe();
+        let err = builtin_usable(&pvm, false).unwrap_err();
+        assert!(
+            err.contains("kvm_pvm") && err.contains("pvm_guest_kernel = true"),
+            "{err}"
+        );
+        assert!(err.contains("hypervisor = \"qemu\""), "{err}");
+        assert!(builtin_usable(&pvm, true).is_ok());
+        let none = FakeHost::new(false, false, "vmx").probe();
+        let err = builtin_usable(&none, true).unwrap_err();
+        assert!(
+            err.contains("cannot open") && err.contains("hypervisor = \"qemu\""),
+            "{err}"
         );
     }
 

@@ -3,6 +3,7 @@
 //! initramfs, exposes the guest's vsock as a hybrid vsock Unix socket,
 //! captures the serial console, and leaves no process or file behind.
 
+mod builtin;
 pub mod host;
 pub mod process;
 mod qemu;
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 use runv_config::{Config, HypervisorKind};
 use tokio::sync::watch;
 
+pub use builtin::BuiltinVm;
 pub use host::{Accel, KvmSupport};
 pub use qemu::QemuVm;
 
@@ -139,6 +141,28 @@ pub trait Hypervisor: Send + Sync {
 /// The hypervisor the configuration names, for `spec`.
 pub fn create(config: &Config, spec: VmSpec) -> Box<dyn Hypervisor> {
     match config.hypervisor {
+        HypervisorKind::Builtin => Box::new(BuiltinVm::new(spec, config.builtin.clone())),
         HypervisorKind::Qemu => Box::new(QemuVm::new(spec, config.qemu.clone())),
     }
+}
+
+/// Checks that the guest kernel and initramfs exist, naming the fix.
+fn check_boot_files(spec: &VmSpec) -> Result<(), HypervisorError> {
+    if !spec.kernel.is_file() {
+        return Err(HypervisorError::MissingFile {
+            what: "guest kernel",
+            path: spec.kernel.clone(),
+            fix: "build it with scripts/build-kernel.sh (or run scripts/install.sh) and set \
+                  vm.kernel in the runv config",
+        });
+    }
+    if !spec.initramfs.is_file() {
+        return Err(HypervisorError::MissingFile {
+            what: "guest initramfs",
+            path: spec.initramfs.clone(),
+            fix: "build it with scripts/build-initramfs.sh (or run scripts/install.sh) and set \
+                  vm.initramfs in the runv config",
+        });
+    }
+    Ok(())
 }

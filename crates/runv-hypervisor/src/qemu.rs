@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    check_boot_files,
     host::{choose_accel, Accel, KvmSupport},
     process::{command_dying_with_parent, find_executable, tail, LOG_TAIL_LINES},
     run_dir::RunDir,
@@ -72,22 +73,7 @@ impl QemuVm {
 
     /// Everything that can be checked before a process starts.
     fn check_inputs(&self) -> Result<(PathBuf, PathBuf), HypervisorError> {
-        if !self.spec.kernel.is_file() {
-            return Err(HypervisorError::MissingFile {
-                what: "guest kernel",
-                path: self.spec.kernel.clone(),
-                fix: "build it with scripts/build-kernel.sh (or run scripts/install.sh) and \
-                      set vm.kernel in the runv config",
-            });
-        }
-        if !self.spec.initramfs.is_file() {
-            return Err(HypervisorError::MissingFile {
-                what: "guest initramfs",
-                path: self.spec.initramfs.clone(),
-                fix: "build it with scripts/build-initramfs.sh (or run scripts/install.sh) and \
-                      set vm.initramfs in the runv config",
-            });
-        }
+        check_boot_files(&self.spec)?;
         let qemu = find_executable(&self.config.binary).ok_or_else(|| {
             HypervisorError::MissingProgram {
                 what: "QEMU binary",

@@ -9,6 +9,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 mod kick;
+mod machine;
 pub mod memory;
 pub mod mptable;
 pub mod vcpu;
@@ -16,6 +17,7 @@ pub mod virtio;
 pub mod vm;
 
 pub use bus::{Bus, BusDevice};
+pub use machine::{MicroVm, MicroVmConfig, OnEnd, VmEnd, VsockConfig, THREAD_NAME_PREFIX};
 pub use vcpu::{Vcpu, VcpuStop};
 pub use vm::{Vm, VmControl};
 
@@ -40,6 +42,8 @@ pub enum VmmError {
     },
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
     #[error("all {slots} virtio-mmio slots declared at boot are in use: unplug a device first")]
     NoFreeSlot { slots: usize },
     #[error("virtio-mmio slot {0} holds no device")]

@@ -1,0 +1,237 @@
+//! The `builtin` backend: the pod VM runs inside this process, on runv-vmm.
+//! There is no helper process at all; the guest's vsock is served by the
+//! VMM's own virtio-vsock device behind the same hybrid Unix socket as the
+//! qemu path, so the agent client cannot tell the two apart.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use runv_config::BuiltinConfig;
+use runv_vmm::{MicroVm, MicroVmConfig, VmEnd, VsockConfig};
+use tokio::sync::watch;
+
+use crate::{
+    check_boot_files,
+    host::{builtin_usable, KvmSupport},
+    run_dir::RunDir,
+    Accel, ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec, BASE_KERNEL_PARAMS,
+};
+
+/// The guest's vsock context id, as on the qemu path.
+const GUEST_CID: u64 = 3;
+/// The hybrid vsock socket for host clients.
+const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
+
+struct Running {
+    vm: MicroVm,
+    /// Holds the VM's vsock socket: removed once the VM is gone.
+    dir: RunDir,
+    exit: ExitWatch,
+}
+
+/// A pod VM run by the in-process VMM.
+pub struct BuiltinVm {
+    spec: VmSpec,
+    config: BuiltinConfig,
+    running: Option<Running>,
+    /// How the VM ended, once `stop` has seen it.
+    ended: Option<VmExit>,
+}
+
+impl BuiltinVm {
+    pub fn new(spec: VmSpec, config: BuiltinConfig) -> BuiltinVm {
+        BuiltinVm {
+            spec,
+            config,
+            running: None,
+            ended: None,
+        }
+    }
+
+    /// What the VMM boots: runv's kernel parameters come first, the
+    /// caller's last, so that an operator's parameter wins.
+    fn machine_config(&self, dir: &RunDir) -> Result<MicroVmConfig, HypervisorError> {
+        let spec = &self.spec;
+        let console = File::create(&spec.console_log).map_err(|source| HypervisorError::Io {
+            context: format!(
+                "cannot create the console log {}",
+                spec.console_log.display()
+            ),
+            source,
+        })?;
+        let vcpus = u8::try_from(spec.vcpus).map_err(|_| {
+            HypervisorError::Accel(format!(
+                "{} vCPUs asked; the builtin hypervisor runs at most 255",
+                spec.vcpus
+            ))
+        })?;
+        Ok(MicroVmConfig {
+            name: spec.id.clone(),
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            kernel_params: format!("{BASE_KERNEL_PARAMS} {}", spec.kernel_params)
+                .trim_end()
+                .to_owned(),
+            vcpus,
+            memory_bytes: u64::from(spec.memory_mib) << 20,
+            console: Box::new(console),
+            vsock: Some(VsockConfig {
+                guest_cid: GUEST_CID,
+                uds_path: dir.join(HYBRID_VSOCK_SOCKET),
+            }),
+        })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for BuiltinVm {
+    async fn start(&mut self) -> Result<StartInfo, HypervisorError> {
+        if self.running.is_some() || self.ended.is_some() {
+            return Err(HypervisorError::AlreadyStarted);
+        }
+        let begin = Instant::now();
+        check_boot_files(&self.spec)?;
+        let kvm = KvmSupport::probe();
+        let accel_reason =
+            builtin_usable(&kvm, self.config.pvm_guest_kernel).map_err(HypervisorError::Accel)?;
+        // PVM is a KVM backend; the reason says which one ran.
+        let accel = Accel::Kvm;
+        tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting the builtin VM");
+        let dir = RunDir::create(&self.spec.run_dir, &self.spec.id).map_err(|source| {
+            HypervisorError::Io {
+                context: format!(
+                    "cannot create the VM directory under {}",
+                    self.spec.run_dir.display()
+                ),
+                source,
+            }
+        })?;
+        let config = self.machine_config(&dir)?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        // The VMM reports the end from its own thread; the watch is how
+        // async waiters learn of it.
+        let on_end = Box::new(move |end: VmEnd| {
+            let _ = exit_tx.send(Some(vm_exit(end)));
+        });
+        // Building the VM (memory, kernel load, KVM setup) blocks: keep it
+        // off the runtime's worker.
+        let vm = tokio::task::spawn_blocking(move || MicroVm::start(config, on_end))
+            .await
+            .map_err(|e| HypervisorError::StartFailed {
+                what: "the builtin VMM",
+                detail: e.to_string(),
+            })?
+            .map_err(|e| HypervisorError::StartFailed {
+                what: "the builtin VMM",
+                detail: e.to_string(),
+            })?;
+        self.running = Some(Running {
+            dir,
+            vm,
+            exit: ExitWatch(exit_rx),
+        });
+        Ok(StartInfo {
+            accel,
+            accel_reason,
+            spawn: begin.elapsed(),
+        })
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.spec
+            .run_dir
+            .join(&self.spec.id)
+            .join(HYBRID_VSOCK_SOCKET)
+    }
+
+    /// None: the VM lives in this process.
+    fn pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    fn exit_watch(&self) -> Option<ExitWatch> {
+        self.running.as_ref().map(|r| r.exit.clone())
+    }
+
+    /// The guest has been asked to power off by the agent before this is
+    /// called; what is left is to end the vCPUs, which takes no grace: an
+    /// in-process VM cannot ignore its owner.
+    async fn stop(&mut self, _grace: Duration) -> VmExit {
+        let Some(Running { vm, dir, mut exit }) = self.running.take() else {
+            return self.ended.clone().unwrap_or(VmExit::Stopped);
+        };
+        // Joining the VM's threads blocks; the last reference to the VM
+        // goes with it, closing its devices and sockets.
+        let _ = tokio::task::spawn_blocking(move || vm.shutdown()).await;
+        let ended = exit.wait().await;
+        drop(dir);
+        self.ended = Some(ended.clone());
+        ended
+    }
+}
+
+fn vm_exit(end: VmEnd) -> VmExit {
+    match end {
+        VmEnd::GuestReset => VmExit::GuestShutdown,
+        VmEnd::Stopped => VmExit::Stopped,
+        VmEnd::Failed(why) => VmExit::Failed(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &std::path::Path) -> VmSpec {
+        VmSpec {
+            id: "vm1".into(),
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initrd"),
+            kernel_params: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            run_dir: dir.to_owned(),
+            console_log: dir.join("console.log"),
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_boot_files_are_named_and_nothing_is_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut vm = BuiltinVm::new(spec(tmp.path()), BuiltinConfig::default());
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("guest kernel") && err.contains("build-kernel.sh"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
+        assert!(vm.exit_watch().is_none());
+    }
+
+    /// On a host whose KVM cannot boot an ordinary guest (this project's
+    /// PVM machines among them), start fails before anything is created,
+    /// naming the qemu hypervisor as the way out.
+    #[tokio::test]
+    async fn a_host_that_cannot_boot_the_guest_is_told_to_use_qemu() {
+        let kvm = KvmSupport::probe();
+        if builtin_usable(&kvm, false).is_ok() {
+            println!("SKIPPED: this host's KVM can boot the guest with the builtin hypervisor");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
+        std::fs::write(tmp.path().join("initrd"), "").unwrap();
+        let mut vm = BuiltinVm::new(spec(tmp.path()), BuiltinConfig::default());
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(err.contains("hypervisor = \"qemu\""), "{err}");
+        assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
+        assert!(
+            !tmp.path().join("console.log").exists(),
+            "no console log is left"
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! A whole microVM: RAM, the boot of the kernel, the devices, the vCPU
+//! threads and the event loop, started together and ended together. This is
+//! what an owner (runv's `builtin` hypervisor) holds; it never sees KVM.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{mpsc, Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use crate::{
+    boot,
+    device_manager::DeviceManager,
+    devices::add_legacy_devices,
+    event_loop::EventLoop,
+    memory::create_guest_memory,
+    mptable,
+    vcpu::{VcpuHandle, VcpuStop},
+    virtio::vsock::Vsock,
+    Vm, VmmError,
+};
+
+/// Every thread the VMM starts is named with this prefix, so that an owner
+/// (or a test) can see that none is left.
+pub const THREAD_NAME_PREFIX: &str = "runv-";
+
+/// The virtio-mmio slots declared to the guest at boot: the vsock device
+/// takes one, the rest are free for hot-plug (see docs/hotplug.md).
+const DEVICE_SLOTS: usize = 16;
+
+/// The guest's vsock, exposed to the host as a hybrid Unix socket.
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// Host clients connect here and write `CONNECT <port>\n`; a guest
+    /// connection to host port P arrives at `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+/// What to boot.
+pub struct MicroVmConfig {
+    /// For logs.
+    pub name: String,
+    /// Uncompressed ELF vmlinux with a PVH entry.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The kernel command line, before the VMM's own device parameters.
+    pub kernel_params: String,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    /// Where the serial console goes.
+    pub console: Box<dyn Write + Send>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// How a microVM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest reset itself: how a runv guest powers off.
+    GuestReset,
+    /// The owner ended it.
+    Stopped,
+    /// A vCPU failed, with the reason.
+    Failed(String),
+}
+
+/// Called once, from the VMM's supervisor thread, when the VM has ended and
+/// its vCPU and event-loop threads are gone.
+pub type OnEnd = Box<dyn FnOnce(VmEnd) + Send>;
+
+/// What the supervisor waits for: a vCPU stopping, or the owner's request.
+enum Event {
+    Vcpu(u64, Result<VcpuStop, String>),
+    StopRequested,
+}
+
+/// A running microVM. Dropping it ends the VM.
+pub struct MicroVm {
+    name: String,
+    vm: Arc<Vm>,
+    devices: DeviceManager,
+    events: mpsc::Sender<Event>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MicroVm {
+    /// Builds the VM, loads the kernel and starts every vCPU. `on_end` is
+    /// called when the VM ends, whatever ends it. On error nothing is left
+    /// running.
+    pub fn start(config: MicroVmConfig, on_end: OnEnd) -> Result<MicroVm, VmmError> {
+        if config.vcpus == 0 {
+            return Err(VmmError::Device("a VM needs at least one vCPU".into()));
+        }
+        let memory = create_guest_memory(config.memory_bytes)?;
+        let mut vm = Vm::new(memory.clone())?;
+        add_legacy_devices(&mut vm, config.console)?;
+        let devices = DeviceManager::new(&mut vm, DEVICE_SLOTS)?;
+        let event_loop = EventLoop::spawn(&format!("{THREAD_NAME_PREFIX}events"))?;
+        if let Some(vsock) = config.vsock {
+            let device = Vsock::new(vsock.guest_cid, vsock.uds_path)?;
+            event_loop.add_subscriber(device.clone())?;
+            devices.attach(&vm, Box::new(device))?;
+        }
+        let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
+        let entry = boot::load(&memory, &config.kernel, &config.initramfs, &cmdline)?;
+        mptable::write(&memory, config.vcpus)?;
+
+        // Every vCPU is set up before any thread starts, so that a failure
+        // here has no thread to clean up.
+        let vcpus = (0..config.vcpus)
+            .map(|id| vm.create_vcpu(id, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+        boot::set_up_boot_vcpu(&vcpus[0], vm.memory(), entry)?;
+
+        let vm = Arc::new(vm);
+        let (events, events_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            let (vm, events) = (vm.clone(), events.clone());
+            let handle =
+                VcpuHandle::spawn(format!("{THREAD_NAME_PREFIX}vcpu{id}"), vcpu, move |vcpu| {
+                    let stop = vcpu.run(&vm).map_err(|e| e.to_string());
+                    let _ = events.send(Event::Vcpu(id, stop));
+                });
+            match handle {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    stop_vcpus(handles);
+                    return Err(e);
+                }
+            }
+        }
+        let name = config.name;
+        let supervisor = std::thread::Builder::new()
+            .name(format!("{THREAD_NAME_PREFIX}vmm"))
+            .spawn({
+                let name = name.clone();
+                move || supervise(&name, events_rx, handles, event_loop, on_end)
+            })
+            .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
+        tracing::info!(vm = %name, "microVM started");
+        Ok(MicroVm {
+            name,
+            vm,
+            devices,
+            events,
+            supervisor: Mutex::new(Some(supervisor)),
+        })
+    }
+
+    /// The VM, for hot-plugging devices through [`MicroVm::devices`].
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The virtio-mmio slots, for hot-plug.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Ends the VM and waits until its threads are gone. Safe to call more
+    /// than once, and after the guest has ended the VM itself.
+    pub fn shutdown(&self) {
+        let _ = self.events.send(Event::StopRequested);
+        let supervisor = self.supervisor.lock().expect("supervisor lock").take();
+        if let Some(supervisor) = supervisor {
+            if supervisor.join().is_err() {
+                tracing::error!(vm = %self.name, "the VMM supervisor panicked");
+            }
+        }
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Waits for the first vCPU to stop or for the owner's request, then ends
+/// every thread of the VM and reports how it ended.
+fn supervise(
+    name: &str,
+    events: mpsc::Receiver<Event>,
+    vcpus: Vec<VcpuHandle>,
+    event_loop: EventLoop,
+    on_end: OnEnd,
+) {
+    let end = match events.recv() {
+        Ok(Event::Vcpu(id, Ok(stop))) => {
+            tracing::info!(vm = %name, id, ?stop, "vCPU stopped");
+            match stop {
+                VcpuStop::Reset => VmEnd::GuestReset,
+                VcpuStop::Halted => VmEnd::Failed(format!("vCPU {id} halted for good")),
+                VcpuStop::Kicked => VmEnd::Stopped,
+            }
+        }
+        Ok(Event::Vcpu(id, Err(why))) => {
+            tracing::error!(vm = %name, id, %why, "vCPU failed");
+            VmEnd::Failed(why)
+        }
+        // The owner asked, or went away without asking.
+        Ok(Event::StopRequested) | Err(_) => VmEnd::Stopped,
+    };
+    stop_vcpus(vcpus);
+    event_loop.stop();
+    tracing::info!(vm = %name, ?end, "microVM ended");
+    on_end(end);
+}
+
+/// Kicks every vCPU out of the guest and joins its thread.
+fn stop_vcpus(vcpus: Vec<VcpuHandle>) {
+    for vcpu in &vcpus {
+        vcpu.kick();
+    }
+    for vcpu in vcpus {
+        vcpu.join();
+    }
+}
