@@ -141,8 +141,9 @@ fn config_table(vcpus: u8) -> Vec<u8> {
     table.extend_from_slice(&IOAPIC_ADDRESS.to_le_bytes());
     // Identity wiring, as KVM's default GSI routing has it: bus IRQ n is
     // pin n. The pins past the 16 ISA IRQs get entries too (named by pin
-    // number on the same bus), or Linux allocates no interrupt for them
-    // and devices wired there cannot request theirs.
+    // number on the same bus): Linux maps only the pins the table lists
+    // and takes the others for not connected, so devices wired there
+    // could not get their interrupt.
     for pin in 0..IOAPIC_PINS {
         table.extend_from_slice(&interrupt_entry(IO_INTERRUPT, INT, pin, ioapic_id, pin));
     }

@@ -159,3 +159,21 @@ fn kicks_end_a_spinning_vcpu_and_an_ap_never_started() {
     assert_eq!(stops, vec![Ok(VcpuStop::Kicked), Ok(VcpuStop::Kicked)]);
     assert!(!vm.control().reset_requested());
 }
+
+#[test]
+fn a_kick_as_the_thread_starts_is_not_lost() {
+    if !kvm_usable() {
+        return;
+    }
+    // Kicks land anywhere from before the run to inside KVM_RUN.
+    for _ in 0..20 {
+        let (vm, _) = vm_with(&[0xeb, 0xfe], &[]);
+        let vcpu = vm.create_vcpu(0, 1).unwrap();
+        start_in_real_mode(&vcpu, BSP_CODE, 0);
+        let (handles, ends) = spawn_all(&Arc::new(vm), vec![vcpu]);
+        handles[0].kick();
+        let stops = collect_ends(&ends, 1, GUEST_TIMEOUT);
+        stop_all(handles);
+        assert_eq!(stops, Some(vec![Ok(VcpuStop::Kicked)]));
+    }
+}
