@@ -184,6 +184,8 @@ fn vm_exit(end: VmEnd) -> VmExit {
 
 #[cfg(test)]
 mod tests {
+    use runv_vmm::testing::{print, pvh_image, RESET, SPIN};
+
     use super::*;
 
     fn spec(dir: &std::path::Path) -> VmSpec {
@@ -233,5 +235,68 @@ mod tests {
             !tmp.path().join("console.log").exists(),
             "no console log is left"
         );
+    }
+
+    /// A VM whose "kernel" is `code` behind a PVH entry (runv_vmm::testing),
+    /// which runs wherever KVM runs protected-mode code, PVM hosts included.
+    fn payload_vm(dir: &std::path::Path, code: &[u8]) -> Option<BuiltinVm> {
+        if let KvmSupport::Unavailable(why) = KvmSupport::probe() {
+            println!("SKIPPED: {why}");
+            return None;
+        }
+        std::fs::write(dir.join("vmlinux"), pvh_image(code)).unwrap();
+        std::fs::write(dir.join("initrd"), "").unwrap();
+        // The payload runs on a PVM host as a PVM guest kernel would.
+        let config = BuiltinConfig {
+            pvm_guest_kernel: true,
+        };
+        Some(BuiltinVm::new(spec(dir), config))
+    }
+
+    #[tokio::test]
+    async fn a_guest_reset_ends_the_vm_and_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let code = [print(b"up\n").as_slice(), &RESET].concat();
+        let Some(mut vm) = payload_vm(tmp.path(), &code) else {
+            return;
+        };
+        let info = vm.start().await.expect("the VM starts");
+        assert_eq!(info.accel, Accel::Kvm);
+        assert!(vm.pids().is_empty(), "no helper process");
+        let mut exit = vm.exit_watch().unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), exit.wait())
+            .await
+            .expect("the guest ends the VM");
+        assert_eq!(ended, VmExit::GuestShutdown);
+        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::GuestShutdown);
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("console.log")).unwrap(),
+            "up\n"
+        );
+        assert!(!tmp.path().join("vm1").exists(), "the VM directory is gone");
+        assert!(matches!(
+            vm.start().await,
+            Err(HypervisorError::AlreadyStarted)
+        ));
+    }
+
+    #[tokio::test]
+    async fn stop_ends_a_running_guest_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(mut vm) = payload_vm(tmp.path(), &SPIN) else {
+            return;
+        };
+        vm.start().await.expect("the VM starts");
+        assert!(
+            vm.vsock_socket().exists(),
+            "the hybrid vsock socket listens"
+        );
+        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::Stopped);
+        assert_eq!(
+            vm.stop(Duration::ZERO).await,
+            VmExit::Stopped,
+            "twice is fine"
+        );
+        assert!(!tmp.path().join("vm1").exists(), "the VM directory is gone");
     }
 }

@@ -12,6 +12,8 @@ mod kick;
 mod machine;
 pub mod memory;
 pub mod mptable;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -1,0 +1,166 @@
+//! The whole microVM as its owner sees it (`MicroVm`), on real KVM, with
+//! guest payloads of our own behind a PVH entry (they run on PVM hosts
+//! too): boot to the payload, the console, the guest ending the VM, the
+//! owner ending it, SMP threads, and nothing left afterwards. Skipped,
+//! saying why, on hosts without a usable /dev/kvm.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::Console;
+use runv_vmm::{
+    testing::{print, pvh_image, RESET, SPIN},
+    MicroVm, MicroVmConfig, VmEnd, VsockConfig, THREAD_NAME_PREFIX,
+};
+
+const END_TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Guest {
+    _dir: tempfile::TempDir,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    vsock: PathBuf,
+}
+
+/// A payload image in a temporary directory, or None (after saying why)
+/// where KVM cannot be used.
+fn guest(code: &[u8]) -> Option<Guest> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("payload.elf");
+    let initramfs = dir.path().join("initramfs");
+    std::fs::write(&kernel, pvh_image(code)).unwrap();
+    std::fs::write(&initramfs, b"unused by the payload").unwrap();
+    let vsock = dir.path().join("vsock.sock");
+    Some(Guest {
+        _dir: dir,
+        kernel,
+        initramfs,
+        vsock,
+    })
+}
+
+fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
+    MicroVmConfig {
+        name: "test".into(),
+        kernel: guest.kernel.clone(),
+        initramfs: guest.initramfs.clone(),
+        kernel_params: "console=ttyS0".into(),
+        vcpus,
+        memory_bytes: 64 << 20,
+        console: Box::new(console.clone()),
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: guest.vsock.clone(),
+        }),
+    }
+}
+
+/// Starts the VM and returns it with the channel its end is reported on.
+fn start(config: MicroVmConfig) -> (MicroVm, mpsc::Receiver<VmEnd>) {
+    let (ended, end) = mpsc::channel();
+    let vm = MicroVm::start(
+        config,
+        Box::new(move |how| {
+            let _ = ended.send(how);
+        }),
+    )
+    .expect("the microVM starts");
+    (vm, end)
+}
+
+fn vmm_threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .filter(|name| name.starts_with(THREAD_NAME_PREFIX))
+        .collect()
+}
+
+fn assert_gone(vsock: &Path) {
+    let threads = vmm_threads();
+    assert!(threads.is_empty(), "VMM threads left: {threads:?}");
+    assert!(!vsock.exists(), "the vsock socket is removed");
+}
+
+// The tests of this file run one at a time: each counts the VMM's threads
+// of the whole process.
+#[test]
+fn microvm_lifecycle() {
+    the_guest_prints_and_ends_the_vm();
+    the_owner_ends_a_guest_that_never_stops();
+    a_bad_kernel_is_refused_and_leaves_nothing();
+}
+
+fn the_guest_prints_and_ends_the_vm() {
+    let code = [print(b"payload up\n").as_slice(), &RESET].concat();
+    let Some(guest) = guest(&code) else { return };
+    let console = Console::default();
+    let (vm, end) = start(config(&guest, 2, &console));
+    let how = end
+        .recv_timeout(END_TIMEOUT)
+        .expect("the guest ends the VM");
+    assert_eq!(how, VmEnd::GuestReset);
+    assert_eq!(String::from_utf8_lossy(&console.bytes()), "payload up\n");
+    // The end is reported once the vCPU and event-loop threads are gone.
+    let threads = vmm_threads();
+    assert!(
+        threads
+            .iter()
+            .all(|t| *t == format!("{THREAD_NAME_PREFIX}vmm")),
+        "only the supervisor, which reported the end, may still be running: {threads:?}"
+    );
+    drop(vm);
+    assert_gone(&guest.vsock);
+}
+
+fn the_owner_ends_a_guest_that_never_stops() {
+    let code = [print(b"spinning\n").as_slice(), &SPIN].concat();
+    let Some(guest) = guest(&code) else { return };
+    let console = Console::default();
+    let (vm, end) = start(config(&guest, 2, &console));
+    assert!(guest.vsock.exists(), "the hybrid vsock socket listens");
+    // Meanwhile every thread has named itself (std does it from inside
+    // the new thread).
+    if let Ok(how) = end.recv_timeout(Duration::from_millis(300)) {
+        panic!("the spinning guest ended: {how:?}");
+    }
+    let mut threads = vmm_threads();
+    threads.sort();
+    assert_eq!(
+        threads,
+        ["events", "vcpu0", "vcpu1", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}")),
+        "one event loop, one thread per vCPU, one supervisor"
+    );
+    vm.shutdown();
+    assert_eq!(end.try_recv(), Ok(VmEnd::Stopped));
+    assert!(String::from_utf8_lossy(&console.bytes()).contains("spinning"));
+    drop(vm);
+    assert_gone(&guest.vsock);
+}
+
+fn a_bad_kernel_is_refused_and_leaves_nothing() {
+    let Some(guest) = guest(&SPIN) else { return };
+    std::fs::write(&guest.kernel, b"not an ELF image").unwrap();
+    let result = MicroVm::start(
+        config(&guest, 1, &Console::default()),
+        Box::new(|_| panic!("a VM that never started does not end")),
+    );
+    let err = result.err().expect("a bad kernel is refused").to_string();
+    assert!(err.contains("payload.elf"), "{err}");
+    assert_gone(&guest.vsock);
+}
