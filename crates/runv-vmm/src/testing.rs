@@ -35,6 +35,10 @@ pub const RESET: [u8; 4] = [0xb0, 0xfe, 0xe6, 0x64];
 /// Spins forever: a guest that only its owner can end.
 pub const SPIN: [u8; 2] = [0xeb, 0xfe];
 
+/// Halts for good with interrupts off: an idle guest that only its owner
+/// can end, and that costs no host CPU meanwhile.
+pub const HALT: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
 /// An ELF64 image whose one loadable segment is `code` at
 /// [`PAYLOAD_ADDRESS`], entered there through the PVH entry note.
 pub fn pvh_image(code: &[u8]) -> Vec<u8> {
