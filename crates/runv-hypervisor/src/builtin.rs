@@ -101,15 +101,7 @@ impl Hypervisor for BuiltinVm {
         // PVM is a KVM backend; the reason says which one ran.
         let accel = Accel::Kvm;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting the builtin VM");
-        let dir = RunDir::create(&self.spec.run_dir, &self.spec.id).map_err(|source| {
-            HypervisorError::Io {
-                context: format!(
-                    "cannot create the VM directory under {}",
-                    self.spec.run_dir.display()
-                ),
-                source,
-            }
-        })?;
+        let dir = RunDir::for_vm(&self.spec)?;
         let config = self.machine_config(&dir)?;
         let (exit_tx, exit_rx) = watch::channel(None);
         // The VMM reports the end from its own thread; the watch is how

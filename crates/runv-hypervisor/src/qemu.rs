@@ -198,15 +198,7 @@ impl Hypervisor for QemuVm {
         let (accel, accel_reason) = choose_accel(self.config.accel, &KvmSupport::probe())
             .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
-        let dir = RunDir::create(&self.spec.run_dir, &self.spec.id).map_err(|source| {
-            HypervisorError::Io {
-                context: format!(
-                    "cannot create the VM directory under {}",
-                    self.spec.run_dir.display()
-                ),
-                source,
-            }
-        })?;
+        let dir = RunDir::for_vm(&self.spec)?;
         let mut helper = self.start_helper(&helper, &dir).await?;
         let qemu = match spawn_logged(
             &qemu,

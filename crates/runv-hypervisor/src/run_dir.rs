@@ -5,6 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::{HypervisorError, VmSpec};
+
 /// Created at VM start, removed with everything in it when dropped.
 #[derive(Debug)]
 pub struct RunDir {
@@ -24,6 +26,17 @@ impl RunDir {
         }
         fs::create_dir(&path)?;
         Ok(RunDir { path })
+    }
+
+    /// The private directory of the VM `spec` describes.
+    pub fn for_vm(spec: &VmSpec) -> Result<RunDir, HypervisorError> {
+        RunDir::create(&spec.run_dir, &spec.id).map_err(|source| HypervisorError::Io {
+            context: format!(
+                "cannot create the VM directory under {}",
+                spec.run_dir.display()
+            ),
+            source,
+        })
     }
 
     pub fn join(&self, name: &str) -> PathBuf {

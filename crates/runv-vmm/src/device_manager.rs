@@ -289,12 +289,7 @@ mod tests {
 
     /// A VM with `slots` slots, or None (saying why) without usable KVM.
     fn vm_with_slots(slots: usize) -> Option<(Vm, DeviceManager)> {
-        if let Err(e) = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-        {
-            println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+        if !crate::testing::kvm_usable() {
             return None;
         }
         let mut vm = Vm::new(create_guest_memory(1 << 20).unwrap()).expect("KVM VM");

@@ -18,6 +18,22 @@ const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
+/// Whether /dev/kvm can be used; says why not, as a test's skip reason,
+/// when it cannot.
+pub fn kvm_usable() -> bool {
+    match std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+            false
+        }
+    }
+}
+
 /// Writes `text` to COM1, one `out` per byte.
 pub fn print(text: &[u8]) -> Vec<u8> {
     // mov dx, 0x3f8

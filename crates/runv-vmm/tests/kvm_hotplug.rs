@@ -14,7 +14,8 @@ use std::{
 };
 
 use common::Console;
-use real_mode::{collect_ends, kvm_usable, spawn_all, start_in_real_mode, stop_all, GUEST_TIMEOUT};
+use real_mode::{collect_ends, spawn_all, start_in_real_mode, stop_all, GUEST_TIMEOUT};
+use runv_vmm::testing::kvm_usable;
 use runv_vmm::{
     device_manager::{DeviceManager, SlotIndex},
     devices::add_legacy_devices,

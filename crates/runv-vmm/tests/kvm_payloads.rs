@@ -47,12 +47,7 @@ struct TestVm {
 /// A VM with 2 MiB of RAM, COM1, the i8042 and the probe, with `code` at
 /// LOAD_ADDRESS; or None (after saying why) when KVM cannot be used here.
 fn test_vm(code: &[u8]) -> Option<TestVm> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+    if !runv_vmm::testing::kvm_usable() {
         return None;
     }
     let memory = create_guest_memory(2 << 20).unwrap();

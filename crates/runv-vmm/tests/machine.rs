@@ -30,12 +30,7 @@ struct Guest {
 /// A payload image in a temporary directory, or None (after saying why)
 /// where KVM cannot be used.
 fn guest(code: &[u8]) -> Option<Guest> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        println!("SKIPPED: no usable /dev/kvm on this host: {e}");
+    if !runv_vmm::testing::kvm_usable() {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
-//! What the SMP and hot-plug KVM tests share: whether this host's KVM can
-//! be used, and vCPUs started in real mode on their own threads.
+//! What the SMP and hot-plug KVM tests share: vCPUs started in real mode
+//! on their own threads.
 
 use std::{
     sync::{mpsc, Arc},
@@ -10,21 +10,6 @@ use runv_vmm::{vcpu::VcpuHandle, Vcpu, VcpuStop, Vm};
 
 /// How long a test waits for the guest before it gives up.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Whether /dev/kvm can be used; says why not when it cannot.
-pub fn kvm_usable() -> bool {
-    match std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIPPED: no usable /dev/kvm on this host: {e}");
-            false
-        }
-    }
-}
 
 /// Puts vCPU 0 in real mode at `ip` (CS base 0), with DS based at `ds_base`
 /// so that the payload reaches that address through 16-bit offsets.
