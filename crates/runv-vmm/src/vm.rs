@@ -6,8 +6,10 @@ use std::sync::{
     Arc,
 };
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::{bus::Bus, kick::VcpuThreads, kvm, memory::GuestMemory, vcpu::Vcpu, VmmError};
@@ -109,7 +111,7 @@ impl Vm {
         &self.control
     }
 
-    /// Creates vCPU `id` of `count`, with its CPUID set. With the in-kernel
+    /// Creates vCPU `id` of `count`, with its CPUID and MSRs set. With the in-kernel
     /// irqchip KVM holds every vCPU but 0 until the guest starts it
     /// through its local APIC (INIT, then SIPI), so each can be handed to
     /// its thread's `Vcpu::run` at once.
@@ -121,6 +123,61 @@ impl Vm {
         let mut cpuid = self.supported_cpuid.clone();
         crate::cpuid::adjust_for_vcpu(&mut cpuid, id, count);
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        set_boot_msrs(&fd)?;
         Ok(Vcpu::new(u64::from(id), fd))
+    }
+}
+
+/// IA32_MISC_ENABLE, whose bit 0 enables fast string operations.
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+
+/// The MSRs firmware would have set: fast strings on, as on real hardware.
+/// Without it Linux on Intel turns off its `rep movs`/`rep stos` paths
+/// (REP_GOOD, ERMS), and every memcpy in the guest is slower. The rest
+/// (syscall entry, TSC) the guest kernel programs itself.
+fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), VmmError> {
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_MISC_ENABLE,
+        data: MISC_ENABLE_FAST_STRING,
+        ..Default::default()
+    }])
+    .map_err(|e| VmmError::Device(format!("building the MSR list: {e:?}")))?;
+    let written = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    if written != msrs.as_slice().len() {
+        return Err(VmmError::Device(format!(
+            "KVM set {written} of {} boot MSRs",
+            msrs.as_slice().len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+
+    #[test]
+    fn every_vcpu_starts_with_fast_strings_on() {
+        if !crate::testing::kvm_usable() {
+            return;
+        }
+        let vm = Vm::new(create_guest_memory(1 << 20).unwrap()).unwrap();
+        for id in 0..2 {
+            let vcpu = vm.create_vcpu(id, 2).unwrap();
+            let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                ..Default::default()
+            }])
+            .unwrap();
+            assert_eq!(vcpu.fd().get_msrs(&mut msrs).unwrap(), 1);
+            let misc_enable = msrs.as_slice()[0].data;
+            assert_eq!(
+                misc_enable & MISC_ENABLE_FAST_STRING,
+                MISC_ENABLE_FAST_STRING,
+                "vCPU {id}: IA32_MISC_ENABLE = {misc_enable:#x}"
+            );
+        }
     }
 }
