@@ -146,8 +146,10 @@ impl QemuVm {
             format!("runv-{},debug-threads=on", spec.id),
             // acpi=off makes QEMU list the virtio-mmio devices on the kernel
             // command line, which the guest kernel (built without ACPI) needs.
+            // rtc=on: without a CMOS clock the guest kernel waits a whole
+            // second at boot for the clock's update flag (guest-kernel.md).
             "-machine".into(),
-            "microvm,rtc=off,acpi=off,x-option-roms=off,memory-backend=ram".into(),
+            "microvm,rtc=on,acpi=off,x-option-roms=off,memory-backend=ram".into(),
             "-accel".into(),
             accel_arg.into(),
             "-cpu".into(),
@@ -390,6 +392,7 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("memory-backend=ram"), "{args}");
+        assert!(args.contains("microvm,rtc=on,acpi=off"), "{args}");
         assert!(args.contains("-accel tcg,thread=multi -cpu max"), "{args}");
         assert!(args.contains("-smp 2"), "{args}");
         assert!(args.contains("-no-reboot"), "{args}");
