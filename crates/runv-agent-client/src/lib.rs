@@ -3,6 +3,7 @@
 //! offers typed calls. It does not know which hypervisor runs the VM.
 
 pub mod hybrid_vsock;
+pub mod stdio;
 
 use std::{
     io,

@@ -95,6 +95,13 @@ impl Hypervisor for BuiltinVm {
         }
         let begin = Instant::now();
         check_boot_files(&self.spec)?;
+        if let Some(dir) = &self.spec.shared_dir {
+            return Err(HypervisorError::Unsupported(format!(
+                "sharing {} with the guest needs virtio-fs, which the builtin hypervisor \
+                 does not have yet; use hypervisor = \"qemu\" for containers for now",
+                dir.display()
+            )));
+        }
         let kvm = KvmSupport::probe();
         let accel_reason =
             builtin_usable(&kvm, self.config.pvm_guest_kernel).map_err(HypervisorError::Accel)?;
@@ -190,6 +197,7 @@ mod tests {
             memory_mib: 128,
             run_dir: dir.to_owned(),
             console_log: dir.join("console.log"),
+            shared_dir: None,
         }
     }
 

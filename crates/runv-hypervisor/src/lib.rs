@@ -41,6 +41,10 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Where the guest's serial console goes. The caller owns this file.
     pub console_log: PathBuf,
+    /// A host directory shared with the guest through virtio-fs, under the
+    /// tag `runv_protocol::SHARED_FS_TAG`: container root file systems and
+    /// volumes. The caller owns the directory.
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// How the hypervisor started, for logs and the boot timeline.
@@ -115,6 +119,8 @@ pub enum HypervisorError {
     StartFailed { what: &'static str, detail: String },
     #[error("the VM was already started")]
     AlreadyStarted,
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// A pod VM's hypervisor.

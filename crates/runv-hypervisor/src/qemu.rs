@@ -378,6 +378,7 @@ mod tests {
             memory_mib: 128,
             run_dir: dir.to_owned(),
             console_log: dir.join("console,log"),
+            shared_dir: None,
         }
     }
 

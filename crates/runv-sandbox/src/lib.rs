@@ -85,6 +85,7 @@ impl PodVm {
             memory_mib: config.vm.memory_mib,
             run_dir: config.run_dir.clone(),
             console_log,
+            shared_dir: None,
         }
     }
 
