@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything runv needs on a Debian 12 node, from this checkout:
-# Debian packages, vhost-device-vsock, the guest kernel and initramfs, the
-# runv binaries and the default configuration. Idempotent: a second run
-# only redoes what changed (the kernel build is cached in ~/.cache/runv).
+# Debian packages, vhost-device-vsock, virtiofsd, the guest kernel and
+# initramfs, the runv binaries and the default configuration. Idempotent: a
+# second run only redoes what changed (the kernel build is cached in
+# ~/.cache/runv).
 #
 #   scripts/install.sh        (as root)
 #
@@ -17,6 +18,7 @@ prefix=${RUNV_PREFIX:-/usr/local}
 share=$prefix/share/runv
 config=/etc/runv/runv.toml
 vhost_vsock_version=0.3.0
+virtiofsd_version=1.14.0
 
 log() { echo "install: $*" >&2; }
 
@@ -26,10 +28,12 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # Debian packages: QEMU (the qemu hypervisor), the kernel source and its
-# build tools, cpio for the initramfs, busybox for test images.
+# build tools, cpio for the initramfs, busybox for test images, and the
+# libraries virtiofsd links (capabilities, seccomp).
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
-    libssl-dev cpio xz-utils busybox-static binutils
+    libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
+    libseccomp-dev
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -45,6 +49,13 @@ fi
 if ! "$prefix/bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$vhost_vsock_version"; then
     log "installing vhost-device-vsock $vhost_vsock_version"
     cargo install --quiet --locked --root "$prefix" "vhost-device-vsock@$vhost_vsock_version"
+fi
+
+# virtiofsd: the virtio-fs backend that shares container root file systems
+# with the guest on the qemu hypervisor.
+if ! "$prefix/bin/virtiofsd" --version 2>/dev/null | grep -qx "virtiofsd $virtiofsd_version"; then
+    log "installing virtiofsd $virtiofsd_version"
+    cargo install --quiet --locked --root "$prefix" "virtiofsd@$virtiofsd_version"
 fi
 
 # Guest kernel (cached outside the repo) and initramfs.

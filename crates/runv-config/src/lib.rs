@@ -117,6 +117,9 @@ pub struct QemuConfig {
     pub binary: PathBuf,
     /// The vhost-user vsock backend (from the vhost-device-vsock crate).
     pub vhost_vsock_binary: PathBuf,
+    /// The vhost-user virtio-fs backend (from the virtiofsd crate), started
+    /// for a VM that shares a host directory with its guest.
+    pub virtiofsd_binary: PathBuf,
     pub accel: AccelMode,
 }
 
@@ -152,6 +155,7 @@ impl Default for QemuConfig {
         QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
             vhost_vsock_binary: PathBuf::from("vhost-device-vsock"),
+            virtiofsd_binary: PathBuf::from("virtiofsd"),
             accel: AccelMode::Auto,
         }
     }
@@ -227,6 +231,18 @@ impl Config {
         if self.vm.agent_timeout_secs == 0 {
             return Err(invalid("vm.agent_timeout_secs", "must be above 0".into()));
         }
+        for (key, program) in [
+            ("qemu.binary", &self.qemu.binary),
+            ("qemu.vhost_vsock_binary", &self.qemu.vhost_vsock_binary),
+            ("qemu.virtiofsd_binary", &self.qemu.virtiofsd_binary),
+        ] {
+            if program.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "is empty; name a program in PATH or give its path".into(),
+                ));
+            }
+        }
         if !self.run_dir.is_absolute() {
             return Err(invalid(
                 "run_dir",
@@ -262,6 +278,7 @@ mod tests {
         assert!(!config.builtin.pvm_guest_kernel);
         assert_eq!(config.vm.vcpus, 1);
         assert_eq!(config.qemu.accel, AccelMode::Auto);
+        assert_eq!(config.qemu.virtiofsd_binary, Path::new("virtiofsd"));
         assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
     }
 
@@ -271,6 +288,10 @@ mod tests {
         let config = parse(shipped).unwrap();
         assert_eq!(config.hypervisor, Config::default().hypervisor);
         assert_eq!(config.vm.memory_mib, VmConfig::default().memory_mib);
+        assert_eq!(
+            config.qemu.virtiofsd_binary,
+            QemuConfig::default().virtiofsd_binary
+        );
     }
 
     #[test]
@@ -299,6 +320,13 @@ mod tests {
         assert!(err.contains("pvm_guest_kernel"), "{err}");
         let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `hvf`"), "{err}");
+        let err = parse("[qemu]\nvirtiofsd_binary = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`qemu.virtiofsd_binary` is empty; name a program"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -147,6 +147,7 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
     for (what, program) in [
         ("qemu", &config.qemu.binary),
         ("vhost-vsock", &config.qemu.vhost_vsock_binary),
+        ("virtiofsd", &config.qemu.virtiofsd_binary),
     ] {
         match runv_hypervisor::process::find_executable(program) {
             Some(found) => println!("{what:<12} {} (ok)", found.display()),

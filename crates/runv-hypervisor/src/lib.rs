@@ -8,6 +8,7 @@ pub mod host;
 pub mod process;
 mod qemu;
 mod run_dir;
+mod vhost_user;
 
 use std::{path::PathBuf, time::Duration};
 

@@ -5,6 +5,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::Stdio,
 };
 
 use nix::{
@@ -51,6 +52,34 @@ pub fn command_dying_with_parent(program: &Path) -> tokio::process::Command {
     }
     command.kill_on_drop(true);
     command
+}
+
+/// Spawns `program` dying with its parent (see
+/// [`command_dying_with_parent`]), with stdout and stderr going to `log`.
+pub fn spawn_logged(
+    program: &Path,
+    args: impl IntoIterator<Item = String>,
+    log: &Path,
+    what: &'static str,
+) -> Result<tokio::process::Child, crate::HypervisorError> {
+    let io_error = |source| crate::HypervisorError::Io {
+        context: format!("cannot start {what}"),
+        source,
+    };
+    let log_file = fs::File::create(log).map_err(io_error)?;
+    let log_copy = log_file.try_clone().map_err(io_error)?;
+    command_dying_with_parent(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_copy)
+        .spawn()
+        .map_err(io_error)
+}
+
+/// `path` as a command-line argument.
+pub fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
 }
 
 fn libc_exit() -> ! {

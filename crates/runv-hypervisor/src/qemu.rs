@@ -1,17 +1,18 @@
 //! The `qemu` backend: `qemu-system-x86_64 -M microvm`, with the guest's
 //! vsock served by `vhost-device-vsock` over vhost-user. That helper gives
 //! the host the same hybrid vsock Unix socket as the builtin VMM, so the
-//! agent client cannot tell the two apart.
+//! agent client cannot tell the two apart. A VM that shares a directory
+//! with its guest also gets `virtiofsd`, the virtio-fs backend.
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use nix::{sys::signal, unistd::Pid};
 use runv_config::QemuConfig;
+use runv_protocol::SHARED_FS_TAG;
 use tokio::{
     process::Child,
     sync::{mpsc, watch},
@@ -21,8 +22,9 @@ use tokio::{
 use crate::{
     check_boot_files,
     host::{choose_accel, Accel, KvmSupport},
-    process::{command_dying_with_parent, find_executable, tail, LOG_TAIL_LINES},
+    process::{find_executable, path_arg, spawn_logged, tail, LOG_TAIL_LINES},
     run_dir::RunDir,
+    vhost_user::{self, Backend},
     ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec, BASE_KERNEL_PARAMS,
 };
 
@@ -35,9 +37,27 @@ const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
 const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const QEMU_LOG: &str = "qemu.log";
 const VSOCK_HELPER_LOG: &str = "vhost-device-vsock.log";
-/// How long vhost-device-vsock may take to open its socket.
-const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(5);
-const HELPER_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// The vhost-user socket between QEMU and virtiofsd.
+const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+/// How long QEMU may take to exit after a backend did: a backend also
+/// exits when QEMU closes its connection on the way out, and then QEMU's
+/// own exit says why the VM ended.
+const QEMU_EXIT_AFTER_BACKEND: Duration = Duration::from_millis(500);
+
+/// The programs a VM runs, found before any of them starts.
+struct Programs {
+    qemu: PathBuf,
+    vsock: PathBuf,
+    /// Only for a VM with a shared directory.
+    share: Option<Share>,
+}
+
+/// A host directory shared with the guest, and the virtiofsd that serves it.
+struct Share {
+    virtiofsd: PathBuf,
+    dir: PathBuf,
+}
 
 enum Control {
     Terminate,
@@ -72,7 +92,7 @@ impl QemuVm {
     }
 
     /// Everything that can be checked before a process starts.
-    fn check_inputs(&self) -> Result<(PathBuf, PathBuf), HypervisorError> {
+    fn check_inputs(&self) -> Result<Programs, HypervisorError> {
         check_boot_files(&self.spec)?;
         let qemu = find_executable(&self.config.binary).ok_or_else(|| {
             HypervisorError::MissingProgram {
@@ -82,7 +102,7 @@ impl QemuVm {
                       runv config",
             }
         })?;
-        let helper = find_executable(&self.config.vhost_vsock_binary).ok_or_else(|| {
+        let vsock = find_executable(&self.config.vhost_vsock_binary).ok_or_else(|| {
             HypervisorError::MissingProgram {
                 what: "vhost-user vsock backend",
                 program: self.config.vhost_vsock_binary.clone(),
@@ -91,42 +111,79 @@ impl QemuVm {
                       qemu.vhost_vsock_binary in the runv config",
             }
         })?;
-        Ok((qemu, helper))
+        let share = match &self.spec.shared_dir {
+            Some(dir) => Some(self.check_share(dir)?),
+            None => None,
+        };
+        Ok(Programs { qemu, vsock, share })
     }
 
-    async fn start_helper(&self, helper: &Path, dir: &RunDir) -> Result<Child, HypervisorError> {
-        let socket = dir.join(VHOST_VSOCK_SOCKET);
-        let log = dir.join(VSOCK_HELPER_LOG);
-        let mut child = spawn_logged(
-            helper,
-            [
-                "--guest-cid".into(),
-                GUEST_CID.to_string(),
-                "--socket".into(),
-                path_arg(&socket),
-                "--uds-path".into(),
-                path_arg(&dir.join(HYBRID_VSOCK_SOCKET)),
-            ],
-            &log,
-            "vhost-device-vsock",
-        )?;
-        let deadline = Instant::now() + HELPER_READY_TIMEOUT;
-        while !socket.exists() {
-            let failure = if let Ok(Some(status)) = child.try_wait() {
-                format!("it exited ({status})")
-            } else if Instant::now() > deadline {
-                format!("its socket did not appear within {HELPER_READY_TIMEOUT:?}")
-            } else {
-                tokio::time::sleep(HELPER_POLL_INTERVAL).await;
-                continue;
-            };
-            let _ = child.kill().await;
-            return Err(HypervisorError::StartFailed {
-                what: "vhost-device-vsock",
-                detail: format!("{failure}; its log:\n{}", tail(&log, LOG_TAIL_LINES)),
+    /// The shared directory must exist and virtiofsd be installed.
+    fn check_share(&self, dir: &Path) -> Result<Share, HypervisorError> {
+        if !dir.is_dir() {
+            return Err(HypervisorError::MissingFile {
+                what: "shared directory",
+                path: dir.to_owned(),
+                fix: "create it before starting the VM",
             });
         }
-        Ok(child)
+        let virtiofsd = find_executable(&self.config.virtiofsd_binary).ok_or_else(|| {
+            HypervisorError::MissingProgram {
+                what: "virtio-fs backend",
+                program: self.config.virtiofsd_binary.clone(),
+                fix: "install it with `apt-get install libcap-ng-dev libseccomp-dev && cargo \
+                      install --locked --root /usr/local virtiofsd@1.14.0` (scripts/install.sh \
+                      does), or set qemu.virtiofsd_binary in the runv config",
+            }
+        })?;
+        Ok(Share {
+            virtiofsd,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Starts the vhost-user backends and waits for their sockets; on
+    /// error none is left running.
+    async fn start_backends(
+        programs: &Programs,
+        dir: &RunDir,
+    ) -> Result<Vec<Backend>, HypervisorError> {
+        let mut backends = Vec::new();
+        let started = async {
+            backends.push(Backend::spawn(
+                "vhost-device-vsock",
+                &programs.vsock,
+                vhost_user::vsock_args(
+                    GUEST_CID,
+                    &dir.join(VHOST_VSOCK_SOCKET),
+                    &dir.join(HYBRID_VSOCK_SOCKET),
+                ),
+                dir.join(VHOST_VSOCK_SOCKET),
+                dir.join(VSOCK_HELPER_LOG),
+            )?);
+            if let Some(share) = &programs.share {
+                backends.push(Backend::spawn(
+                    "virtiofsd",
+                    &share.virtiofsd,
+                    vhost_user::virtiofsd_args(&share.dir, &dir.join(VIRTIOFSD_SOCKET)),
+                    dir.join(VIRTIOFSD_SOCKET),
+                    dir.join(VIRTIOFSD_LOG),
+                )?);
+            }
+            // Both start at once; they take a few milliseconds each.
+            for backend in &mut backends {
+                backend.wait_ready().await?;
+            }
+            Ok(())
+        }
+        .await;
+        match started {
+            Ok(()) => Ok(backends),
+            Err(e) => {
+                vhost_user::kill_all(&mut backends).await;
+                Err(e)
+            }
+        }
     }
 
     fn qemu_args(&self, accel: Accel, dir: &RunDir) -> Vec<String> {
@@ -141,7 +198,7 @@ impl QemuVm {
             append.push(' ');
             append.push_str(&spec.kernel_params);
         }
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "-name".into(),
             format!("runv-{},debug-threads=on", spec.id),
             // acpi=off makes QEMU list the virtio-mmio devices on the kernel
@@ -185,6 +242,17 @@ impl QemuVm {
             "-device".into(),
             "vhost-user-vsock-device,chardev=vsock".into(),
         ];
+        if spec.shared_dir.is_some() {
+            args.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id=fs,path={}",
+                    qemu_path(&dir.join(VIRTIOFSD_SOCKET))
+                ),
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}"),
+            ]);
+        }
         args
     }
 }
@@ -196,34 +264,36 @@ impl Hypervisor for QemuVm {
             return Err(HypervisorError::AlreadyStarted);
         }
         let begin = Instant::now();
-        let (qemu, helper) = self.check_inputs()?;
+        let programs = self.check_inputs()?;
         let (accel, accel_reason) = choose_accel(self.config.accel, &KvmSupport::probe())
             .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
         let dir = RunDir::for_vm(&self.spec)?;
-        let mut helper = self.start_helper(&helper, &dir).await?;
+        let mut backends = Self::start_backends(&programs, &dir).await?;
         let qemu = match spawn_logged(
-            &qemu,
+            &programs.qemu,
             self.qemu_args(accel, &dir),
             &dir.join(QEMU_LOG),
             "qemu",
         ) {
             Ok(qemu) => qemu,
             Err(e) => {
-                let _ = helper.kill().await;
+                vhost_user::kill_all(&mut backends).await;
                 return Err(e);
             }
         };
-        let pids = [qemu.id(), helper.id()].into_iter().flatten().collect();
+        let pids = std::iter::once(qemu.id())
+            .chain(backends.iter().map(Backend::pid))
+            .flatten()
+            .collect();
         let (control, control_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = watch::channel(None);
         let supervisor = tokio::spawn(supervise(
             qemu,
-            helper,
+            backends,
             control_rx,
             exit_tx,
             dir.join(QEMU_LOG),
-            dir.join(VSOCK_HELPER_LOG),
         ));
         self.running = Some(Running {
             dir,
@@ -278,39 +348,33 @@ impl Hypervisor for QemuVm {
     }
 }
 
-/// Owns the VM's processes: reaps them, ends the VM when either dies or
-/// when asked, and publishes how it ended once all of them are reaped.
+/// Owns the VM's processes: reaps them, ends the VM when any dies or when
+/// asked, and publishes how it ended once all of them are reaped.
 async fn supervise(
     mut qemu: Child,
-    mut helper: Child,
+    mut backends: Vec<Backend>,
     mut control: mpsc::UnboundedReceiver<Control>,
     exit: watch::Sender<Option<VmExit>>,
     qemu_log: PathBuf,
-    helper_log: PathBuf,
 ) {
     let mut stop_requested = false;
     let mut control_open = true;
     let ended = loop {
         tokio::select! {
-            status = qemu.wait() => {
-                break match status {
-                    _ if stop_requested => VmExit::Stopped,
-                    Ok(status) if status.success() => VmExit::GuestShutdown,
-                    Ok(status) => VmExit::Failed(format!(
-                        "qemu exited ({status}):\n{}",
-                        tail(&qemu_log, LOG_TAIL_LINES)
-                    )),
-                    Err(e) => VmExit::Failed(format!("cannot wait for qemu: {e}")),
-                };
-            }
-            status = helper.wait() => {
-                // Without its vsock backend the VM is unreachable: end it.
-                let _ = qemu.kill().await;
-                break VmExit::Failed(format!(
-                    "vhost-device-vsock exited ({}):\n{}",
-                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    tail(&helper_log, LOG_TAIL_LINES)
-                ));
+            // QEMU first: when it and a backend end together, QEMU's exit
+            // is the reason.
+            biased;
+            status = qemu.wait() => break qemu_exit(status, stop_requested, &qemu_log),
+            backend_exit = vhost_user::first_exit(&mut backends) => {
+                match tokio::time::timeout(QEMU_EXIT_AFTER_BACKEND, qemu.wait()).await {
+                    Ok(status) => break qemu_exit(status, stop_requested, &qemu_log),
+                    // QEMU runs on without the device's backend: the guest
+                    // has lost its vsock or its file system, so end the VM.
+                    Err(_) => {
+                        let _ = qemu.kill().await;
+                        break VmExit::Failed(backend_exit);
+                    }
+                }
             }
             request = control.recv(), if control_open => {
                 stop_requested = true;
@@ -329,34 +393,25 @@ async fn supervise(
             }
         }
     };
-    let _ = helper.kill().await;
+    vhost_user::kill_all(&mut backends).await;
     let _ = exit.send(Some(ended));
 }
 
-/// Spawns `program` with stdout and stderr going to `log`.
-fn spawn_logged(
-    program: &Path,
-    args: impl IntoIterator<Item = String>,
-    log: &Path,
-    what: &'static str,
-) -> Result<Child, HypervisorError> {
-    let io_error = |source| HypervisorError::Io {
-        context: format!("cannot start {what}"),
-        source,
-    };
-    let log_file = std::fs::File::create(log).map_err(io_error)?;
-    let log_copy = log_file.try_clone().map_err(io_error)?;
-    command_dying_with_parent(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log_file)
-        .stderr(log_copy)
-        .spawn()
-        .map_err(io_error)
-}
-
-fn path_arg(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
+/// How the VM ended, from QEMU's exit.
+fn qemu_exit(
+    status: std::io::Result<std::process::ExitStatus>,
+    stop_requested: bool,
+    qemu_log: &Path,
+) -> VmExit {
+    match status {
+        _ if stop_requested => VmExit::Stopped,
+        Ok(status) if status.success() => VmExit::GuestShutdown,
+        Ok(status) => VmExit::Failed(format!(
+            "qemu exited ({status}):\n{}",
+            tail(qemu_log, LOG_TAIL_LINES)
+        )),
+        Err(e) => VmExit::Failed(format!("cannot wait for qemu: {e}")),
+    }
 }
 
 /// A path inside a QEMU option list, where a comma must be doubled.
@@ -408,6 +463,58 @@ mod tests {
         );
         let kvm_args = vm.qemu_args(Accel::Kvm, &dir).join(" ");
         assert!(kvm_args.contains("-accel kvm -cpu host"), "{kvm_args}");
+        assert!(!args.contains("vhost-user-fs-device"), "no share: {args}");
+    }
+
+    #[test]
+    fn shared_directory_is_wired_to_virtiofsd() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = spec(tmp.path());
+        spec.shared_dir = Some(tmp.path().join("shared"));
+        let vm = QemuVm::new(spec, QemuConfig::default());
+        let dir = RunDir::create(tmp.path(), "vm").unwrap();
+        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        let socket = dir.join(VIRTIOFSD_SOCKET);
+        assert!(
+            args.contains(&format!(
+                "-chardev socket,id=fs,path={} -device vhost-user-fs-device,chardev=fs,\
+                 tag=runv-shared",
+                socket.display()
+            )),
+            "{args}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_virtiofsd_is_reported_before_anything_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
+        std::fs::write(tmp.path().join("initrd"), "").unwrap();
+        let mut spec = spec(tmp.path());
+        spec.shared_dir = Some(tmp.path().join("shared"));
+        // Any program will do for QEMU and the vsock backend: none may start.
+        let config = QemuConfig {
+            binary: "sh".into(),
+            vhost_vsock_binary: "sh".into(),
+            virtiofsd_binary: "/nonexistent/virtiofsd".into(),
+            ..QemuConfig::default()
+        };
+        let mut vm = QemuVm::new(spec.clone(), config.clone());
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("shared directory") && err.contains("shared"),
+            "{err}"
+        );
+        std::fs::create_dir(tmp.path().join("shared")).unwrap();
+        let mut vm = QemuVm::new(spec, config);
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("virtio-fs backend `/nonexistent/virtiofsd` not found")
+                && err.contains("cargo install --locked --root /usr/local virtiofsd@1.14.0")
+                && err.contains("qemu.virtiofsd_binary"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("vm,1").exists(), "no VM directory is left");
     }
 
     #[tokio::test]
