@@ -3,11 +3,18 @@
 //! protocol to the shim over vsock.
 
 mod boot_clock;
+mod cgroup_stats;
+mod containers;
 mod hotplug;
 mod init;
+mod oci_runtime;
+mod process_io;
 mod ready;
 mod reaper;
+mod root_switch;
 mod service;
+mod stdio_listener;
+mod tty;
 
 use std::{process, sync::Arc};
 
@@ -15,8 +22,12 @@ use runv_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
 use tracing::Level;
 
 fn main() {
-    let init_started = boot_clock::now();
     let is_init = process::id() == 1;
+    let init_started = root_switch::switched_at_start().unwrap_or_else(boot_clock::now);
+    if is_init && root_switch::switched_at_start().is_none() {
+        let e = root_switch::leave_initramfs(init_started);
+        fatal(is_init, &format!("cannot leave the initramfs: {e}"));
+    }
     if is_init {
         if let Err(e) = init::set_up_system() {
             fatal(is_init, &format!("cannot set up the guest system: {e}"));
@@ -46,10 +57,16 @@ fn main() {
 }
 
 async fn serve(init_started: u64, is_init: bool) -> ttrpc::Result<()> {
-    if is_init {
-        tokio::spawn(reaper::reap_orphans());
-    }
-    let service = Arc::new(service::AgentService::new(init_started, is_init));
+    // Container processes are the agent's children whether or not it is
+    // PID 1; as PID 1 it reaps every orphan too.
+    let reaper = reaper::Reaper::new();
+    tokio::spawn(reaper.clone().run());
+    let containers = Arc::new(containers::Containers::new(reaper));
+    let stdio = stdio_listener::listen()
+        .map_err(|e| ttrpc::Error::Others(format!("listening for stdio streams: {e}")))?;
+    tokio::spawn(stdio_listener::serve(stdio, containers.clone()));
+    let service = service::AgentService::new(init_started, is_init, containers);
+    let service = Arc::new(service);
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))?
         .register_service(agent_ttrpc::create_agent(service.clone()));

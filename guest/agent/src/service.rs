@@ -1,7 +1,11 @@
 //! The agent protocol's service: health check, guest details, power off,
-//! virtio-mmio hot-plug.
+//! virtio-mmio hot-plug, and the containers' calls (handed to
+//! `containers`).
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use nix::{
@@ -13,6 +17,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::{
     boot_clock,
+    containers::{Containers, Failure},
     hotplug::{HotplugError, PlatformBus, PLUG_TIMEOUT},
     init,
 };
@@ -24,14 +29,16 @@ pub struct AgentService {
     init_started_ns: u64,
     agent_ready_ns: OnceLock<u64>,
     is_init: bool,
+    containers: Arc<Containers>,
 }
 
 impl AgentService {
-    pub fn new(init_started_ns: u64, is_init: bool) -> Self {
+    pub fn new(init_started_ns: u64, is_init: bool, containers: Arc<Containers>) -> Self {
         AgentService {
             init_started_ns,
             agent_ready_ns: OnceLock::new(),
             is_init,
+            containers,
         }
     }
 
@@ -45,6 +52,11 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ttrpc::Error {
         ttrpc::Code::INTERNAL,
         format!("{what}: {e}"),
     ))
+}
+
+/// A container operation's failure as the host receives it.
+fn container_status(failure: Failure) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(failure.code, failure.message))
 }
 
 /// A hot-plug failure with the status code that says whose it is.
@@ -167,6 +179,183 @@ impl agent_ttrpc::Agent for AgentService {
         let slot = request.slot;
         on_blocking_thread(move || PlatformBus::system().unplug(slot)).await?;
         tracing::info!(slot, "virtio-mmio device unplugged");
+        Ok(agent::Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .create_container(request)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .exec_process(request)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn start_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::StartProcessResponse> {
+        let pid = self
+            .containers
+            .start_process(&request.container_id, &request.exec_id)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::StartProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .signal_process(request)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        let exit = self
+            .containers
+            .wait_process(&request.container_id, &request.exec_id)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_ns: exit.at_ns,
+            ..Default::default()
+        })
+    }
+
+    async fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ResizeTtyRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .resize_tty(&request)
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .close_stdin(&request.container_id, &request.exec_id)
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn delete_process(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .delete_process(&request.container_id, &request.exec_id)
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        let pids = self
+            .containers
+            .list_processes(&request.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .pause(&request.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .resume(&request.container_id)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .update(request)
+            .await
+            .map_err(container_status)?;
+        Ok(agent::Empty::new())
+    }
+
+    async fn container_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::ContainerStats> {
+        self.containers
+            .stats(&request.container_id)
+            .await
+            .map_err(container_status)
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        self.containers
+            .remove_container(&request.container_id)
+            .await
+            .map_err(container_status)?;
         Ok(agent::Empty::new())
     }
 }
