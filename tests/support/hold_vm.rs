@@ -1,6 +1,7 @@
-//! Boots a pod VM confined to the scratch directory given as the only
-//! argument, prints the VM's PIDs on one line, and holds the VM until
-//! killed. Tests kill it to play a crashing shim.
+//! Boots a pod VM confined to the scratch directory given as the first
+//! argument (sharing the directory given as the second one, if any), prints
+//! the VM's PIDs on one line, and holds the VM until killed. Tests kill it
+//! to play a crashing shim.
 
 use std::path::PathBuf;
 
@@ -9,9 +10,13 @@ use runv_sandbox::PodVm;
 
 #[tokio::main]
 async fn main() {
-    let scratch = PathBuf::from(std::env::args().nth(1).expect("usage: hold-vm SCRATCH_DIR"));
+    let mut args = std::env::args_os().skip(1).map(PathBuf::from);
+    let scratch = args
+        .next()
+        .expect("usage: hold-vm SCRATCH_DIR [SHARED_DIR]");
     let config = runv_tests::test_config(&scratch);
-    let spec = PodVm::spec(&config, "held", scratch.join("console.log"));
+    let mut spec = PodVm::spec(&config, "held", scratch.join("console.log"));
+    spec.shared_dir = args.next();
     let connect = ConnectOptions::new(config.vm.agent_timeout());
     let vm = PodVm::boot(&config, spec, &connect)
         .await

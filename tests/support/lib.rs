@@ -169,26 +169,31 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
 /// Builds an initramfs whose /init is a busybox shell that never starts an
 /// agent: a guest that boots fine but never answers.
 pub fn initramfs_without_agent(dir: &Path) -> PathBuf {
+    initramfs_with_shell_init(
+        dir,
+        "no-agent",
+        "/bin/busybox echo 'no agent in this initramfs'\nexec /bin/busybox sleep 3600\n",
+    )
+}
+
+/// Builds `dir/<name>.cpio.gz`, an initramfs with busybox as /bin/busybox
+/// whose /init runs `script` in busybox's shell.
+pub fn initramfs_with_shell_init(dir: &Path, name: &str, script: &str) -> PathBuf {
     let busybox = Path::new("/bin/busybox");
     assert!(
         busybox.is_file(),
         "/bin/busybox not found: install Debian's busybox-static (scripts/install.sh does)"
     );
-    let root = dir.join("no-agent-root");
+    let root = dir.join(format!("{name}-root"));
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    fs::write(
-        root.join("init"),
-        "#!/bin/busybox sh\n/bin/busybox echo 'no agent in this initramfs'\n\
-         exec /bin/busybox sleep 3600\n",
-    )
-    .unwrap();
+    fs::write(root.join("init"), format!("#!/bin/busybox sh\n{script}")).unwrap();
     Command::new("chmod")
         .arg("755")
         .arg(root.join("init"))
         .status()
         .unwrap();
-    let image = dir.join("no-agent.cpio.gz");
+    let image = dir.join(format!("{name}.cpio.gz"));
     let status = Command::new("sh")
         .arg("-c")
         .arg("find . | cpio --quiet -o -H newc | gzip -1 > \"$0\"")

@@ -269,6 +269,25 @@ impl AgentClient {
             })
     }
 
+    /// Has the guest mount the virtio-fs device tagged `tag` on
+    /// `mount_point` and check that the host's backend answers. Mounting it
+    /// again at the same place is a no-op.
+    pub async fn mount_virtio_fs(&self, tag: &str, mount_point: &str) -> Result<(), AgentError> {
+        let request = agent::MountVirtioFsRequest {
+            tag: tag.to_owned(),
+            mount_point: mount_point.to_owned(),
+            ..Default::default()
+        };
+        self.client
+            .mount_virtio_fs(call_context(), &request)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "MountVirtioFs",
+                source,
+            })
+    }
+
     /// Asks the guest to power off. The VM ends shortly after the reply.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.client

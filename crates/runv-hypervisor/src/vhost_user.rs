@@ -141,8 +141,9 @@ pub fn vsock_args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
 ///   is visible at once and nothing on the host needs shared mount
 ///   propagation (which would mean a mount of our own on the caller's
 ///   directory that a crashed shim leaves behind). The default namespace
-///   sandbox would also fork virtiofsd into a PID-namespace init that our
-///   parent-death signal does not reach. The chroot still confines path
+///   sandbox would also fork the serving process into a new PID namespace,
+///   a grandchild the supervisor cannot reap and our parent-death signal
+///   does not cover. The chroot still confines path
 ///   resolution: virtiofsd drops CAP_SYS_CHROOT and runs under its seccomp
 ///   filter (default action: kill).
 /// - `--inode-file-handles=never`: inodes are held as O_PATH descriptors,

@@ -6,14 +6,14 @@
 mod timeline;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use runv_agent_client::{AgentClient, AgentError, ConnectOptions, ReadyListener};
 use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
-use runv_protocol::agent::GuestDetails;
+use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
 pub use timeline::BootTimeline;
 
@@ -41,6 +41,13 @@ pub enum SandboxError {
     },
 }
 
+/// Ends a VM whose boot failed, and returns the last lines of its console
+/// for the error.
+async fn abandon(hypervisor: &mut dyn Hypervisor, console: &Path) -> String {
+    hypervisor.stop(Duration::ZERO).await;
+    process::tail(console, CONSOLE_TAIL_LINES)
+}
+
 /// How a shutdown went.
 #[derive(Debug, Clone)]
 pub struct ShutdownReport {
@@ -59,6 +66,8 @@ pub struct PodVm {
     agent_ready: Duration,
     first_rpc: Duration,
     shutdown_timeout: Duration,
+    /// The spec's shared directory is mounted in the guest.
+    shared: bool,
 }
 
 impl PodVm {
@@ -97,6 +106,7 @@ impl PodVm {
     ) -> Result<PodVm, SandboxError> {
         let boot_started = Instant::now();
         let console = spec.console_log.clone();
+        let shared = spec.shared_dir.is_some();
         let mut hypervisor = runv_hypervisor::create(config, spec);
         let start = hypervisor.start().await?;
         let mut exit = hypervisor
@@ -110,21 +120,28 @@ impl PodVm {
         let connected = tokio::select! {
             connected = connecting => connected,
             exit = exit.wait() => {
-                hypervisor.stop(Duration::ZERO).await;
                 return Err(SandboxError::EndedDuringBoot {
                     exit,
-                    console_tail: process::tail(&console, CONSOLE_TAIL_LINES),
+                    console_tail: abandon(hypervisor.as_mut(), &console).await,
                     console,
                 });
             }
         };
-        let (agent, times) = match connected {
-            Ok(connected) => connected,
+        // The shared directory is part of a booted VM: the shim puts
+        // container root file systems there.
+        let ready = match connected {
+            Ok((agent, times)) if shared => agent
+                .mount_virtio_fs(SHARED_FS_TAG, GUEST_SHARED_DIR)
+                .await
+                .map(|()| (agent, times)),
+            other => other,
+        };
+        let (agent, times) = match ready {
+            Ok(ready) => ready,
             Err(source) => {
-                hypervisor.stop(Duration::ZERO).await;
                 return Err(SandboxError::Agent {
                     source,
-                    console_tail: process::tail(&console, CONSOLE_TAIL_LINES),
+                    console_tail: abandon(hypervisor.as_mut(), &console).await,
                     console,
                 });
             }
@@ -143,7 +160,15 @@ impl PodVm {
             agent_ready: boot_started.elapsed(),
             first_rpc: times.first_rpc,
             shutdown_timeout: config.vm.shutdown_timeout(),
+            shared,
         })
+    }
+
+    /// Where the host's shared directory (the spec's `shared_dir`) is
+    /// mounted in the guest, if the VM has one: container root file systems
+    /// bind-mounted under the host directory appear under this path.
+    pub fn guest_shared_dir(&self) -> Option<&'static Path> {
+        self.shared.then(|| Path::new(GUEST_SHARED_DIR))
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -153,6 +178,12 @@ impl PodVm {
     /// How the hypervisor started (accelerator and why).
     pub fn start_info(&self) -> &StartInfo {
         &self.start
+    }
+
+    /// The hybrid vsock socket through which the host dials guest ports
+    /// (the agent's stdio streams, say).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.hypervisor.vsock_socket()
     }
 
     /// The host processes that make up the VM.

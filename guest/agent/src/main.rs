@@ -13,6 +13,7 @@ mod ready;
 mod reaper;
 mod root_switch;
 mod service;
+mod share;
 mod stdio_listener;
 mod tty;
 

@@ -182,6 +182,14 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(agent::Empty::new())
     }
 
+    async fn mount_virtio_fs(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::MountVirtioFsRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        crate::share::serve_mount(request).await
+    }
+
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
