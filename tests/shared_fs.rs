@@ -238,6 +238,49 @@ async fn files_travel_both_ways_and_a_rootfs_mounted_after_boot_is_seen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_ends_when_virtiofsd_dies() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let mut spec = PodVm::spec(&config, "fsdies", scratch.path().join("console.log"));
+    spec.shared_dir = Some(shared_dir(scratch.path()));
+    let mut vm = runv_hypervisor::create(&config, spec);
+    vm.start().await.expect("VM starts");
+    let pids = vm.pids();
+    let virtiofsd = *pids
+        .iter()
+        .find(|&&pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm == "virtiofsd\n")
+        })
+        .expect("virtiofsd is one of the VM's processes");
+
+    // Once the guest runs, not while QEMU is still connecting to it.
+    let console = scratch.path().join("console.log");
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !fs::read_to_string(&console).is_ok_and(|log| log.contains("runv-agent ready")) {
+            assert!(Instant::now() < deadline, "the agent never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(virtiofsd as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), vm.exit_watch().unwrap().wait())
+        .await
+        .expect("the VM ends without its file system backend");
+    match &ended {
+        VmExit::Failed(why) => assert!(why.starts_with("virtiofsd exited (signal: 9"), "{why}"),
+        other => panic!("expected a virtiofsd failure, got: {other}"),
+    }
+    vm.stop(Duration::from_secs(5)).await;
+    assert_nothing_left(scratch.path(), &pids, &["console.log", "shared/"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_virtiofsd_is_named_before_anything_starts() {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
