@@ -23,12 +23,16 @@ for tool in cargo cpio gzip; do
 done
 
 echo "build-initramfs: building runv-agent (static, profile guest)" >&2
+# libseccomp (the OCI runtime's seccomp filters) from Debian's
+# libseccomp-dev archive; its crate would link the shared library.
 RUSTFLAGS="-C target-feature=+crt-static" \
+    LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
     cargo build --manifest-path "$repo/Cargo.toml" --locked --profile guest \
     -p runv-agent --target "$target" >&2
 agent=$repo/target/$target/guest/runv-agent
-# A dynamic executable names its loader in a PT_INTERP header.
-if readelf -l "$agent" | grep -q INTERP; then
+# A dynamic executable names its loader in a PT_INTERP header; a static PIE
+# that still needs a shared library would crash as /init.
+if readelf -l "$agent" | grep -q INTERP || readelf -d "$agent" | grep -q NEEDED; then
     echo "build-initramfs: $agent is dynamically linked; it must be static" >&2
     exit 1
 fi

@@ -1,0 +1,498 @@
+//! Containers in a real pod VM (QEMU; TCG where KVM cannot run the guest)
+//! through the agent protocol and its stdio streams, with a busybox root
+//! file system appended to the agent's initramfs (no virtio-fs needed).
+//! One boot carries every check: processes, exit statuses, exec, terminal,
+//! stats, pause, large output, bad requests, and that removal leaves
+//! nothing in the guest.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio as HostStdio},
+    time::Duration,
+};
+
+use oci_spec::runtime::{Mount, Process, Spec};
+use runv_agent_client::{stdio::open_stream, AgentClient};
+use runv_protocol::{agent, stdio::StdioStream};
+use runv_sandbox::PodVm;
+use runv_tests::{assert_nothing_left, test_config};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+/// Where the busybox root file system lies in the guest.
+const ROOTFS: &str = "/srv/busybox";
+const PATH_ENV: &str = "PATH=/bin";
+const SIGTERM: u32 = 15;
+const SIGKILL: u32 = 9;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_containers_in_a_pod_vm() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let console = scratch.path().join("console.log");
+    let spec = PodVm::spec(&config, "containers", console.clone());
+    let connect = runv_agent_client::ConnectOptions::new(config.vm.agent_timeout());
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let pids = vm.pids();
+    let details = vm.agent().guest_details().await.unwrap();
+    println!("boot timeline:\n{}", vm.boot_timeline(&details));
+    let pod = Pod {
+        agent: vm.agent(),
+        socket: vm.vsock_socket(),
+    };
+
+    pod.echo_prints_hello().await;
+    pod.exit_codes_arrive().await;
+    pod.stdin_and_large_output_are_byte_exact().await;
+    pod.running_container_takes_execs_signals_pause_and_stats()
+        .await;
+    pod.bad_requests_get_clear_errors().await;
+    pod.removal_leaves_nothing().await;
+
+    let shutdown = vm.shutdown().await;
+    assert!(!shutdown.forced, "{shutdown:?}");
+    let log = fs::read_to_string(&console).unwrap();
+    assert!(!log.contains("panicked"), "console log:\n{log}");
+    assert_nothing_left(
+        scratch.path(),
+        &pids,
+        &["console.log", "initramfs.cpio.gz"],
+    );
+}
+
+struct Pod<'a> {
+    agent: &'a AgentClient,
+    socket: PathBuf,
+}
+
+/// The streams of one process, as the host holds them.
+#[derive(Default)]
+struct Streams {
+    stdin: Option<UnixStream>,
+    stdout: Option<UnixStream>,
+    stderr: Option<UnixStream>,
+}
+
+fn stdio(terminal: bool, stdin: bool, stdout: bool, stderr: bool) -> agent::Stdio {
+    agent::Stdio {
+        terminal,
+        stdin,
+        stdout,
+        stderr,
+        ..Default::default()
+    }
+}
+
+fn process(args: &[&str], terminal: bool) -> Process {
+    let mut process = Process::default();
+    process.set_args(Some(args.iter().map(|arg| arg.to_string()).collect()));
+    process.set_env(Some(vec![PATH_ENV.into()]));
+    process.set_terminal(Some(terminal));
+    process
+}
+
+/// runc's default spec on the busybox root, writable, running `args`.
+fn container_spec(args: &[&str], extra_mounts: Vec<Mount>) -> Vec<u8> {
+    let mut spec = Spec::default();
+    let mut root = spec.root().clone().unwrap();
+    root.set_path(PathBuf::from(ROOTFS));
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+    spec.set_process(Some(process(args, false)));
+    let mut mounts = spec.mounts().clone().unwrap();
+    mounts.extend(extra_mounts);
+    spec.set_mounts(Some(mounts));
+    serde_json::to_vec(&spec).unwrap()
+}
+
+fn bind_mount(source: &str, destination: &str) -> Mount {
+    let mut mount = Mount::default();
+    mount.set_destination(PathBuf::from(destination));
+    mount.set_typ(Some("bind".into()));
+    mount.set_source(Some(PathBuf::from(source)));
+    mount.set_options(Some(vec!["rbind".into(), "ro".into()]));
+    mount
+}
+
+impl Pod<'_> {
+    /// Connects the streams `stdio` declares.
+    async fn attach(&self, id: &str, exec_id: &str, stdio: &agent::Stdio) -> Streams {
+        let open = |stream| open_stream(&self.socket, id, exec_id, stream);
+        Streams {
+            stdin: if stdio.stdin {
+                Some(open(StdioStream::Stdin).await.unwrap())
+            } else {
+                None
+            },
+            stdout: if stdio.stdout {
+                Some(open(StdioStream::Stdout).await.unwrap())
+            } else {
+                None
+            },
+            stderr: if stdio.stderr && !stdio.terminal {
+                Some(open(StdioStream::Stderr).await.unwrap())
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Creates and starts container `id` running `args`.
+    async fn run(&self, id: &str, args: &[&str], stdio: agent::Stdio) -> (u32, Streams) {
+        self.agent
+            .create_container(id, container_spec(args, Vec::new()), stdio.clone())
+            .await
+            .unwrap();
+        let streams = self.attach(id, "", &stdio).await;
+        let pid = self.agent.start_process(id, "").await.unwrap().pid;
+        (pid, streams)
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdio: agent::Stdio,
+    ) -> (u32, Streams) {
+        let process = serde_json::to_vec(&process(args, stdio.terminal)).unwrap();
+        self.agent
+            .exec_process(id, exec_id, process, stdio.clone())
+            .await
+            .unwrap();
+        let streams = self.attach(id, exec_id, &stdio).await;
+        let pid = self.agent.start_process(id, exec_id).await.unwrap().pid;
+        (pid, streams)
+    }
+
+    async fn wait(&self, id: &str, exec_id: &str) -> u32 {
+        let wait = self.agent.wait_process(id, exec_id);
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .expect("the process ends")
+            .unwrap()
+            .exit_status
+    }
+
+    async fn echo_prints_hello(&self) {
+        let (_, mut streams) = self
+            .run("echo", &["echo", "hello"], stdio(false, false, true, true))
+            .await;
+        let stdout = read_all(streams.stdout.as_mut().unwrap()).await;
+        let stderr = read_all(streams.stderr.as_mut().unwrap()).await;
+        assert_eq!(String::from_utf8_lossy(&stdout), "hello\n");
+        assert!(stderr.is_empty(), "{}", String::from_utf8_lossy(&stderr));
+        assert_eq!(self.wait("echo", "").await, 0);
+        self.agent.remove_container("echo").await.unwrap();
+        println!("echo hello: stdout 'hello', exit 0");
+    }
+
+    async fn exit_codes_arrive(&self) {
+        self.run("exit3", &["sh", "-c", "exit 3"], agent::Stdio::default())
+            .await;
+        assert_eq!(self.wait("exit3", "").await, 3);
+        // Waiting again answers at once with the same status.
+        assert_eq!(self.wait("exit3", "").await, 3);
+        self.agent.remove_container("exit3").await.unwrap();
+        println!("sh -c 'exit 3': exit 3");
+    }
+
+    async fn stdin_and_large_output_are_byte_exact(&self) {
+        // 10 MiB of random bytes, checked against the guest's own digest.
+        let script = "head -c 10485760 /dev/urandom > /tmp/data && cat /tmp/data && \
+                      sha256sum /tmp/data >&2";
+        let (_, mut streams) = self
+            .run("big", &["sh", "-c", script], stdio(false, false, true, true))
+            .await;
+        let mut stderr = streams.stderr.take().unwrap();
+        let digest = tokio::spawn(async move { read_all(&mut stderr).await });
+        let data = read_all(streams.stdout.as_mut().unwrap()).await;
+        let digest = String::from_utf8(digest.await.unwrap()).unwrap();
+        assert_eq!(self.wait("big", "").await, 0);
+        assert_eq!(data.len(), 10 * 1024 * 1024);
+        assert_eq!(
+            digest.split_whitespace().next(),
+            Some(sha256(&data).as_str()),
+            "guest digest line: {digest}"
+        );
+        self.agent.remove_container("big").await.unwrap();
+        // 1 MiB through cat: stdin's end is the host's half-close.
+        let (_, mut streams) = self
+            .run("cat", &["cat"], stdio(false, true, true, false))
+            .await;
+        let input: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut stdin = streams.stdin.take().unwrap();
+        let writer = {
+            let input = input.clone();
+            tokio::spawn(async move {
+                stdin.write_all(&input).await.unwrap();
+                stdin.shutdown().await.unwrap();
+                stdin
+            })
+        };
+        let mut out = streams.stdout.take().unwrap();
+        let reader = tokio::spawn(async move { read_all(&mut out).await });
+        let _stdin = writer.await.unwrap();
+        println!("stdin written and half-closed");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if !reader.is_finished() {
+            println!("no EOF from the half-close: closing stdin by CloseStdin");
+            self.agent.close_stdin("cat", "").await.unwrap();
+        }
+        let echoed = reader.await.unwrap();
+        assert!(echoed == input, "cat returned {} bytes, not the 1 MiB sent", echoed.len());
+        assert_eq!(self.wait("cat", "").await, 0);
+        self.agent.remove_container("cat").await.unwrap();
+
+        println!("stdin 1 MiB echoed byte-exact; 10 MiB stdout byte-exact (sha256 matches)");
+    }
+
+    async fn running_container_takes_execs_signals_pause_and_stats(&self) {
+        let (init_pid, _) = self
+            .run("main", &["sleep", "1000"], agent::Stdio::default())
+            .await;
+
+        // Exec.
+        let (_, mut streams) = self
+            .exec("main", "hi", &["echo", "from exec"], stdio(false, false, true, false))
+            .await;
+        let out = read_all(streams.stdout.as_mut().unwrap()).await;
+        assert_eq!(String::from_utf8_lossy(&out), "from exec\n");
+        assert_eq!(self.wait("main", "hi").await, 0);
+        self.agent.delete_process("main", "hi").await.unwrap();
+
+        // A terminal, resized while the process runs.
+        let (_, mut tty) = self
+            .exec(
+                "main",
+                "tty",
+                &["sh", "-c", "read line; stty size; tty"],
+                stdio(true, true, true, false),
+            )
+            .await;
+        self.agent.resize_tty("main", "tty", 120, 40).await.unwrap();
+        tty.stdin.as_mut().unwrap().write_all(b"go\n").await.unwrap();
+        let screen = String::from_utf8_lossy(&read_all(tty.stdout.as_mut().unwrap()).await)
+            .into_owned();
+        assert!(screen.contains("40 120"), "terminal output: {screen:?}");
+        assert!(screen.contains("/dev/pts/"), "terminal output: {screen:?}");
+        assert_eq!(self.wait("main", "tty").await, 0);
+        self.agent.delete_process("main", "tty").await.unwrap();
+
+        // SIGTERM and SIGKILL.
+        let (sleeper, _) = self
+            .exec("main", "term", &["sleep", "1000"], agent::Stdio::default())
+            .await;
+        let listed = self.agent.list_processes("main").await.unwrap();
+        assert!(
+            listed.contains(&init_pid) && listed.contains(&sleeper),
+            "ListProcesses: {listed:?}, init {init_pid}, exec {sleeper}"
+        );
+        self.agent
+            .signal_process("main", "term", SIGTERM, false)
+            .await
+            .unwrap();
+        assert_eq!(self.wait("main", "term").await, 143);
+
+        // Stats.
+        let stats = self.agent.container_stats("main").await.unwrap();
+        let memory = stats.memory.as_ref().unwrap();
+        assert!(memory.usage > 0, "{stats:?}");
+        assert!(!memory.stat.is_empty(), "{stats:?}");
+        assert!(stats.pids.current >= 1, "{stats:?}");
+        self.agent
+            .update_container("main", br#"{"pids": {"limit": 64}}"#.to_vec())
+            .await
+            .unwrap();
+        let stats = self.agent.container_stats("main").await.unwrap();
+        assert_eq!(stats.pids.limit, 64, "{stats:?}");
+
+        // A paused counter does not count.
+        let (_, mut counter) = self
+            .exec(
+                "main",
+                "count",
+                &["sh", "-c", "while true; do echo x; sleep 0.05; done"],
+                stdio(false, false, true, false),
+            )
+            .await;
+        let out = counter.stdout.as_mut().unwrap();
+        let mut byte = [0];
+        out.read_exact(&mut byte).await.unwrap();
+        self.agent.pause_container("main").await.unwrap();
+        drain_for(out, Duration::from_millis(500)).await;
+        let while_paused = drain_for(out, Duration::from_secs(1)).await;
+        assert_eq!(while_paused, 0, "a paused process wrote");
+        self.agent.resume_container("main").await.unwrap();
+        let after = drain_for(out, Duration::from_secs(2)).await;
+        assert!(after > 0, "the resumed process wrote nothing");
+
+        // A running container cannot be removed.
+        let err = self.agent.remove_container("main").await.unwrap_err();
+        assert!(err.to_string().contains("is running"), "{err}");
+
+        self.agent
+            .signal_process("main", "count", SIGKILL, false)
+            .await
+            .unwrap();
+        assert_eq!(self.wait("main", "count").await, 137);
+        self.agent
+            .signal_process("main", "", SIGKILL, false)
+            .await
+            .unwrap();
+        assert_eq!(self.wait("main", "").await, 137);
+        self.agent.remove_container("main").await.unwrap();
+        println!(
+            "exec 'from exec'; tty 120x40 seen as '40 120'; ListProcesses {listed:?}; \
+             SIGTERM 143, SIGKILL 137; stats memory {} B, pids {}; paused counter silent",
+            memory.usage, stats.pids.current
+        );
+    }
+
+    async fn bad_requests_get_clear_errors(&self) {
+        let expect_error = |result: Result<(), runv_agent_client::AgentError>, needle: &str| {
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            println!("refused: {message}");
+        };
+        let none = agent::Stdio::default;
+        expect_error(
+            self.agent.create_container("bad", b"{not json".to_vec(), none()).await,
+            "OCI spec of container bad is not valid",
+        );
+        let mut spec: Spec = serde_json::from_slice(&container_spec(&["true"], Vec::new())).unwrap();
+        let mut root = spec.root().clone().unwrap();
+        root.set_path(PathBuf::from("/srv/missing"));
+        spec.set_root(Some(root));
+        expect_error(
+            self.agent
+                .create_container("bad", serde_json::to_vec(&spec).unwrap(), none())
+                .await,
+            "/srv/missing",
+        );
+        expect_error(
+            self.agent
+                .create_container("bad", container_spec(&["/bin/no-such-program"], Vec::new()), none())
+                .await,
+            "no-such-program",
+        );
+        expect_error(
+            self.agent
+                .create_container("../x", container_spec(&["true"], Vec::new()), none())
+                .await,
+            "not a valid ID",
+        );
+        expect_error(
+            self.agent.start_process("nothere", "").await.map(drop),
+            "container nothere does not exist",
+        );
+    }
+
+    /// After every removal, the guest has no container cgroup, runtime
+    /// state or bundle left: a last container looks at the agent's
+    /// directories through read-only bind mounts.
+    async fn removal_leaves_nothing(&self) {
+        let mounts = vec![
+            bind_mount("/sys/fs/cgroup", "/host/cgroup"),
+            bind_mount("/run/runv", "/host/run"),
+        ];
+        let script = "cd /host/cgroup/runv && find . -mindepth 1 -maxdepth 1 -type d && \
+                      ls /host/run/oci && ls /host/run/bundles";
+        let spec = container_spec(&["sh", "-c", script], mounts);
+        let stdio = stdio(false, false, true, true);
+        self.agent
+            .create_container("probe", spec, stdio.clone())
+            .await
+            .unwrap();
+        let mut streams = self.attach("probe", "", &stdio).await;
+        self.agent.start_process("probe", "").await.unwrap();
+        let out = String::from_utf8(read_all(streams.stdout.as_mut().unwrap()).await).unwrap();
+        let err = String::from_utf8(read_all(streams.stderr.as_mut().unwrap()).await).unwrap();
+        assert_eq!(self.wait("probe", "").await, 0, "{err}");
+        assert_eq!(out, "./probe\nprobe\nprobe\n", "cgroups, states, bundles");
+        self.agent.remove_container("probe").await.unwrap();
+        let err = self.agent.container_stats("probe").await.unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        println!("after removals the guest holds only the probe's own cgroup, state and bundle");
+    }
+}
+
+async fn read_all(stream: &mut UnixStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut data))
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    data
+}
+
+/// Bytes read from `stream` within `period`.
+async fn drain_for(stream: &mut UnixStream, period: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + period;
+    let mut total = 0;
+    let mut buffer = [0; 4096];
+    while let Ok(Ok(read)) = tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+        if read == 0 {
+            break;
+        }
+        total += read;
+    }
+    total
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(HostStdio::piped())
+        .stdout(HostStdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8(output.stdout).unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The agent's initramfs followed by a second archive holding a busybox
+/// root file system at [`ROOTFS`]: the kernel unpacks both.
+fn initramfs_with_busybox_rootfs(dir: &Path, agent_initramfs: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox not found: install Debian's busybox-static (scripts/install.sh does)"
+    );
+    let stage = tempfile::tempdir_in(dir).unwrap();
+    let rootfs = stage.path().join(ROOTFS.trim_start_matches('/'));
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "host"] {
+        fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    let applets = Command::new(busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+    }
+    let image = dir.join("initramfs.cpio.gz");
+    fs::copy(agent_initramfs, &image).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio --quiet -o -H newc -R 0:0 | gzip -1 >> \"$0\"")
+        .arg(&image)
+        .current_dir(stage.path())
+        .status()
+        .expect("running cpio");
+    assert!(status.success(), "building the busybox archive failed");
+    image
+}
