@@ -316,6 +316,57 @@ async fn missing_virtiofsd_is_named_before_anything_starts() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtiofsd_that_fails_to_start_leaves_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    let failing = scratch.path().join("failing-virtiofsd");
+    fs::write(
+        &failing,
+        "#!/bin/sh\necho 'virtiofsd: cannot serve this' >&2\nexit 1\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&failing)
+        .status()
+        .unwrap();
+    config.qemu.virtiofsd_binary = failing;
+    let mut spec = PodVm::spec(&config, "fsfails", scratch.path().join("console.log"));
+    spec.shared_dir = Some(shared_dir(scratch.path()));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let err = PodVm::boot(&config, spec, &connect)
+        .await
+        .err()
+        .expect("no virtiofsd, no VM");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("virtiofsd failed to start: it exited (exit status: 1)")
+            && message.contains("virtiofsd: cannot serve this"),
+        "{message}"
+    );
+    // vhost-device-vsock, started beside it, is gone too.
+    assert_nothing_left(scratch.path(), &[], &["failing-virtiofsd", "shared/"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_vm_takes_virtiofsd_along() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let mut spec = PodVm::spec(&config, "fsdropped", scratch.path().join("console.log"));
+    spec.shared_dir = Some(shared_dir(scratch.path()));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    drop(vm);
+    assert_nothing_left(scratch.path(), &pids, &["console.log", "shared/"]);
+}
+
 #[test]
 fn killed_owner_takes_virtiofsd_along() {
     let scratch = tempfile::tempdir().unwrap();
