@@ -28,12 +28,13 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # Debian packages: QEMU (the qemu hypervisor), the kernel source and its
-# build tools, cpio for the initramfs, busybox for test images, and the
+# build tools, cpio for the initramfs, busybox for test images, containerd
+# and runc for the shim and its tests, and the
 # libraries virtiofsd links (capabilities, seccomp).
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
     libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
-    libseccomp-dev
+    libseccomp-dev containerd runc
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -67,9 +68,13 @@ log "guest kernel and initramfs in $share"
 
 # Host binaries.
 log "building the runv binaries"
-cargo build --manifest-path "$repo/Cargo.toml" --locked --release -p runv-ctl >&2
+cargo build --manifest-path "$repo/Cargo.toml" --locked --release -p runv-ctl -p runv-shim >&2
 install -D -m 0755 "$repo/target/release/runv-ctl" "$prefix/bin/runv-ctl"
 log "installed $prefix/bin/runv-ctl"
+# containerd finds a shim by its runtime type on PATH:
+# `ctr run --runtime io.containerd.runv.v2` runs containerd-shim-runv-v2.
+install -D -m 0755 "$repo/target/release/containerd-shim-runv-v2" "$prefix/bin/containerd-shim-runv-v2"
+log "installed $prefix/bin/containerd-shim-runv-v2 (containerd CRI snippet: configs/containerd/runv.toml)"
 
 # Default configuration, pointing at the images above, with the hypervisor
 # this host can run: builtin where its KVM boots the guest, else qemu. An

@@ -2,6 +2,7 @@
 //! hybrid vsock socket, checks that it speaks our protocol version, and
 //! offers typed calls. It does not know which hypervisor runs the VM.
 
+mod containers;
 pub mod hybrid_vsock;
 pub mod stdio;
 

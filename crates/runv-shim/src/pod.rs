@@ -1,0 +1,181 @@
+//! The pod: the VM this shim holds, its shared directory, and its
+//! containers. The VM boots with the first container and powers off when
+//! the last one is deleted.
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use runv_agent_client::{AgentClient, ConnectOptions};
+use runv_config::Config;
+use runv_sandbox::PodVm;
+
+use crate::{
+    container::Container,
+    error::{Result, ShimError},
+    mounts::SharedDir,
+};
+
+/// The file in a container's bundle that names its pod's shared
+/// directory, for `containerd-shim-runv-v2 delete` after a crash.
+pub const SHARED_DIR_MARKER: &str = "runv-shared-dir";
+
+/// How long a power-off waits for the last users of the VM to let go.
+const VM_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Pod {
+    vm: Arc<PodVm>,
+    vsock: PathBuf,
+    shared: SharedDir,
+    dir: PathBuf,
+    pub containers: HashMap<String, Container>,
+}
+
+impl Pod {
+    /// Boots the pod VM of `pod_id` with the runv configuration at
+    /// `config_path` (the default file when none). On error nothing is
+    /// left: no VM, no mount, no directory.
+    pub async fn boot(config_path: Option<&Path>, namespace: &str, pod_id: &str) -> Result<Pod> {
+        let config = Config::load_or_default(config_path).map_err(|e| {
+            ShimError::InvalidArgument(format!(
+                "{e} (runv reads {} unless the runtime options name another file: \
+                 `ctr run --runtime-config-path`, or ConfigPath in the CRI runtime's options)",
+                runv_config::DEFAULT_CONFIG_PATH
+            ))
+        })?;
+        let vm_id = vm_id(namespace, pod_id);
+        let dir = config.run_dir.join("pods").join(&vm_id);
+        let shared = SharedDir::create(dir.join("shared")).map_err(|e| {
+            ShimError::Internal(format!(
+                "cannot prepare the pod's shared directory under {} (run_dir in the runv config): {e}",
+                dir.display()
+            ))
+        })?;
+        let mut spec = PodVm::spec(&config, &vm_id, dir.join("console.log"));
+        spec.shared_dir = Some(shared.path().to_owned());
+        let connect = ConnectOptions::new(config.vm.agent_timeout());
+        match PodVm::boot(&config, spec, &connect).await {
+            Ok(vm) => Ok(Pod {
+                vsock: vm.vsock_socket(),
+                vm: Arc::new(vm),
+                shared,
+                dir,
+                containers: HashMap::new(),
+            }),
+            Err(e) => {
+                shared.remove();
+                remove_pod_dir(&dir);
+                Err(ShimError::Internal(format!("cannot boot the pod VM: {e}")))
+            }
+        }
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        self.vm.agent()
+    }
+
+    pub fn vm(&self) -> Arc<PodVm> {
+        self.vm.clone()
+    }
+
+    /// The VM's hybrid vsock socket, for stdio streams.
+    pub fn vsock(&self) -> &Path {
+        &self.vsock
+    }
+
+    pub fn shared(&self) -> &SharedDir {
+        &self.shared
+    }
+
+    /// The host PIDs of the VM (for Connect's task PID).
+    pub fn vm_pids(&self) -> Vec<u32> {
+        self.vm.pids()
+    }
+
+    pub fn container(&self, id: &str) -> Result<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found in this pod")))
+    }
+
+    pub fn container_mut(&mut self, id: &str) -> Result<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found in this pod")))
+    }
+
+    /// Records in `bundle` where the pod's shares live.
+    pub fn mark_bundle(&self, bundle: &Path) -> Result<()> {
+        let marker = bundle.join(SHARED_DIR_MARKER);
+        std::fs::write(&marker, self.shared.path().as_os_str().as_encoded_bytes())
+            .map_err(|e| ShimError::Internal(format!("cannot write {}: {e}", marker.display())))
+    }
+
+    /// Powers the VM off and removes the pod's directory. Every container
+    /// must have been released.
+    pub async fn power_off(self) {
+        let Pod {
+            mut vm,
+            shared,
+            dir,
+            containers,
+            ..
+        } = self;
+        // Dropping the processes ends their exit watchers, which hold the VM.
+        drop(containers);
+        let deadline = tokio::time::Instant::now() + VM_RELEASE_TIMEOUT;
+        let vm = loop {
+            match Arc::try_unwrap(vm) {
+                Ok(vm) => break Some(vm),
+                Err(_) if tokio::time::Instant::now() >= deadline => break None,
+                Err(shared) => {
+                    vm = shared;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        match vm {
+            Some(vm) => {
+                let report = vm.shutdown().await;
+                tracing::info!(exit = %report.exit, forced = report.forced, "pod VM off");
+            }
+            // Still in use by a call in flight: the VM helpers die with
+            // the shim, which exits next.
+            None => tracing::error!("the pod VM is still in use; it ends with the shim"),
+        }
+        shared.remove();
+        remove_pod_dir(&dir);
+    }
+}
+
+fn remove_pod_dir(dir: &Path) {
+    if let Err(e) = crate::mounts::remove_unmounted(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the pod directory");
+    }
+}
+
+/// A VM id unique across namespaces and short enough for socket paths:
+/// the pod ID's start, for people, and a hash of namespace and pod ID.
+fn vm_id(namespace: &str, pod_id: &str) -> String {
+    let mut hasher = DefaultHasher::new();
+    (namespace, pod_id).hash(&mut hasher);
+    let readable: String = pod_id.chars().take(12).collect();
+    format!("{readable}-{:016x}", hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_are_short_and_per_namespace() {
+        let long = "a".repeat(64);
+        assert_eq!(vm_id("default", &long).len(), 12 + 1 + 16);
+        assert_ne!(vm_id("default", "c1"), vm_id("k8s.io", "c1"));
+        assert_eq!(vm_id("default", "c1"), vm_id("default", "c1"));
+    }
+}

@@ -1,0 +1,100 @@
+//! The shim binary's lifecycle for containerd: `start` (one shim per pod),
+//! serving the Task API, and `delete` after a shim has died.
+
+use std::{path::PathBuf, sync::Arc};
+
+use async_trait::async_trait;
+use containerd_shim::{
+    api::DeleteResponse,
+    asynchronous::{spawn, util::write_str_to_file, ExitSignal, Shim},
+    publisher::RemotePublisher,
+    Config, Error, Flags, StartOpts,
+};
+
+use crate::{
+    events::Events,
+    mounts::{self, bundle_rootfs},
+    pod::SHARED_DIR_MARKER,
+    process,
+    service::TaskService,
+    spec,
+};
+
+/// The exit status containerd records for a task whose shim died: killed.
+const DEAD_SHIM_EXIT_STATUS: u32 = 128 + libc::SIGKILL as u32;
+
+pub struct RunvShim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// What containerd-shim must not do for runv: reap children behind
+/// tokio's back (the VM's processes are tokio children) or make the shim
+/// a subreaper (the shim runs no container process on the host).
+pub fn shim_config() -> Config {
+    Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Config::default()
+    }
+}
+
+#[async_trait]
+impl Shim for RunvShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        RunvShim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    /// Starts the pod's shim, or finds the one already serving the pod:
+    /// containers of a CRI pod share one shim, grouped by the sandbox ID.
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        let host_spec = spec::read(&bundle).map_err(Error::InvalidArgument)?;
+        let pod_id = spec::pod_id(&host_spec, &opts.id);
+        let address = spawn(opts, &pod_id, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    /// Cleans up after a shim that died: its VM's processes died with it,
+    /// what it mounted for this container is unmounted and removed here.
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        if let Ok(shared) = std::fs::read_to_string(bundle.join(SHARED_DIR_MARKER)) {
+            let shared = PathBuf::from(shared);
+            if let Err(e) = mounts::remove_unmounted(&shared.join(&self.id)) {
+                tracing::warn!(error = %e, "cannot remove the container's shares");
+            }
+            let pod_is_empty = std::fs::read_dir(&shared).is_ok_and(|mut d| d.next().is_none());
+            if let (true, Some(pod_dir)) = (pod_is_empty, shared.parent()) {
+                if let Err(e) = mounts::remove_unmounted(pod_dir) {
+                    tracing::warn!(error = %e, "cannot remove the pod directory");
+                }
+            }
+        }
+        mounts::unmount_tree(&bundle_rootfs(&bundle))
+            .map_err(|e| Error::Other(format!("cannot unmount the rootfs: {e}")))?;
+        tracing::info!(id = %self.id, namespace = %self.namespace, "cleaned up after a dead shim");
+        Ok(DeleteResponse {
+            exit_status: DEAD_SHIM_EXIT_STATUS,
+            exited_at: Some(process::now()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let events = Events::new(publisher, self.namespace.clone());
+        TaskService::new(self.namespace.clone(), events, self.exit.clone())
+    }
+}

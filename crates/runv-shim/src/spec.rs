@@ -1,0 +1,282 @@
+//! The OCI runtime spec as the guest must see it. containerd writes the
+//! bundle's config.json with host paths; inside the VM the container's
+//! root and every host bind mount come through the pod's shared directory
+//! (virtio-fs), and host-only settings have no meaning.
+//!
+//! The spec is handled as JSON, so that fields runv does not touch pass
+//! through to the agent exactly as containerd wrote them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// A host path the guest reaches through the shared directory: the caller
+/// bind-mounts `source` at `<shared>/<container id>/<share_name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    pub source: PathBuf,
+    pub share_name: String,
+}
+
+/// The guest's spec and the host binds it relies on.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub spec: Value,
+    pub binds: Vec<HostBind>,
+}
+
+/// CRI's annotations that group containers into pods.
+const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Reads a bundle's config.json.
+pub fn read(bundle: &Path) -> Result<Value, String> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
+}
+
+/// The pod container `container_id` belongs to: a CRI app container
+/// joins its sandbox's pod; a sandbox, or a container outside any pod
+/// (`ctr run`), is a pod of its own.
+pub fn pod_id(spec: &Value, container_id: &str) -> String {
+    let annotation = |key: &str| spec.get("annotations")?.get(key)?.as_str();
+    match (
+        annotation(CONTAINER_TYPE_ANNOTATION),
+        annotation(SANDBOX_ID_ANNOTATION),
+    ) {
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => sandbox.to_owned(),
+        _ => container_id.to_owned(),
+    }
+}
+
+/// The share name of a container's root file system.
+pub const ROOTFS_SHARE: &str = "rootfs";
+
+/// Host directories whose bind mounts name the guest's own (the guest has
+/// its own /dev, /proc and /sys), kept as they are.
+const GUEST_OWNED_SOURCES: [&str; 3] = ["/dev", "/proc", "/sys"];
+
+/// Rewrites `spec` (a bundle's config.json) for container `id` whose guest
+/// share directory is `guest_dir` (`GUEST_SHARED_DIR/<id>`):
+/// - `root.path` becomes `<guest_dir>/rootfs`;
+/// - each bind mount of a host path becomes a bind of its share;
+/// - the network namespace goes (the pod VM is the pod's network
+///   boundary), and namespace paths go (they are host paths);
+/// - OCI hooks, AppArmor and SELinux labels go: they are host facilities.
+pub fn for_guest(mut spec: Value, guest_dir: &Path) -> Result<GuestSpec, String> {
+    let root = spec.get_mut("root").and_then(Value::as_object_mut).ok_or(
+        "config.json has no `root`: containerd always writes one; is the bundle complete?",
+    )?;
+    root.insert(
+        "path".into(),
+        guest_dir.join(ROOTFS_SHARE).to_string_lossy().into(),
+    );
+    let binds = share_bind_mounts(&mut spec, guest_dir)?;
+    let object = spec
+        .as_object_mut()
+        .ok_or("config.json is not a JSON object")?;
+    if object.remove("hooks").is_some() {
+        tracing::warn!(
+            "dropping OCI hooks: they are host programs, and the container runs in a VM"
+        );
+    }
+    if let Some(linux) = object.get_mut("linux").and_then(Value::as_object_mut) {
+        linux.remove("mountLabel");
+        if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+            namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+            for namespace in namespaces.iter_mut().filter_map(Value::as_object_mut) {
+                namespace.remove("path");
+            }
+        }
+    }
+    if let Some(process) = object.get_mut("process").and_then(Value::as_object_mut) {
+        strip_host_labels(process);
+    }
+    Ok(GuestSpec { spec, binds })
+}
+
+/// An exec's OCI process (containerd's JSON) as the guest must see it.
+pub fn process_for_guest(process_json: &[u8]) -> Result<Vec<u8>, String> {
+    let mut process: Value = serde_json::from_slice(process_json)
+        .map_err(|e| format!("the exec's process spec is not valid JSON: {e}"))?;
+    let object = process
+        .as_object_mut()
+        .ok_or("the exec's process spec is not a JSON object")?;
+    strip_host_labels(object);
+    Ok(serde_json::to_vec(&process).expect("a JSON value serializes"))
+}
+
+fn strip_host_labels(process: &mut Map<String, Value>) {
+    process.remove("apparmorProfile");
+    process.remove("selinuxLabel");
+}
+
+fn share_bind_mounts(spec: &mut Value, guest_dir: &Path) -> Result<Vec<HostBind>, String> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
+        return Ok(Vec::new());
+    };
+    let mut binds = Vec::new();
+    for (index, mount) in mounts.iter_mut().enumerate() {
+        let Some(mount) = mount.as_object_mut() else {
+            return Err(format!("config.json mount {index} is not an object"));
+        };
+        if !is_bind(mount) {
+            continue;
+        }
+        let destination = mount
+            .get("destination")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let source = mount
+            .get("source")
+            .and_then(Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("bind mount at {destination:?} has no source"))?;
+        if !source.is_absolute() {
+            return Err(format!(
+                "bind mount at {destination:?} has the relative source {source:?}: give an \
+                 absolute host path"
+            ));
+        }
+        if GUEST_OWNED_SOURCES
+            .iter()
+            .any(|dir| source.starts_with(dir))
+        {
+            continue;
+        }
+        let leaf = Path::new(&destination)
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let share_name = format!("mounts/{index}-{leaf}");
+        mount.insert(
+            "source".into(),
+            guest_dir.join(&share_name).to_string_lossy().into(),
+        );
+        binds.push(HostBind { source, share_name });
+    }
+    Ok(binds)
+}
+
+fn is_bind(mount: &Map<String, Value>) -> bool {
+    mount.get("type").and_then(Value::as_str) == Some("bind")
+        || mount
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|options| {
+                options
+                    .iter()
+                    .any(|o| matches!(o.as_str(), Some("bind" | "rbind")))
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cri_like_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "apparmorProfile": "cri-containerd.apparmor.d"},
+            "root": {"path": "rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/hook"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind",
+                 "source": "/var/lib/containerd/sandboxes/s1/hosts", "options": ["rbind", "rw"]},
+                {"destination": "/data", "source": "/srv/data", "options": ["bind", "ro"]},
+                {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse"},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}
+            ],
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"}
+                ],
+                "mountLabel": "system_u:object_r:container_file_t"
+            },
+            "x-unknown": {"kept": true}
+        })
+    }
+
+    #[test]
+    fn root_and_host_binds_move_to_the_share() {
+        let guest = for_guest(cri_like_spec(), Path::new("/run/runv/shared/c1")).unwrap();
+        let spec = &guest.spec;
+        assert_eq!(spec["root"]["path"], "/run/runv/shared/c1/rootfs");
+        assert_eq!(spec["root"]["readonly"], true);
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(
+            spec["mounts"][1]["source"],
+            "/run/runv/shared/c1/mounts/1-hosts"
+        );
+        assert_eq!(
+            spec["mounts"][2]["source"],
+            "/run/runv/shared/c1/mounts/2-data"
+        );
+        assert_eq!(spec["mounts"][3]["source"], "/dev/fuse");
+        assert_eq!(spec["mounts"][4]["type"], "tmpfs");
+        assert_eq!(
+            guest.binds,
+            vec![
+                HostBind {
+                    source: "/var/lib/containerd/sandboxes/s1/hosts".into(),
+                    share_name: "mounts/1-hosts".into()
+                },
+                HostBind {
+                    source: "/srv/data".into(),
+                    share_name: "mounts/2-data".into()
+                },
+            ]
+        );
+        assert_eq!(spec["x-unknown"]["kept"], true);
+    }
+
+    #[test]
+    fn host_only_settings_go() {
+        let spec = for_guest(cri_like_spec(), Path::new("/g")).unwrap().spec;
+        assert!(spec.get("hooks").is_none());
+        assert!(spec["process"].get("apparmorProfile").is_none());
+        assert!(spec["linux"].get("mountLabel").is_none());
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc"}])
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        let no_root = for_guest(json!({"process": {}}), Path::new("/g")).unwrap_err();
+        assert!(no_root.contains("no `root`"), "{no_root}");
+        let relative = json!({"root": {"path": "rootfs"},
+            "mounts": [{"destination": "/x", "type": "bind", "source": "data"}]});
+        let relative = for_guest(relative, Path::new("/g")).unwrap_err();
+        assert!(relative.contains("relative source"), "{relative}");
+        assert!(process_for_guest(b"[").is_err());
+    }
+
+    #[test]
+    fn app_containers_join_their_sandbox() {
+        let app = json!({"annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "s1"}});
+        assert_eq!(pod_id(&app, "c1"), "s1");
+        let sandbox = json!({"annotations": {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-id": "s1"}});
+        assert_eq!(pod_id(&sandbox, "s1"), "s1");
+        assert_eq!(pod_id(&json!({}), "c2"), "c2");
+    }
+
+    #[test]
+    fn exec_processes_lose_host_labels() {
+        let process = process_for_guest(br#"{"args":["ls"],"selinuxLabel":"x"}"#).unwrap();
+        let process: Value = serde_json::from_slice(&process).unwrap();
+        assert_eq!(process, json!({"args": ["ls"]}));
+    }
+}
