@@ -28,8 +28,12 @@ use tokio::{
 pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for T {}
 
-/// The size of each stream's copy buffer.
-const COPY_BUFFER: usize = 64 * 1024;
+/// The size of each stream's copy buffer, and so of the largest write to a
+/// vsock stream. Kept well under 32 KiB: above that the guest kernel (6.12
+/// with the nonlinear-skb change, as Debian ships it) splits a packet's
+/// payload over several descriptors, which vhost-device-vsock 0.3.0 does
+/// not handle, and the stream stalls for good.
+const COPY_BUFFER: usize = 16 * 1024;
 
 /// The end-of-file character of a terminal in canonical mode: how a
 /// terminal's reader learns that stdin is closed.
