@@ -2,6 +2,8 @@
 //! configuration confined to a temporary directory, and the checks that a
 //! test left nothing behind.
 
+pub mod containerd;
+
 use std::{
     fs,
     path::{Path, PathBuf},

@@ -1,0 +1,324 @@
+//! A real containerd for tests: Debian's `containerd` with its own config,
+//! root, state and socket in a temporary directory, the runv shim of this
+//! build on its PATH, and a busybox image built and imported locally.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use tempfile::TempDir;
+
+use crate::{processes_mentioning, test_config};
+
+/// The image every containerd test runs.
+pub const BUSYBOX_IMAGE: &str = "docker.io/runv/busybox:test";
+
+/// How long containerd may take to serve its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Containerd {
+    dir: TempDir,
+    daemon: Child,
+    namespace: String,
+}
+
+impl Containerd {
+    /// Starts containerd with the runv shim built from this checkout on its
+    /// PATH and a runv config (`runv.toml` in its directory) that boots the
+    /// test guest images on the qemu hypervisor. None when the host lacks
+    /// containerd (the caller skips).
+    pub fn start() -> Option<Containerd> {
+        if Command::new("containerd").arg("--version").output().is_err() {
+            println!("SKIPPED: containerd not installed (apt-get install containerd runc)");
+            return None;
+        }
+        let shim_dir = build_shim();
+        let dir = tempfile::Builder::new().prefix("runv-ctrd").tempdir().unwrap();
+        let root = dir.path();
+        fs::write(
+            root.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{0}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        write_runv_config(root);
+        let log = fs::File::create(root.join("containerd.log")).unwrap();
+        let path = format!(
+            "{}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            shim_dir.display()
+        );
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(root.join("config.toml"))
+            .env("PATH", path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let containerd = Containerd {
+            namespace: format!("runv-test-{}", std::process::id()),
+            dir,
+            daemon,
+        };
+        containerd.wait_ready();
+        Some(containerd)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The runv configuration the tests name with `--runtime-config-path`.
+    pub fn runv_config(&self) -> PathBuf {
+        self.dir().join("runv.toml")
+    }
+
+    /// Runs `ctr` against this containerd and namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let output = Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir().join("containerd.sock"))
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr");
+        eprintln!(
+            "ctr {}: {}\nstdout: {}stderr: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Runs `ctr` and requires success; returns its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let output = self.ctr(args);
+        assert!(output.status.success(), "ctr {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Builds the busybox image and imports it.
+    pub fn import_busybox(&self) {
+        let archive = build_busybox_image(self.dir());
+        self.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
+    }
+
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        loop {
+            let version = Command::new("ctr")
+                .arg("--address")
+                .arg(self.dir().join("containerd.sock"))
+                .arg("version")
+                .output()
+                .unwrap();
+            if version.status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "containerd did not come up: {}",
+                fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops containerd and asserts that nothing is left: no containerd,
+    /// shim, qemu or virtiofsd process referring to the directory, and no
+    /// mount under it.
+    pub fn stop(mut self) {
+        // SAFETY: kill only signals the daemon this harness started.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let _ = self.daemon.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut left = processes_mentioning(self.dir());
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            left = processes_mentioning(self.dir());
+        }
+        let mounts = mounts_under(self.dir());
+        let log = fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default();
+        // Clean up before asserting, so a failure leaves nothing running.
+        for process in &left {
+            if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill only signals processes that mention our directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for mount in mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+        assert!(left.is_empty(), "processes left behind: {left:?}\ncontainerd log:\n{log}");
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // A test that failed before `stop`: end the daemon, its shims and
+        // their VMs, and lift the mounts, so the temp dir can go.
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        for process in processes_mentioning(self.dir.path()) {
+            if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill only signals processes that mention our directory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for mount in mounts_under(self.dir.path()).iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+    }
+}
+
+/// Mount points under `dir`, outermost first.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|point| Path::new(point).starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds containerd-shim-runv-v2 with the cargo running the tests, into
+/// the same target directory, and returns the directory that holds it.
+fn build_shim() -> PathBuf {
+    // The test binary is <target>/<profile>/deps/<test>.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let target_dir = profile_dir.parent().unwrap();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .args(["build", "--quiet", "-p", "runv-shim", "--bin", "containerd-shim-runv-v2"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|name| name == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("running cargo build for the shim");
+    assert!(status.success(), "building containerd-shim-runv-v2 failed");
+    assert!(profile_dir.join("containerd-shim-runv-v2").is_file());
+    profile_dir
+}
+
+/// The runv configuration of the test guest on the qemu hypervisor, with
+/// its VM directories under `dir`.
+fn write_runv_config(dir: &Path) {
+    let config = test_config(dir);
+    let text = format!(
+        "hypervisor = \"qemu\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n[vm]\n\
+         kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = {}\nmemory_mib = {}\n\
+         agent_timeout_secs = {}\n",
+        config.run_dir.display(),
+        config.vm.kernel.display(),
+        config.vm.initramfs.display(),
+        config.vm.vcpus,
+        config.vm.memory_mib,
+        config.vm.agent_timeout_secs,
+    );
+    fs::write(dir.join("runv.toml"), text).unwrap();
+}
+
+/// An OCI image layout archive of Debian's static busybox with its applet
+/// links, named [`BUSYBOX_IMAGE`].
+pub fn build_busybox_image(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox not found: install Debian's busybox-static"
+    );
+    let work = dir.join("image");
+    let root = work.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    let applets = Command::new(busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+    }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    let layout = work.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+
+    let layer_tar = work.join("layer.tar");
+    run_ok(Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&layer_tar)
+        .arg("."));
+    let diff_id = sha256(&fs::read(&layer_tar).unwrap());
+    run_ok(Command::new("gzip").args(["-n", "-1"]).arg(&layer_tar));
+    let layer = fs::read(work.join("layer.tar.gz")).unwrap();
+    let layer_digest = add_blob(&blobs, &layer);
+
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
+    );
+    let config_digest = add_blob(&blobs, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer_digest}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let manifest_digest = add_blob(&blobs, manifest.as_bytes());
+    fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{BUSYBOX_IMAGE}","org.opencontainers.image.ref.name":"test"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let archive = dir.join("busybox-oci.tar");
+    run_ok(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&archive).arg("."));
+    fs::remove_dir_all(&work).unwrap();
+    archive
+}
+
+fn add_blob(blobs: &Path, content: &[u8]) -> String {
+    let digest = sha256(content);
+    fs::write(blobs.join(&digest), content).unwrap();
+    digest
+}
+
+fn sha256(content: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), content).unwrap();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn run_ok(command: &mut Command) {
+    let status = command.status().unwrap();
+    assert!(status.success(), "{command:?} failed");
+}
