@@ -24,12 +24,11 @@ use tracing::Level;
 
 fn main() {
     let is_init = process::id() == 1;
-    let init_started = root_switch::switched_at_start().unwrap_or_else(boot_clock::now);
-    if is_init && root_switch::switched_at_start().is_none() {
-        let e = root_switch::leave_initramfs(init_started);
-        fatal(is_init, &format!("cannot leave the initramfs: {e}"));
-    }
+    let init_started = boot_clock::now();
     if is_init {
+        if let Err(e) = root_switch::leave_initramfs() {
+            fatal(is_init, &format!("cannot leave the initramfs: {e}"));
+        }
         if let Err(e) = init::set_up_system() {
             fatal(is_init, &format!("cannot set up the guest system: {e}"));
         }

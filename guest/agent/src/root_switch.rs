@@ -3,19 +3,18 @@
 //! The kernel unpacks the initramfs into "rootfs", the root of the mount
 //! tree, which has no parent mount: pivot_root(2) refuses it with EINVAL,
 //! and so would every container mount namespace cloned from it. The agent
-//! therefore moves the whole initramfs content onto a tmpfs, moves that
-//! tmpfs onto `/`, chroots into it and executes itself again from there,
-//! which frees the last page of the ramfs (its own old binary).
+//! therefore moves the initramfs content onto a tmpfs, moves that tmpfs
+//! onto `/` and chroots into it, then goes on running. Its own binary
+//! (`/init`) stays behind on the hidden ramfs: a running program keeps its
+//! mapped file, and copying and re-executing the 6 MiB agent cost about
+//! 80 ms of boot under TCG. The memory is the same either way: the pages
+//! live in the ramfs instead of in the tmpfs.
 
 use std::{
     collections::HashMap,
     fs, io,
-    os::unix::{
-        fs::{lchown, symlink, MetadataExt, PermissionsExt},
-        process::CommandExt,
-    },
+    os::unix::fs::{lchown, symlink, MetadataExt, PermissionsExt},
     path::Path,
-    process::Command,
 };
 
 use nix::{
@@ -24,33 +23,16 @@ use nix::{
     unistd::{chdir, chroot},
 };
 
-/// Set in the environment of the agent's second execution: the boot-clock
-/// nanoseconds at which the first one started, for the boot timeline.
-const STARTED_ENV: &str = "RUNV_INIT_STARTED_NS";
-
 /// Where the new root is assembled before it moves onto `/`.
 const NEW_ROOT: &str = "/.runv-root";
 
-/// When this execution follows the switch, the time the first one
-/// started; `None` while still on the initial ramfs.
-pub fn switched_at_start() -> Option<u64> {
-    std::env::var(STARTED_ENV).ok()?.parse().ok()
-}
+/// The agent's own binary, which stays on the ramfs.
+const AGENT_BINARY: &str = "/init";
 
-/// Moves the root onto a tmpfs and executes the agent again there; returns
-/// only on failure. Runs before any thread is started and any file system
-/// is mounted.
-pub fn leave_initramfs(init_started_ns: u64) -> io::Error {
-    match switch_to_tmpfs() {
-        Ok(()) => {
-            let error = Command::new("/init")
-                .args(std::env::args_os().skip(1))
-                .env(STARTED_ENV, init_started_ns.to_string())
-                .exec();
-            io::Error::other(format!("re-executing /init on the new root: {error}"))
-        }
-        Err(e) => e,
-    }
+/// Moves the root onto a tmpfs. Runs before any thread is started and any
+/// file system is mounted.
+pub fn leave_initramfs() -> io::Result<()> {
+    switch_to_tmpfs()
 }
 
 fn switch_to_tmpfs() -> io::Result<()> {
@@ -67,7 +49,7 @@ fn switch_to_tmpfs() -> io::Result<()> {
     let mut mover = Mover::default();
     for entry in fs::read_dir("/")? {
         let entry = entry?;
-        if entry.path() != new_root {
+        if entry.path() != new_root && entry.path() != Path::new(AGENT_BINARY) {
             mover.move_entry(&entry.path(), &new_root.join(entry.file_name()))?;
         }
     }
@@ -76,7 +58,7 @@ fn switch_to_tmpfs() -> io::Result<()> {
         .map_err(|e| context(e.into(), "moving onto / the tmpfs at", new_root))?;
     chroot(".").map_err(|e| context(e.into(), "chroot into", new_root))?;
     chdir("/").map_err(|e| context(e.into(), "entering", Path::new("/")))?;
-    // The empty mount point stays on the hidden ramfs, which is empty now.
+    // The empty mount point and the agent's binary stay on the hidden ramfs.
     Ok(())
 }
 
