@@ -1,15 +1,21 @@
 //! Virtio devices and their transport.
 
+pub mod block;
+pub mod fs;
+mod loop_queues;
 pub mod mmio;
+pub mod queue_device;
+#[cfg(test)]
+mod test_driver;
 pub mod vsock;
 
 use std::sync::{
     atomic::{AtomicU32, Ordering},
-    Arc,
+    Arc, Mutex, MutexGuard,
 };
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
@@ -73,4 +79,30 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, queue: u16);
     /// The driver reset the device: drop queues and state.
     fn reset(&mut self);
+}
+
+/// Copies the part of a device's configuration space at `offset` into
+/// `data`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(bytes) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let len = bytes.len().min(data.len());
+        data[..len].copy_from_slice(&bytes[..len]);
+    }
+}
+
+/// Locks a device shared with the event loop. A panic on the loop thread
+/// must not take the vCPUs down with it.
+pub(crate) fn lock<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Interrupts the guest for buffers just put in `queue`'s used ring, unless
+/// the driver asked not to be.
+pub(crate) fn notify_used(queue: &mut Queue, memory: &GuestMemory, interrupt: &Interrupt) {
+    if queue.needs_notification(memory).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
 }

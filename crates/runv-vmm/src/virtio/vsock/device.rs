@@ -11,7 +11,6 @@ use std::{
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     muxer::Muxer,
@@ -20,7 +19,11 @@ use super::{
 };
 use crate::{
     memory::GuestMemory,
-    virtio::{Activation, Interrupt, VirtioDevice},
+    virtio::{
+        lock,
+        loop_queues::{LoopQueues, Wakeup},
+        notify_used, read_config_bytes, Activation, Interrupt, VirtioDevice,
+    },
     VmmError,
 };
 
@@ -28,7 +31,6 @@ use crate::{
 pub const DEVICE_TYPE: u32 = 19;
 /// rx, tx, event.
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
-const RX: usize = 0;
 const TX: usize = 1;
 /// The largest payload of one packet to the guest (Linux's own limit).
 const MAX_PAYLOAD: usize = 64 * 1024;
@@ -48,18 +50,9 @@ struct Active {
 pub struct Vsock {
     guest_cid: u64,
     listener: HostListener,
-    /// Written on a vCPU thread when the device is activated or reset, so
-    /// that the loop thread (re)registers file descriptors: only it can.
-    wake: EventFd,
     active: Option<Active>,
-    /// The queues' notification eventfds, one per queue.
-    queue_events: Vec<EventFd>,
-    queue_events_watched: bool,
-    /// Descriptors dropped on a vCPU thread, for the loop to unregister
-    /// before closing them. Closing first would leave epoll watching the
-    /// transport's duplicate of a queue eventfd under a number we no
-    /// longer own.
-    retired: Vec<Box<dyn AsRawFd + Send>>,
+    /// The queue eventfds, watched on the loop from each activation on.
+    queues: LoopQueues,
     pending_clients: HashMap<RawFd, PendingClient>,
     muxer: Muxer,
     scratch: Vec<u8>,
@@ -78,16 +71,13 @@ impl Vsock {
         }
         let listener = HostListener::bind(&uds_path)
             .map_err(|e| VmmError::Device(format!("vsock socket {}: {e}", uds_path.display())))?;
-        let wake = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Device(format!("vsock eventfd: {e}")))?;
+        let queues =
+            LoopQueues::new().map_err(|e| VmmError::Device(format!("vsock eventfd: {e}")))?;
         Ok(Arc::new(Mutex::new(Vsock {
             guest_cid,
             listener,
-            wake,
             active: None,
-            queue_events: Vec::new(),
-            queue_events_watched: false,
-            retired: Vec::new(),
+            queues,
             pending_clients: HashMap::new(),
             muxer: Muxer::new(guest_cid, uds_path),
             scratch: vec![0; MAX_PAYLOAD],
@@ -97,35 +87,6 @@ impl Vsock {
     /// The number of open guest connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
-    }
-
-    fn wake_loop(&self) {
-        if let Err(e) = self.wake.write(1) {
-            tracing::error!(error = %e, "cannot wake the event loop for the vsock device");
-        }
-    }
-
-    /// On the loop thread after an activation or a reset.
-    fn refresh_watches(&mut self, ops: &mut EventOps) {
-        for fd in self.retired.drain(..) {
-            // Not watched yet if the reset came before the loop saw the
-            // activation.
-            let _ = ops.remove(Events::empty_raw(fd.as_raw_fd()));
-        }
-        if self.active.is_none() || self.queue_events_watched {
-            return;
-        }
-        // The event queue is only for transport resets after migration,
-        // which never happen here: its kicks need no answer.
-        for event in &self.queue_events[RX..=TX] {
-            if let Err(e) = ops.add(Events::new(event, EventSet::IN)) {
-                tracing::error!(error = %e, "cannot watch a vsock queue");
-            }
-        }
-        self.queue_events_watched = true;
-        // Kicks that came before the watch are still counted in the
-        // eventfds, but there may be work queued without any.
-        self.process_tx(ops);
     }
 
     fn accept_clients(&mut self, ops: &mut EventOps) {
@@ -199,7 +160,7 @@ impl Vsock {
             returned = true;
         }
         if returned {
-            notify_guest(&mut active.tx, &active.memory, &active.interrupt);
+            notify_used(&mut active.tx, &active.memory, &active.interrupt);
         }
     }
 
@@ -240,58 +201,42 @@ impl Vsock {
             returned = true;
         }
         if returned {
-            notify_guest(&mut active.rx, &active.memory, &active.interrupt);
+            notify_used(&mut active.rx, &active.memory, &active.interrupt);
         }
-    }
-
-    fn queue_index(&self, fd: RawFd) -> Option<usize> {
-        if !self.queue_events_watched {
-            return None;
-        }
-        self.queue_events[RX..=TX]
-            .iter()
-            .position(|event| event.as_raw_fd() == fd)
-    }
-}
-
-fn notify_guest(queue: &mut Queue, memory: &GuestMemory, interrupt: &Interrupt) {
-    if queue.needs_notification(memory).unwrap_or(true) {
-        interrupt.signal_used_queue();
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, what) in [
-            (self.listener.as_raw_fd(), "socket"),
-            (self.wake.as_raw_fd(), "wake-up eventfd"),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!(error = %e, "cannot watch the vsock {what}");
-            }
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!(error = %e, "cannot watch the vsock socket");
         }
-        // An activation before registration wrote the wake-up eventfd,
-        // which the watch above now reports.
+        self.queues.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.wake.as_raw_fd() {
-            let _ = self.wake.read();
-            self.refresh_watches(ops);
-        } else if fd == self.listener.as_raw_fd() {
-            self.accept_clients(ops);
-        } else if let Some(queue) = self.queue_index(fd) {
-            let _ = self.queue_events[queue].read();
-            if queue == TX {
-                self.process_tx(ops);
-            }
-        } else if self.pending_clients.contains_key(&fd) {
-            self.advance_handshake(fd, ops);
-        } else if !self.muxer.handle_host_event(fd, events.event_set(), ops) {
-            tracing::debug!(fd, "vsock event for a descriptor no longer watched");
+        match self.queues.process(fd, ops) {
+            // The event queue is only for transport resets after
+            // migration, which never happen here; rx buffers are taken
+            // below whenever there is something for the guest.
+            Wakeup::Watching | Wakeup::Kicked(TX) => self.process_tx(ops),
+            Wakeup::Kicked(_) | Wakeup::Handled => {}
+            Wakeup::Other => self.process_host_event(fd, events.event_set(), ops),
         }
         self.process_rx(ops);
+    }
+}
+
+impl Vsock {
+    fn process_host_event(&mut self, fd: RawFd, event_set: EventSet, ops: &mut EventOps) {
+        if fd == self.listener.as_raw_fd() {
+            self.accept_clients(ops);
+        } else if self.pending_clients.contains_key(&fd) {
+            self.advance_handshake(fd, ops);
+        } else if !self.muxer.handle_host_event(fd, event_set, ops) {
+            tracing::debug!(fd, "vsock event for a descriptor no longer watched");
+        }
     }
 }
 
@@ -311,12 +256,7 @@ impl VirtioDevice for Arc<Mutex<Vsock>> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = lock(self).guest_cid.to_le_bytes();
-        data.fill(0);
-        if let Some(bytes) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let len = bytes.len().min(data.len());
-            data[..len].copy_from_slice(&bytes[..len]);
-        }
+        read_config_bytes(&lock(self).guest_cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), String> {
@@ -343,45 +283,22 @@ impl VirtioDevice for Arc<Mutex<Vsock>> {
             tx,
             interrupt,
         });
-        device.queue_events = queue_events;
-        device.queue_events_watched = false;
-        device.wake_loop();
+        device.queues.activate(queue_events);
         Ok(())
     }
 
     fn queue_notify(&mut self, queue: u16) {
-        // Handled on the loop thread exactly like an ioeventfd kick.
-        let device = lock(self);
-        if let Some(event) = device.queue_events.get(usize::from(queue)) {
-            if let Err(e) = event.write(1) {
-                tracing::warn!(queue, error = %e, "cannot pass a vsock queue kick on");
-            }
-        }
+        lock(self).queues.notify(queue);
     }
 
     fn reset(&mut self) {
         let mut device = lock(self);
         device.active = None;
-        device.queue_events_watched = false;
-        let queue_events = std::mem::take(&mut device.queue_events);
         let streams = device.muxer.drop_all();
-        device.retired.extend(
-            queue_events
+        device.queues.reset(
+            streams
                 .into_iter()
-                .map(|event| Box::new(event) as Box<dyn AsRawFd + Send>)
-                .chain(
-                    streams
-                        .into_iter()
-                        .map(|stream| Box::new(stream) as Box<dyn AsRawFd + Send>),
-                ),
+                .map(|stream| Box::new(stream) as Box<dyn AsRawFd + Send>),
         );
-        device.wake_loop();
     }
-}
-
-/// A panic on the loop thread must not take the vCPUs down with it.
-fn lock(device: &Mutex<Vsock>) -> std::sync::MutexGuard<'_, Vsock> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

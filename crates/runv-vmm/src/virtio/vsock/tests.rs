@@ -7,23 +7,12 @@ use std::{
     io::{ErrorKind, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::PathBuf,
-    sync::{atomic::AtomicU32, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use virtio_bindings::{
-    virtio_config::{
-        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-        VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
-    },
-    virtio_mmio::*,
-    virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE},
-};
-use virtio_queue::{
-    desc::{split::Descriptor, RawDescriptor},
-    mock::MockSplitQueue,
-    Queue, QueueT,
-};
+use virtio_bindings::{virtio_mmio::*, virtio_ring::VRING_DESC_F_NEXT};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,11 +25,17 @@ use crate::{
     bus::BusDevice,
     event_loop::EventLoop,
     memory::{create_guest_memory, GuestMemory},
-    virtio::{mmio::MmioTransport, Activation, Interrupt, VirtioDevice},
+    virtio::{
+        mmio::MmioTransport,
+        test_driver::{
+            activate_directly, mmio_read, mmio_write, set_up_through_mmio, Ring,
+            RING_SIZE as QUEUE_SIZE, WAIT,
+        },
+        VirtioDevice,
+    },
 };
 
 const GUEST_CID: u64 = 3;
-const QUEUE_SIZE: u16 = 64;
 const MEMORY_SIZE: u64 = 16 << 20;
 const RX: usize = 0;
 const TX: usize = 1;
@@ -49,127 +44,12 @@ const RX_BUFFER_LEN: u32 = 4096 + HEADER_LEN as u32;
 /// Room for each tx descriptor's data.
 const TX_SLOT_LEN: u64 = 0x11000;
 const RING_BASES: [u64; 3] = [0x0, 0x10000, 0x20000];
-const USED_RING_OFFSET: u64 = 0x2000;
 const RX_BUFFERS: u64 = 0x10_0000;
 const TX_BUFFERS: u64 = 0x40_0000;
-const WAIT: Duration = Duration::from_secs(5);
 /// How long the driver waits to conclude nothing more is coming.
 const QUIET: Duration = Duration::from_millis(200);
 /// What the test guest advertises for each connection.
 const GUEST_BUF_ALLOC: u32 = 16 * 1024;
-
-/// One split ring, driven from the driver's side through guest memory.
-struct Ring {
-    desc: GuestAddress,
-    avail: GuestAddress,
-    used: GuestAddress,
-    next_avail: u16,
-    next_used: u16,
-    free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
-}
-
-impl Ring {
-    fn new(memory: &GuestMemory, base: u64) -> (Ring, Queue) {
-        let mock = MockSplitQueue::create(memory, GuestAddress(base), QUEUE_SIZE);
-        let mut queue = mock.create_queue::<Queue>().unwrap();
-        // The mock places the used ring right after the first `QUEUE_SIZE`
-        // bytes of the avail ring, over its second half: move it clear.
-        let used = GuestAddress(base + USED_RING_OFFSET);
-        queue.set_used_ring_address(Some(used.raw_value() as u32), Some(0));
-        memory.write_obj(0u16, used.unchecked_add(2)).unwrap();
-        let ring = Ring {
-            desc: mock.desc_table_addr(),
-            avail: mock.avail_addr(),
-            used,
-            next_avail: 0,
-            next_used: 0,
-            free: (0..QUEUE_SIZE).rev().collect(),
-            chains: HashMap::new(),
-        };
-        (ring, queue)
-    }
-
-    fn write_desc(&self, memory: &GuestMemory, index: u16, desc: Descriptor) {
-        let at = self.desc.unchecked_add(16 * u64::from(index));
-        memory.write_obj(RawDescriptor::from(desc), at).unwrap();
-    }
-
-    /// Makes `head` available to the device.
-    fn publish(&mut self, memory: &GuestMemory, head: u16) {
-        let slot = u64::from(self.next_avail % QUEUE_SIZE);
-        memory
-            .write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
-            .unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        memory
-            .write_obj(self.next_avail, self.avail.unchecked_add(2))
-            .unwrap();
-    }
-
-    /// Writes a chain of `(len, write-only)` per descriptor, each at the
-    /// address `address_of` its index, without publishing it yet.
-    fn add_chain(
-        &mut self,
-        memory: &GuestMemory,
-        parts: &[(u32, bool)],
-        address_of: impl Fn(u16) -> u64,
-    ) -> Vec<u16> {
-        let indices: Vec<u16> = (0..parts.len())
-            .map(|_| self.free.pop().expect("a free descriptor"))
-            .collect();
-        for (position, (&(len, write), &index)) in parts.iter().zip(&indices).enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let next = indices.get(position + 1).copied().unwrap_or(0);
-            if position + 1 < indices.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            self.write_desc(
-                memory,
-                index,
-                Descriptor::new(address_of(index), len, flags, next),
-            );
-        }
-        self.chains.insert(indices[0], indices.clone());
-        indices
-    }
-
-    /// Adds a chain of descriptors whose buffers need no contents.
-    fn add_chain_now(
-        &mut self,
-        memory: &GuestMemory,
-        parts: &[(u32, bool)],
-        address_of: impl Fn(u16) -> u64,
-    ) -> Vec<u16> {
-        let indices = self.add_chain(memory, parts, address_of);
-        self.publish(memory, indices[0]);
-        indices
-    }
-
-    /// Lets the chain at `head` be reused.
-    fn release(&mut self, head: u16) {
-        if let Some(indices) = self.chains.remove(&head) {
-            self.free.extend(indices);
-        }
-    }
-
-    /// The chains the device returned since the last call: head and length.
-    /// Their buffers stay ours until released.
-    fn take_used(&mut self, memory: &GuestMemory) -> Vec<(u16, u32)> {
-        let used_idx: u16 = memory.read_obj(self.used.unchecked_add(2)).unwrap();
-        let mut returned = Vec::new();
-        while self.next_used != used_idx {
-            let at = self
-                .used
-                .unchecked_add(4 + 8 * u64::from(self.next_used % QUEUE_SIZE));
-            let id: u32 = memory.read_obj(at).unwrap();
-            let len: u32 = memory.read_obj(at.unchecked_add(4)).unwrap();
-            self.next_used = self.next_used.wrapping_add(1);
-            returned.push((id as u16, len));
-        }
-        returned
-    }
-}
 
 /// How the driver reaches the device.
 enum Transport {
@@ -205,31 +85,13 @@ fn driver() -> Driver {
 
 fn driver_with_rx_buffers(count: usize) -> Driver {
     let mut driver = Driver::unactivated();
-    let queues: Vec<Queue> = RING_BASES
-        .iter()
-        .map(|&base| {
-            let (ring, queue) = Ring::new(&driver.memory, base);
-            driver.rings.push(ring);
-            queue
-        })
-        .collect();
-    let queue_events: Vec<EventFd> = (0..3)
-        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-        .collect();
-    let activation = Activation {
-        memory: driver.memory.clone(),
-        queues,
-        queue_events: queue_events
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect(),
-        features: 1 << VIRTIO_F_VERSION_1,
-        interrupt: Interrupt {
-            status: Arc::new(AtomicU32::new(0)),
-            irq: Arc::new(driver.irq.try_clone().unwrap()),
-        },
-    };
-    driver.device.clone().activate(activation).unwrap();
+    let (rings, queue_events) = activate_directly(
+        &mut driver.device.clone(),
+        &driver.memory,
+        &RING_BASES,
+        &driver.irq,
+    );
+    driver.rings = rings;
     driver.transport = Transport::Direct { queue_events };
     driver.give_rx_buffers(count);
     driver
@@ -893,65 +755,20 @@ fn works_through_the_mmio_transport() {
         driver.irq.try_clone().unwrap(),
     )
     .unwrap();
-    let read = |transport: &mut MmioTransport, offset: u32| {
-        let mut data = [0u8; 4];
-        transport.read(u64::from(offset), &mut data);
-        u32::from_le_bytes(data)
-    };
-    let write = |transport: &mut MmioTransport, offset: u32, value: u32| {
-        transport.write(u64::from(offset), &value.to_le_bytes())
-    };
+    let (read, write) = (mmio_read, mmio_write);
     assert_eq!(read(&mut transport, VIRTIO_MMIO_DEVICE_ID), DEVICE_TYPE);
     let mut cid = [0u8; 8];
     transport.read(u64::from(VIRTIO_MMIO_CONFIG), &mut cid);
     assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
-
-    write(
-        &mut transport,
-        VIRTIO_MMIO_STATUS,
-        VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    );
-    write(
-        &mut transport,
-        VIRTIO_MMIO_STATUS,
-        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
-    );
     write(&mut transport, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
     assert_eq!(
         read(&mut transport, VIRTIO_MMIO_DEVICE_FEATURES),
         1,
         "VERSION_1 only"
     );
-    write(&mut transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-    write(&mut transport, VIRTIO_MMIO_DRIVER_FEATURES, 1);
-    let features_ok =
-        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
-    write(&mut transport, VIRTIO_MMIO_STATUS, features_ok);
-    for (index, &base) in RING_BASES.iter().enumerate() {
-        let (ring, _) = Ring::new(&driver.memory, base);
-        write(&mut transport, VIRTIO_MMIO_QUEUE_SEL, index as u32);
-        assert_eq!(read(&mut transport, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
-        write(&mut transport, VIRTIO_MMIO_QUEUE_NUM, u32::from(QUEUE_SIZE));
-        for (low, address) in [
-            (VIRTIO_MMIO_QUEUE_DESC_LOW, ring.desc),
-            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, ring.avail),
-            (VIRTIO_MMIO_QUEUE_USED_LOW, ring.used),
-        ] {
-            write(&mut transport, low, address.raw_value() as u32);
-            write(&mut transport, low + 4, (address.raw_value() >> 32) as u32);
-        }
-        write(&mut transport, VIRTIO_MMIO_QUEUE_READY, 1);
-        driver.rings.push(ring);
-    }
-    write(
-        &mut transport,
-        VIRTIO_MMIO_STATUS,
-        features_ok | VIRTIO_CONFIG_S_DRIVER_OK,
-    );
-    assert_eq!(
-        read(&mut transport, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
-        0
-    );
+    write(&mut transport, VIRTIO_MMIO_QUEUE_SEL, 2);
+    assert_eq!(read(&mut transport, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+    driver.rings = set_up_through_mmio(&mut transport, &driver.memory, 0, &RING_BASES);
     driver.transport = Transport::Mmio(Box::new(transport));
     driver.give_rx_buffers(8);
 
