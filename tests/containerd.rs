@@ -59,15 +59,17 @@ fn runv_task_lifecycle() {
         config.to_str().unwrap(),
         BUSYBOX_IMAGE,
         id,
-        "sleep",
-        "600",
+        "sh",
+        "-c",
+        // As PID 1 of its namespace the shell ignores SIGTERM unless it traps it.
+        "trap 'exit 0' TERM; sleep 600 & wait",
     ]);
     let ps = containerd.ctr_ok(&["task", "ps", id]);
     assert!(ps.lines().count() >= 2, "{ps}");
     let exec = containerd.ctr_ok(&["task", "exec", "--exec-id", "e1", id, "echo", "from-exec"]);
     assert_eq!(exec, "from-exec\n");
-    let tty = containerd.ctr_ok(&["task", "exec", "--tty", "--exec-id", "e2", id, "echo", "tty"]);
-    assert_eq!(tty.trim_end(), "tty");
+    let tty = containerd.ctr_on_tty(&["task", "exec", "--tty", "--exec-id", "e2", id, "tty"]);
+    assert!(tty.contains("/dev/pts/"), "{tty:?}");
     containerd.ctr_ok(&["task", "pause", id]);
     assert!(containerd.ctr_ok(&["task", "ls"]).contains("PAUSED"));
     containerd.ctr_ok(&["task", "resume", id]);
@@ -82,8 +84,17 @@ fn runv_task_lifecycle() {
     // SIGKILL, for a process that ignores SIGTERM.
     let id = "runv-kill";
     containerd.ctr_ok(&[
-        "run", "-d", "--runtime", "io.containerd.runv.v2", "--runtime-config-path",
-        config.to_str().unwrap(), BUSYBOX_IMAGE, id, "sh", "-c", "trap '' TERM; sleep 600",
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.runv.v2",
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        BUSYBOX_IMAGE,
+        id,
+        "sh",
+        "-c",
+        "trap '' TERM; sleep 600",
     ]);
     containerd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", id]);
     wait_stopped(&containerd, id);
@@ -95,7 +106,10 @@ fn runv_task_lifecycle() {
 fn wait_stopped(containerd: &Containerd, id: &str) {
     for _ in 0..300 {
         let tasks = containerd.ctr_ok(&["task", "ls"]);
-        if tasks.lines().any(|l| l.starts_with(id) && l.contains("STOPPED")) {
+        if tasks
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+        {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));

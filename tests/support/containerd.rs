@@ -31,12 +31,19 @@ impl Containerd {
     /// test guest images on the qemu hypervisor. None when the host lacks
     /// containerd (the caller skips).
     pub fn start() -> Option<Containerd> {
-        if Command::new("containerd").arg("--version").output().is_err() {
+        if Command::new("containerd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             println!("SKIPPED: containerd not installed (apt-get install containerd runc)");
             return None;
         }
         let shim_dir = build_shim();
-        let dir = tempfile::Builder::new().prefix("runv-ctrd").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("runv-ctrd")
+            .tempdir()
+            .unwrap();
         let root = dir.path();
         fs::write(
             root.join("config.toml"),
@@ -108,6 +115,27 @@ impl Containerd {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Runs `ctr` on a pseudo-terminal (`script` from util-linux), as
+    /// `--tty` needs, and requires success; returns what the terminal got.
+    pub fn ctr_on_tty(&self, args: &[&str]) -> String {
+        let address = self.dir().join("containerd.sock");
+        let command = format!(
+            "ctr --address {} --namespace {} {}",
+            address.display(),
+            self.namespace,
+            args.join(" ")
+        );
+        let output = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running script");
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        eprintln!("{command} (on a tty): {}\noutput: {out}", output.status);
+        assert!(output.status.success(), "{command} failed");
+        out
+    }
+
     /// Builds the busybox image and imports it.
     pub fn import_busybox(&self) {
         let archive = build_busybox_image(self.dir());
@@ -152,7 +180,11 @@ impl Containerd {
         let log = fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default();
         // Clean up before asserting, so a failure leaves nothing running.
         for process in &left {
-            if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            if let Some(pid) = process
+                .split(':')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill only signals processes that mention our directory.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -160,7 +192,10 @@ impl Containerd {
         for mount in mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
         }
-        assert!(left.is_empty(), "processes left behind: {left:?}\ncontainerd log:\n{log}");
+        assert!(
+            left.is_empty(),
+            "processes left behind: {left:?}\ncontainerd log:\n{log}"
+        );
         assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
     }
 }
@@ -172,7 +207,11 @@ impl Drop for Containerd {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
         for process in processes_mentioning(self.dir.path()) {
-            if let Some(pid) = process.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            if let Some(pid) = process
+                .split(':')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill only signals processes that mention our directory.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -204,10 +243,20 @@ fn build_shim() -> PathBuf {
     let target_dir = profile_dir.parent().unwrap();
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     build
-        .args(["build", "--quiet", "-p", "runv-shim", "--bin", "containerd-shim-runv-v2"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "runv-shim",
+            "--bin",
+            "containerd-shim-runv-v2",
+        ])
         .arg("--target-dir")
         .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|name| name == "release") {
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
         build.arg("--release");
     }
     let status = build.status().expect("running cargo build for the shim");
@@ -261,12 +310,14 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
     fs::create_dir_all(&blobs).unwrap();
 
     let layer_tar = work.join("layer.tar");
-    run_ok(Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg("."));
+    run_ok(
+        Command::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&layer_tar)
+            .arg("."),
+    );
     let diff_id = sha256(&fs::read(&layer_tar).unwrap());
     run_ok(Command::new("gzip").args(["-n", "-1"]).arg(&layer_tar));
     let layer = fs::read(work.join("layer.tar.gz")).unwrap();
@@ -290,9 +341,20 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
         ),
     )
     .unwrap();
-    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let archive = dir.join("busybox-oci.tar");
-    run_ok(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&archive).arg("."));
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&archive)
+            .arg("."),
+    );
     fs::remove_dir_all(&work).unwrap();
     archive
 }
