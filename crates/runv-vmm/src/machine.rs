@@ -3,21 +3,29 @@
 //! what an owner (runv's `builtin` hypervisor) holds; it never sees KVM.
 
 use std::{
+    collections::HashMap,
     io::Write,
     path::PathBuf,
     sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
 };
 
+use event_manager::MutEventSubscriber;
+
 use crate::{
     boot,
-    device_manager::DeviceManager,
+    device_manager::{DeviceManager, SlotIndex},
     devices::add_legacy_devices,
-    event_loop::EventLoop,
+    event_loop::{EventLoop, SubscriberId},
     memory::create_guest_memory,
     mptable,
     vcpu::{VcpuHandle, VcpuStop},
-    virtio::vsock::Vsock,
+    virtio::{
+        block::{Block, BlockConfig},
+        fs::{Fs, FsConfig},
+        vsock::Vsock,
+        VirtioDevice,
+    },
     Vm, VmmError,
 };
 
@@ -79,6 +87,10 @@ pub struct MicroVm {
     name: String,
     vm: Arc<Vm>,
     devices: DeviceManager,
+    /// Taken and stopped by the supervisor when the VM ends.
+    event_loop: Arc<Mutex<Option<EventLoop>>>,
+    /// Each attached device's registration with the event loop.
+    subscribers: Mutex<HashMap<SlotIndex, SubscriberId>>,
     events: mpsc::Sender<Event>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -96,11 +108,13 @@ impl MicroVm {
         add_legacy_devices(&mut vm, config.console)?;
         let devices = DeviceManager::new(&mut vm, DEVICE_SLOTS)?;
         let event_loop = EventLoop::spawn(&format!("{THREAD_NAME_PREFIX}events"))?;
+        let mut subscribers = HashMap::new();
         if let Some(vsock) = config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path)?;
-            event_loop.add_subscriber(device.clone())?;
-            devices.attach(&vm, Box::new(device))?;
+            let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
+            subscribers.insert(slot, id);
         }
+        let event_loop = Arc::new(Mutex::new(Some(event_loop)));
         let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
         let entry = boot::load(&memory, &config.kernel, &config.initramfs, &cmdline)?;
         mptable::write(&memory, config.vcpus)?;
@@ -135,8 +149,8 @@ impl MicroVm {
         let supervisor = std::thread::Builder::new()
             .name(format!("{THREAD_NAME_PREFIX}vmm"))
             .spawn({
-                let name = name.clone();
-                move || supervise(&name, events_rx, handles, event_loop, on_end)
+                let (name, event_loop) = (name.clone(), event_loop.clone());
+                move || supervise(&name, events_rx, handles, &event_loop, on_end)
             })
             .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
         tracing::info!(vm = %name, "microVM started");
@@ -144,6 +158,8 @@ impl MicroVm {
             name,
             vm,
             devices,
+            event_loop,
+            subscribers: Mutex::new(subscribers),
             events,
             supervisor: Mutex::new(Some(supervisor)),
         })
@@ -157,6 +173,51 @@ impl MicroVm {
     /// The virtio-mmio slots, for hot-plug.
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    /// Hot-plugs a virtio-blk device into a free slot; the guest agent then
+    /// binds the slot (docs/hotplug.md).
+    pub fn attach_block(&self, config: BlockConfig) -> Result<SlotIndex, VmmError> {
+        self.attach_on_loop(Block::new(config)?)
+    }
+
+    /// Hot-plugs a virtio-fs device into a free slot.
+    pub fn attach_fs(&self, config: FsConfig) -> Result<SlotIndex, VmmError> {
+        self.attach_on_loop(Fs::new(config)?)
+    }
+
+    fn attach_on_loop<D>(&self, device: Arc<Mutex<D>>) -> Result<SlotIndex, VmmError>
+    where
+        D: MutEventSubscriber + Send + 'static,
+        Arc<Mutex<D>>: VirtioDevice,
+    {
+        let event_loop = self.event_loop.lock().expect("event loop lock");
+        let event_loop = event_loop.as_ref().ok_or_else(vm_ended)?;
+        let (slot, id) = plug(&self.vm, &self.devices, event_loop, device)?;
+        self.subscribers
+            .lock()
+            .expect("subscribers lock")
+            .insert(slot, id);
+        Ok(slot)
+    }
+
+    /// Empties `slot` and takes its device off the event loop, which drops
+    /// the device. The guest must have unbound the slot first
+    /// (`UnplugVirtioMmio`).
+    pub fn detach(&self, slot: SlotIndex) -> Result<(), VmmError> {
+        self.devices.detach(&self.vm, slot)?;
+        let id = self
+            .subscribers
+            .lock()
+            .expect("subscribers lock")
+            .remove(&slot);
+        let event_loop = self.event_loop.lock().expect("event loop lock");
+        match (id, event_loop.as_ref()) {
+            (Some(id), Some(event_loop)) => event_loop.remove_subscriber(id),
+            // A device without I/O of its own, or a VM that has ended
+            // and dropped every subscriber with its loop.
+            _ => Ok(()),
+        }
     }
 
     /// Ends the VM and waits until its threads are gone. Safe to call more
@@ -184,7 +245,7 @@ fn supervise(
     name: &str,
     events: mpsc::Receiver<Event>,
     vcpus: Vec<VcpuHandle>,
-    event_loop: EventLoop,
+    event_loop: &Mutex<Option<EventLoop>>,
     on_end: OnEnd,
 ) {
     let end = match events.recv() {
@@ -204,9 +265,39 @@ fn supervise(
         Ok(Event::StopRequested) | Err(_) => VmEnd::Stopped,
     };
     stop_vcpus(vcpus);
-    event_loop.stop();
+    if let Some(event_loop) = event_loop.lock().expect("event loop lock").take() {
+        event_loop.stop();
+    }
     tracing::info!(vm = %name, ?end, "microVM ended");
     on_end(end);
+}
+
+/// Registers `device` with the event loop and puts it in a free slot;
+/// undoes the registration if no slot takes it.
+fn plug<D>(
+    vm: &Vm,
+    devices: &DeviceManager,
+    event_loop: &EventLoop,
+    device: Arc<Mutex<D>>,
+) -> Result<(SlotIndex, SubscriberId), VmmError>
+where
+    D: MutEventSubscriber + Send + 'static,
+    Arc<Mutex<D>>: VirtioDevice,
+{
+    let id = event_loop.add_subscriber(device.clone())?;
+    match devices.attach(vm, Box::new(device)) {
+        Ok(slot) => Ok((slot, id)),
+        Err(e) => {
+            if let Err(undo) = event_loop.remove_subscriber(id) {
+                tracing::warn!(error = %undo, "cannot undo a failed attach");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn vm_ended() -> VmmError {
+    VmmError::Device("the VM has ended".into())
 }
 
 /// Kicks every vCPU out of the guest and joins its thread.

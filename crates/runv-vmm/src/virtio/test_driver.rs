@@ -256,3 +256,90 @@ impl Ring {
         }
     }
 }
+
+/// One descriptor of a test chain.
+pub(crate) enum Desc {
+    /// Bytes for the device to read.
+    Read(Vec<u8>),
+    /// Room for the device to write.
+    Write(u32),
+}
+
+/// How the driver notifies a queue.
+pub(crate) enum Kick {
+    /// The queue's eventfd, as KVM's ioeventfd would signal it.
+    Eventfd(EventFd),
+    /// The transport's QueueNotify register.
+    Mmio(Box<MmioTransport>),
+}
+
+/// One queue of a device under test, driven from the guest's side: each
+/// descriptor's buffer sits at `buffers + index * BUFFER_SLOT`.
+pub(crate) struct QueueDriver {
+    pub(crate) memory: GuestMemory,
+    pub(crate) ring: Ring,
+    pub(crate) kick: Kick,
+    pub(crate) queue: u16,
+    pub(crate) buffers: u64,
+}
+
+/// Room for each descriptor's data.
+pub(crate) const BUFFER_SLOT: u64 = 0x1_0000;
+
+impl QueueDriver {
+    pub(crate) fn buffer(&self, index: u16) -> u64 {
+        self.buffers + u64::from(index) * BUFFER_SLOT
+    }
+
+    /// Publishes a chain of `descs`, kicks, and waits for the device to
+    /// return it; returns the used length and each writable buffer.
+    pub(crate) fn submit(&mut self, descs: &[Desc]) -> (u32, Vec<Vec<u8>>) {
+        let parts: Vec<(u32, bool)> = descs
+            .iter()
+            .map(|desc| match desc {
+                Desc::Read(bytes) => (bytes.len() as u32, false),
+                Desc::Write(len) => (*len, true),
+            })
+            .collect();
+        let buffers = self.buffers;
+        let indices = self.ring.add_chain(&self.memory, &parts, |index| {
+            buffers + u64::from(index) * BUFFER_SLOT
+        });
+        for (desc, &index) in descs.iter().zip(&indices) {
+            let fill = match desc {
+                Desc::Read(bytes) => bytes.clone(),
+                Desc::Write(len) => vec![0xee; *len as usize],
+            };
+            self.memory
+                .write_slice(&fill, GuestAddress(self.buffer(index)))
+                .unwrap();
+        }
+        self.ring.publish(&self.memory, indices[0]);
+        self.kick();
+        let used = self.ring.wait_used(&self.memory, indices[0]);
+        let written = descs
+            .iter()
+            .zip(&indices)
+            .filter_map(|(desc, &index)| {
+                let Desc::Write(len) = desc else {
+                    return None;
+                };
+                let mut bytes = vec![0; *len as usize];
+                self.memory
+                    .read_slice(&mut bytes, GuestAddress(self.buffer(index)))
+                    .unwrap();
+                Some(bytes)
+            })
+            .collect();
+        (used, written)
+    }
+
+    pub(crate) fn kick(&mut self) {
+        match &mut self.kick {
+            Kick::Eventfd(event) => event.write(1).unwrap(),
+            Kick::Mmio(transport) => {
+                mmio_write(transport, VIRTIO_MMIO_QUEUE_NOTIFY, u32::from(self.queue))
+            }
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::{
 
 use virtio_bindings::{
     virtio_blk::*,
-    virtio_mmio::{VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_QUEUE_NOTIFY},
+    virtio_mmio::{VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID},
     virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE},
 };
 use virtio_queue::desc::split::Descriptor;
@@ -21,47 +21,28 @@ use super::{Block, BlockConfig, DEVICE_TYPE};
 use crate::{
     bus::BusDevice,
     event_loop::EventLoop,
-    memory::{create_guest_memory, GuestMemory},
+    memory::create_guest_memory,
     virtio::{
         mmio::MmioTransport,
         queue_device::QueueDevice,
-        test_driver::{activate_directly, mmio_read, set_up_through_mmio, Ring, RING_SIZE},
+        test_driver::{
+            activate_directly, mmio_read, set_up_through_mmio, Desc, Kick, QueueDriver,
+            BUFFER_SLOT, RING_SIZE,
+        },
         VirtioDevice,
     },
 };
 
 const MEMORY_SIZE: u64 = 16 << 20;
 const RING_BASE: u64 = 0;
-/// Each descriptor's buffer, by descriptor index.
 const BUFFERS: u64 = 0x10_0000;
-const BUFFER_SLOT: u64 = 0x1_0000;
 const IMAGE_SIZE: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 const SERIAL: &str = "runv-test-disk";
 
-fn buffer(index: u16) -> u64 {
-    BUFFERS + u64::from(index) * BUFFER_SLOT
-}
-
-/// One descriptor of a test chain.
-enum Desc {
-    /// Bytes for the device to read.
-    Read(Vec<u8>),
-    /// Room for the device to write.
-    Write(u32),
-}
-
-/// How the driver kicks the queue.
-enum Kick {
-    Eventfd(EventFd),
-    Mmio(Box<MmioTransport>),
-}
-
 /// The guest side of one block device.
 struct Guest {
-    memory: GuestMemory,
-    ring: Ring,
-    kick: Kick,
+    queue: QueueDriver,
     device: Arc<Mutex<QueueDevice<Block>>>,
     irq: EventFd,
     image: PathBuf,
@@ -101,9 +82,13 @@ fn guest(read_only: bool) -> Guest {
     let (mut rings, mut kicks) =
         activate_directly(&mut device.clone(), &memory, &[RING_BASE], &irq);
     Guest {
-        memory,
-        ring: rings.remove(0),
-        kick: Kick::Eventfd(kicks.remove(0)),
+        queue: QueueDriver {
+            memory,
+            ring: rings.remove(0),
+            kick: Kick::Eventfd(kicks.remove(0)),
+            queue: 0,
+            buffers: BUFFERS,
+        },
         device,
         irq,
         image,
@@ -136,55 +121,6 @@ struct Answer {
 }
 
 impl Guest {
-    /// Publishes a chain of `descs`, each with `flags` added, kicks, and
-    /// waits for it; returns the used length and each writable buffer.
-    fn submit(&mut self, descs: &[Desc]) -> (u32, Vec<Vec<u8>>) {
-        let parts: Vec<(u32, bool)> = descs
-            .iter()
-            .map(|desc| match desc {
-                Desc::Read(bytes) => (bytes.len() as u32, false),
-                Desc::Write(len) => (*len, true),
-            })
-            .collect();
-        let indices = self.ring.add_chain(&self.memory, &parts, buffer);
-        for (desc, &index) in descs.iter().zip(&indices) {
-            match desc {
-                Desc::Read(bytes) => self.memory.write_slice(bytes, GuestAddress(buffer(index))),
-                Desc::Write(len) => self
-                    .memory
-                    .write_slice(&vec![0xee; *len as usize], GuestAddress(buffer(index))),
-            }
-            .unwrap();
-        }
-        self.ring.publish(&self.memory, indices[0]);
-        self.kick();
-        let used = self.ring.wait_used(&self.memory, indices[0]);
-        let written = descs
-            .iter()
-            .zip(&indices)
-            .filter_map(|(desc, &index)| match desc {
-                Desc::Write(len) => {
-                    let mut bytes = vec![0; *len as usize];
-                    self.memory
-                        .read_slice(&mut bytes, GuestAddress(buffer(index)))
-                        .unwrap();
-                    Some(bytes)
-                }
-                Desc::Read(_) => None,
-            })
-            .collect();
-        (used, written)
-    }
-
-    fn kick(&mut self) {
-        match &mut self.kick {
-            Kick::Eventfd(event) => event.write(1).unwrap(),
-            Kick::Mmio(transport) => {
-                transport.write(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &0u32.to_le_bytes())
-            }
-        }
-    }
-
     /// A request as Linux lays it out: header, data to write or room to
     /// read into, status.
     fn request(&mut self, request_type: u32, sector: u64, out: &[u8], in_len: u32) -> Answer {
@@ -196,7 +132,7 @@ impl Guest {
             descs.push(Desc::Write(in_len));
         }
         descs.push(Desc::Write(1));
-        let (used, mut written) = self.submit(&descs);
+        let (used, mut written) = self.queue.submit(&descs);
         let status = written.pop().unwrap()[0];
         Answer {
             status,
@@ -236,7 +172,7 @@ fn reads_and_writes_reach_the_backing_file() {
     assert!(guest.irq.read().unwrap() > 0, "the guest was interrupted");
 
     // Data split over several descriptors, as a scattered page list is.
-    let (used, written) = guest.submit(&[
+    let (used, written) = guest.queue.submit(&[
         Desc::Read(header(VIRTIO_BLK_T_IN, 8)),
         Desc::Write(512),
         Desc::Write(3584),
@@ -383,13 +319,15 @@ fn requests_beyond_the_capacity_or_unknown_fail() {
 fn malformed_chains_are_answered_or_returned_and_the_device_goes_on() {
     let mut guest = guest(false);
     // The status descriptor is not writable: nothing to answer in.
-    let (used, _) = guest.submit(&[Desc::Read(header(VIRTIO_BLK_T_IN, 0)), Desc::Read(vec![0])]);
+    let (used, _) = guest
+        .queue
+        .submit(&[Desc::Read(header(VIRTIO_BLK_T_IN, 0)), Desc::Read(vec![0])]);
     assert_eq!(used, 0);
     // The header is in a write-only descriptor.
-    let (used, written) = guest.submit(&[Desc::Write(16), Desc::Write(1)]);
+    let (used, written) = guest.queue.submit(&[Desc::Write(16), Desc::Write(1)]);
     assert_eq!((used, written[1][0]), (1, IOERR));
     // A readable descriptor after a writable one.
-    let (_, written) = guest.submit(&[
+    let (_, written) = guest.queue.submit(&[
         Desc::Read(header(VIRTIO_BLK_T_OUT, 0)),
         Desc::Write(512),
         Desc::Read(vec![0; 512]),
@@ -398,7 +336,7 @@ fn malformed_chains_are_answered_or_returned_and_the_device_goes_on() {
     assert_eq!(written[1][0], IOERR);
     // A header split over two descriptors is fine.
     let header = header(VIRTIO_BLK_T_IN, 1);
-    let (used, written) = guest.submit(&[
+    let (used, written) = guest.queue.submit(&[
         Desc::Read(header[..5].to_vec()),
         Desc::Read(header[5..].to_vec()),
         Desc::Write(512),
@@ -407,33 +345,27 @@ fn malformed_chains_are_answered_or_returned_and_the_device_goes_on() {
     assert_eq!((used, written[1][0]), (513, OK));
 
     // A data buffer that runs past the end of guest memory.
-    let indices = guest.ring.add_chain(
-        &guest.memory,
-        &[(16, false), (512, true), (1, true)],
-        buffer,
-    );
+    let queue = &mut guest.queue;
+    let chain = [(16, false), (512, true), (1, true)];
+    let indices = queue.ring.add_chain(&queue.memory, &chain, |index| {
+        BUFFERS + u64::from(index) * BUFFER_SLOT
+    });
     let flags = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16;
     let past_ram = Descriptor::new(MEMORY_SIZE - 256, 512, flags, indices[2]);
-    guest.ring.write_desc(&guest.memory, indices[1], past_ram);
-    guest
-        .memory
-        .write_slice(
-            &self::header(VIRTIO_BLK_T_IN, 0),
-            GuestAddress(buffer(indices[0])),
-        )
-        .unwrap();
-    guest.ring.publish(&guest.memory, indices[0]);
-    guest.kick();
-    assert_eq!(guest.ring.wait_used(&guest.memory, indices[0]), 1);
-    let status: u8 = guest
-        .memory
-        .read_obj(GuestAddress(buffer(indices[2])))
-        .unwrap();
+    queue.ring.write_desc(&queue.memory, indices[1], past_ram);
+    let header = self::header(VIRTIO_BLK_T_IN, 0);
+    let at = GuestAddress(queue.buffer(indices[0]));
+    queue.memory.write_slice(&header, at).unwrap();
+    queue.ring.publish(&queue.memory, indices[0]);
+    queue.kick();
+    assert_eq!(queue.ring.wait_used(&queue.memory, indices[0]), 1);
+    let status_at = GuestAddress(queue.buffer(indices[2]));
+    let status: u8 = queue.memory.read_obj(status_at).unwrap();
     assert_eq!(status, IOERR);
 
     // A head index beyond the ring: virtio-queue yields an empty chain,
     // which has no status and cannot even be returned.
-    guest.ring.publish(&guest.memory, RING_SIZE + 3);
+    guest.queue.ring.publish(&guest.queue.memory, RING_SIZE + 3);
     let read = guest.request(VIRTIO_BLK_T_IN, 0, &[], 512);
     assert_eq!(read.status, OK, "the device still answers");
 }
@@ -462,9 +394,13 @@ fn works_through_the_mmio_transport() {
     let features = 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_SEG_MAX;
     let mut rings = set_up_through_mmio(&mut transport, &memory, features, &[RING_BASE]);
     let mut guest = Guest {
-        memory,
-        ring: rings.remove(0),
-        kick: Kick::Mmio(Box::new(transport)),
+        queue: QueueDriver {
+            memory,
+            ring: rings.remove(0),
+            kick: Kick::Mmio(Box::new(transport)),
+            queue: 0,
+            buffers: BUFFERS,
+        },
         device,
         irq,
         image,
