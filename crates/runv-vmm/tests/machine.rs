@@ -14,8 +14,10 @@ use std::{
 
 use common::Console;
 use runv_vmm::{
+    device_manager::SlotIndex,
     testing::{print, pvh_image, RESET, SPIN},
-    MicroVm, MicroVmConfig, VmEnd, VsockConfig, THREAD_NAME_PREFIX,
+    BlockConfig, FsConfig, MicroVm, MicroVmConfig, VmEnd, VmmError, VsockConfig,
+    THREAD_NAME_PREFIX,
 };
 
 const END_TIMEOUT: Duration = Duration::from_secs(20);
@@ -99,6 +101,7 @@ fn microvm_lifecycle() {
     the_guest_prints_and_ends_the_vm();
     the_owner_ends_a_guest_that_never_stops();
     a_bad_kernel_is_refused_and_leaves_nothing();
+    devices_are_plugged_and_unplugged_while_the_guest_runs();
 }
 
 fn the_guest_prints_and_ends_the_vm() {
@@ -157,5 +160,81 @@ fn a_bad_kernel_is_refused_and_leaves_nothing() {
     );
     let err = result.err().expect("a bad kernel is refused").to_string();
     assert!(err.contains("payload.elf"), "{err}");
+    assert_gone(&guest.vsock);
+}
+
+/// How many of this process's descriptors are open on `path`.
+fn open_descriptors_on(path: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        .count()
+}
+
+/// Block and fs devices go into free slots next to the cold-plugged vsock
+/// and run on the VM's one event loop; detaching one drops it (its
+/// backend is closed) and frees the slot for the next.
+fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
+    let Some(guest) = guest(&SPIN) else { return };
+    let image = guest.kernel.with_file_name("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let shared = guest.kernel.with_file_name("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let block = || BlockConfig {
+        path: image.clone(),
+        read_only: false,
+        serial: "disk0".into(),
+    };
+    let (vm, end) = start(config(&guest, 1, &Console::default()));
+
+    assert_eq!(
+        vm.attach_block(block()).unwrap(),
+        SlotIndex(1),
+        "vsock holds 0"
+    );
+    let fs = FsConfig {
+        tag: "share".into(),
+        shared_dir: shared.clone(),
+        read_only: true,
+    };
+    assert_eq!(vm.attach_fs(fs).unwrap(), SlotIndex(2));
+    assert_eq!(open_descriptors_on(&image), 1);
+    let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
+    let threads = vmm_threads();
+    assert!(
+        threads.iter().all(|t| own_threads.contains(t)),
+        "the devices run on the VM's event loop: {threads:?}"
+    );
+
+    vm.detach(SlotIndex(1)).unwrap();
+    assert_eq!(open_descriptors_on(&image), 0, "the device is gone");
+    let again = vm.detach(SlotIndex(1)).unwrap_err();
+    assert!(
+        matches!(again, VmmError::SlotNotInUse(SlotIndex(1))),
+        "{again}"
+    );
+    assert_eq!(
+        vm.attach_block(block()).unwrap(),
+        SlotIndex(1),
+        "slot reused"
+    );
+    vm.detach(SlotIndex(0)).unwrap();
+    assert!(
+        !guest.vsock.exists(),
+        "the detached vsock removed its socket"
+    );
+    assert!(end.try_recv().is_err(), "the guest still runs");
+
+    vm.shutdown();
+    assert_eq!(end.try_recv(), Ok(VmEnd::Stopped));
+    let ended = vm.attach_block(block()).unwrap_err();
+    assert!(ended.to_string().contains("ended"), "{ended}");
+    drop(vm);
+    assert_eq!(
+        open_descriptors_on(&image),
+        0,
+        "dropping the VM drops its devices"
+    );
     assert_gone(&guest.vsock);
 }
