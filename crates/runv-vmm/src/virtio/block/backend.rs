@@ -37,6 +37,7 @@ enum Kind {
 pub(super) struct Backend {
     file: File,
     kind: Kind,
+    writable: bool,
     size: u64,
     /// Discard (and unmapping write-zeroes) works on this backend.
     discard: bool,
@@ -66,6 +67,7 @@ impl Backend {
         let mut backend = Backend {
             file,
             kind,
+            writable: !read_only,
             size: 0,
             discard: false,
             discard_granularity: SECTOR_SIZE,
@@ -108,6 +110,15 @@ impl Backend {
 
     pub(super) fn supports_discard(&self) -> bool {
         self.discard
+    }
+
+    /// Files zero ranges by the same means as they discard; block devices
+    /// always can (the kernel writes zeroes where the device cannot).
+    pub(super) fn supports_write_zeroes(&self) -> bool {
+        match self.kind {
+            Kind::File => self.discard,
+            Kind::BlockDevice => self.writable,
+        }
     }
 
     pub(super) fn discard_granularity(&self) -> u64 {

@@ -84,8 +84,12 @@ impl Block {
             1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_FLUSH;
         if config.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
-        } else if backend.supports_discard() {
-            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if backend.supports_discard() {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if backend.supports_write_zeroes() {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         let config_space = config_space(&backend);
         QueueDevice::shared(Block {
@@ -262,9 +266,11 @@ fn config_space(backend: &Backend) -> [u8; CONFIG_LEN] {
         put(36, &u32::MAX.to_le_bytes()); // max_discard_sectors
         put(40, &MAX_RANGES.to_le_bytes()); // max_discard_seg
         put(44, &granularity.to_le_bytes()); // discard_sector_alignment
+    }
+    if backend.supports_write_zeroes() {
         put(48, &u32::MAX.to_le_bytes()); // max_write_zeroes_sectors
         put(52, &MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
-        put(56, &[1]); // write_zeroes_may_unmap
+        put(56, &[u8::from(backend.supports_discard())]); // write_zeroes_may_unmap
     }
     config
 }

@@ -416,3 +416,89 @@ fn works_through_the_mmio_transport() {
     let discard = guest.request(VIRTIO_BLK_T_DISCARD, 0, &range(0, 1, 0), 0);
     assert_eq!(discard.status, UNSUPP, "the driver did not take DISCARD");
 }
+
+/// A loop device over a temporary image, detached when dropped.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// None (saying why) where loop devices cannot be made (no root, no
+    /// `losetup`).
+    fn new(image: &std::path::Path) -> Option<LoopDevice> {
+        let output = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(LoopDevice {
+                path: String::from_utf8(output.stdout).unwrap().trim().into(),
+            }),
+            other => {
+                eprintln!("skipped: cannot set up a loop device: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_host_block_device_is_a_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0x11; IMAGE_SIZE as usize]).unwrap();
+    let Some(loop_device) = LoopDevice::new(&image) else {
+        return;
+    };
+    let device = Block::new(BlockConfig {
+        path: loop_device.path.clone(),
+        read_only: false,
+        serial: SERIAL.into(),
+    })
+    .unwrap();
+    let mut capacity = [0u8; 8];
+    device.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), IMAGE_SIZE / SECTOR);
+    let event_loop = EventLoop::spawn("blk-dev-test").unwrap();
+    event_loop.add_subscriber(device.clone()).unwrap();
+    let memory = create_guest_memory(MEMORY_SIZE).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let (mut rings, mut kicks) =
+        activate_directly(&mut device.clone(), &memory, &[RING_BASE], &irq);
+    let mut guest = Guest {
+        queue: QueueDriver {
+            memory,
+            ring: rings.remove(0),
+            kick: Kick::Eventfd(kicks.remove(0)),
+            queue: 0,
+            buffers: BUFFERS,
+        },
+        device,
+        irq,
+        image: image.clone(),
+        _event_loop: event_loop,
+        _dir: dir,
+    };
+    let write = guest.request(VIRTIO_BLK_T_OUT, 2, &[0x22; 1024], 0);
+    assert_eq!(write.status, OK);
+    assert_eq!(guest.request(VIRTIO_BLK_T_FLUSH, 0, &[], 0).status, OK);
+    let read = guest.request(VIRTIO_BLK_T_IN, 2, &[], 1024);
+    assert_eq!((read.status, read.data), (OK, vec![0x22; 1024]));
+    let zeroes = guest.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &range(2, 1, 0), 0);
+    assert_eq!(zeroes.status, OK, "BLKZEROOUT");
+    let image = guest.image();
+    assert_eq!(image[1024..1536], [0; 512], "seen through the image");
+    assert_eq!(image[1536..2048], [0x22; 512]);
+    assert_eq!(image[..1024], [0x11; 1024]);
+    let beyond = guest.request(VIRTIO_BLK_T_IN, IMAGE_SIZE / SECTOR, &[], 512);
+    assert_eq!(beyond.status, IOERR);
+}
