@@ -60,11 +60,6 @@ impl<H: QueueHandler> QueueDevice<H> {
             .map_err(|e| VmmError::Device(format!("creating a device's wake-up eventfd: {e}")))?;
         Ok(Arc::new(Mutex::new(QueueDevice { handler, queues })))
     }
-
-    /// The device itself.
-    pub fn handler(&self) -> &H {
-        &self.handler
-    }
 }
 
 impl<H: QueueHandler> MutEventSubscriber for QueueDevice<H> {
