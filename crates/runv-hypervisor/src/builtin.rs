@@ -1,7 +1,9 @@
 //! The `builtin` backend: the pod VM runs inside this process, on runv-vmm.
 //! There is no helper process at all; the guest's vsock is served by the
 //! VMM's own virtio-vsock device behind the same hybrid Unix socket as the
-//! qemu path, so the agent client cannot tell the two apart.
+//! qemu path, so the agent client cannot tell the two apart, and a shared
+//! directory by its in-process virtio-fs device under the same tag as
+//! virtiofsd's.
 
 use std::{
     fs::File,
@@ -11,7 +13,8 @@ use std::{
 
 use async_trait::async_trait;
 use runv_config::BuiltinConfig;
-use runv_vmm::{MicroVm, MicroVmConfig, VmEnd, VsockConfig};
+use runv_protocol::SHARED_FS_TAG;
+use runv_vmm::{FsConfig, MicroVm, MicroVmConfig, VmEnd, VsockConfig};
 use tokio::sync::watch;
 
 use crate::{
@@ -83,6 +86,18 @@ impl BuiltinVm {
                 guest_cid: GUEST_CID,
                 uds_path: dir.join(HYBRID_VSOCK_SOCKET),
             }),
+            // The in-process FUSE server runs in this process's mount
+            // namespace: whatever is mounted under the directory later
+            // (container root file systems) is seen at once.
+            filesystems: spec
+                .shared_dir
+                .iter()
+                .map(|shared_dir| FsConfig {
+                    tag: SHARED_FS_TAG.to_owned(),
+                    shared_dir: shared_dir.clone(),
+                    read_only: false,
+                })
+                .collect(),
         })
     }
 }
@@ -96,11 +111,13 @@ impl Hypervisor for BuiltinVm {
         let begin = Instant::now();
         check_boot_files(&self.spec)?;
         if let Some(dir) = &self.spec.shared_dir {
-            return Err(HypervisorError::Unsupported(format!(
-                "sharing {} with the guest needs virtio-fs, which the builtin hypervisor \
-                 does not have yet; use hypervisor = \"qemu\" for containers for now",
-                dir.display()
-            )));
+            if !dir.is_dir() {
+                return Err(HypervisorError::MissingFile {
+                    what: "shared directory",
+                    path: dir.clone(),
+                    fix: "create it before starting the VM",
+                });
+            }
         }
         let kvm = KvmSupport::probe();
         let accel_reason =
@@ -286,6 +303,10 @@ mod tests {
         let Some(mut vm) = payload_vm(tmp.path(), &SPIN) else {
             return;
         };
+        // With a shared directory, served by the in-process virtio-fs.
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        vm.spec.shared_dir = Some(shared.clone());
         vm.start().await.expect("the VM starts");
         assert!(
             vm.vsock_socket().exists(),
@@ -298,5 +319,24 @@ mod tests {
             "twice is fine"
         );
         assert!(!tmp.path().join("vm1").exists(), "the VM directory is gone");
+        assert!(
+            shared.is_dir(),
+            "the caller's shared directory is left alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_shared_directory_is_named_before_anything_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(mut vm) = payload_vm(tmp.path(), &SPIN) else {
+            return;
+        };
+        vm.spec.shared_dir = Some(tmp.path().join("absent"));
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("shared directory") && err.contains("absent"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
     }
 }

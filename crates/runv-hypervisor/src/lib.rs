@@ -120,8 +120,6 @@ pub enum HypervisorError {
     StartFailed { what: &'static str, detail: String },
     #[error("the VM was already started")]
     AlreadyStarted,
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// A pod VM's hypervisor.

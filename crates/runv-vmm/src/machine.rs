@@ -59,6 +59,9 @@ pub struct MicroVmConfig {
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared through virtio-fs from boot on, found by
+    /// the guest's first probe of their slots (no agent call needed).
+    pub filesystems: Vec<FsConfig>,
 }
 
 /// How a microVM ended.
@@ -112,6 +115,10 @@ impl MicroVm {
         if let Some(vsock) = config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path)?;
             let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
+            subscribers.insert(slot, id);
+        }
+        for fs in config.filesystems {
+            let (slot, id) = plug(&vm, &devices, &event_loop, Fs::new(fs)?)?;
             subscribers.insert(slot, id);
         }
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));

@@ -62,6 +62,12 @@ fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
             guest_cid: 3,
             uds_path: guest.vsock.clone(),
         }),
+        // A shared directory from boot on, as a pod VM has.
+        filesystems: vec![FsConfig {
+            tag: "shared".into(),
+            shared_dir: guest._dir.path().to_owned(),
+            read_only: false,
+        }],
     }
 }
 
@@ -190,15 +196,15 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
 
     assert_eq!(
         vm.attach_block(block()).unwrap(),
-        SlotIndex(1),
-        "vsock holds 0"
+        SlotIndex(2),
+        "vsock holds 0, the shared directory of boot 1"
     );
     let fs = FsConfig {
         tag: "share".into(),
         shared_dir: shared.clone(),
         read_only: true,
     };
-    assert_eq!(vm.attach_fs(fs).unwrap(), SlotIndex(2));
+    assert_eq!(vm.attach_fs(fs).unwrap(), SlotIndex(3));
     assert_eq!(open_descriptors_on(&image), 1);
     let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
     let threads = vmm_threads();
@@ -207,16 +213,16 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
         "the devices run on the VM's event loop: {threads:?}"
     );
 
-    vm.detach(SlotIndex(1)).unwrap();
+    vm.detach(SlotIndex(2)).unwrap();
     assert_eq!(open_descriptors_on(&image), 0, "the device is gone");
-    let again = vm.detach(SlotIndex(1)).unwrap_err();
+    let again = vm.detach(SlotIndex(2)).unwrap_err();
     assert!(
-        matches!(again, VmmError::SlotNotInUse(SlotIndex(1))),
+        matches!(again, VmmError::SlotNotInUse(SlotIndex(2))),
         "{again}"
     );
     assert_eq!(
         vm.attach_block(block()).unwrap(),
-        SlotIndex(1),
+        SlotIndex(2),
         "slot reused"
     );
     vm.detach(SlotIndex(0)).unwrap();
