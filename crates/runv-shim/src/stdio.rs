@@ -217,9 +217,9 @@ async fn open_output(target: &str) -> Result<Output, String> {
 async fn start_logger(uri: &str, process: &ProcessRef<'_>) -> Result<(Output, Output), String> {
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
     let failed = |e: io::Error| format!("cannot start the logging binary {path}: {e}");
-    let (stdout_read, stdout_write) = nix::unistd::pipe().map_err(|e| failed(e.into()))?;
-    let (stderr_read, stderr_write) = nix::unistd::pipe().map_err(|e| failed(e.into()))?;
-    let (ready_read, ready_write) = nix::unistd::pipe().map_err(|e| failed(e.into()))?;
+    let (stdout_read, stdout_write) = cloexec_pipe().map_err(failed)?;
+    let (stderr_read, stderr_write) = cloexec_pipe().map_err(failed)?;
+    let (ready_read, ready_write) = cloexec_pipe().map_err(failed)?;
     let mut command = tokio::process::Command::new(percent_decode(path));
     command
         .args(query_args(query))
@@ -261,6 +261,12 @@ async fn start_logger(uri: &str, process: &ProcessRef<'_>) -> Result<(Output, Ou
         }
     });
     Ok((pipe_writer(stdout_write)?, pipe_writer(stderr_write)?))
+}
+
+/// A pipe whose ends the logger does not inherit: it gets only the
+/// duplicates on fds 3 to 5, so closing ours gives it end-of-file.
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
 fn pipe_writer(fd: OwnedFd) -> Result<Output, String> {
