@@ -59,11 +59,7 @@ async fn runs_containers_in_a_pod_vm() {
     assert!(!shutdown.forced, "{shutdown:?}");
     let log = fs::read_to_string(&console).unwrap();
     assert!(!log.contains("panicked"), "console log:\n{log}");
-    assert_nothing_left(
-        scratch.path(),
-        &pids,
-        &["console.log", "initramfs.cpio.gz"],
-    );
+    assert_nothing_left(scratch.path(), &pids, &["console.log", "initramfs.cpio.gz"]);
 }
 
 struct Pod<'a> {
@@ -208,7 +204,11 @@ impl Pod<'_> {
         let script = "head -c 10485760 /dev/urandom > /tmp/data && cat /tmp/data && \
                       sha256sum /tmp/data >&2";
         let (_, mut streams) = self
-            .run("big", &["sh", "-c", script], stdio(false, false, true, true))
+            .run(
+                "big",
+                &["sh", "-c", script],
+                stdio(false, false, true, true),
+            )
             .await;
         let mut stderr = streams.stderr.take().unwrap();
         let digest = tokio::spawn(async move { read_all(&mut stderr).await });
@@ -246,7 +246,11 @@ impl Pod<'_> {
             self.agent.close_stdin("cat", "").await.unwrap();
         }
         let echoed = reader.await.unwrap();
-        assert!(echoed == input, "cat returned {} bytes, not the 1 MiB sent", echoed.len());
+        assert!(
+            echoed == input,
+            "cat returned {} bytes, not the 1 MiB sent",
+            echoed.len()
+        );
         assert_eq!(self.wait("cat", "").await, 0);
         self.agent.remove_container("cat").await.unwrap();
 
@@ -260,7 +264,12 @@ impl Pod<'_> {
 
         // Exec.
         let (_, mut streams) = self
-            .exec("main", "hi", &["echo", "from exec"], stdio(false, false, true, false))
+            .exec(
+                "main",
+                "hi",
+                &["echo", "from exec"],
+                stdio(false, false, true, false),
+            )
             .await;
         let out = read_all(streams.stdout.as_mut().unwrap()).await;
         assert_eq!(String::from_utf8_lossy(&out), "from exec\n");
@@ -277,9 +286,14 @@ impl Pod<'_> {
             )
             .await;
         self.agent.resize_tty("main", "tty", 120, 40).await.unwrap();
-        tty.stdin.as_mut().unwrap().write_all(b"go\n").await.unwrap();
-        let screen = String::from_utf8_lossy(&read_all(tty.stdout.as_mut().unwrap()).await)
-            .into_owned();
+        tty.stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"go\n")
+            .await
+            .unwrap();
+        let screen =
+            String::from_utf8_lossy(&read_all(tty.stdout.as_mut().unwrap()).await).into_owned();
         assert!(screen.contains("40 120"), "terminal output: {screen:?}");
         assert!(screen.contains("/dev/pts/"), "terminal output: {screen:?}");
         assert_eq!(self.wait("main", "tty").await, 0);
@@ -363,10 +377,13 @@ impl Pod<'_> {
         };
         let none = agent::Stdio::default;
         expect_error(
-            self.agent.create_container("bad", b"{not json".to_vec(), none()).await,
+            self.agent
+                .create_container("bad", b"{not json".to_vec(), none())
+                .await,
             "OCI spec of container bad is not valid",
         );
-        let mut spec: Spec = serde_json::from_slice(&container_spec(&["true"], Vec::new())).unwrap();
+        let mut spec: Spec =
+            serde_json::from_slice(&container_spec(&["true"], Vec::new())).unwrap();
         let mut root = spec.root().clone().unwrap();
         root.set_path(PathBuf::from("/srv/missing"));
         spec.set_root(Some(root));
@@ -378,7 +395,11 @@ impl Pod<'_> {
         );
         expect_error(
             self.agent
-                .create_container("bad", container_spec(&["/bin/no-such-program"], Vec::new()), none())
+                .create_container(
+                    "bad",
+                    container_spec(&["/bin/no-such-program"], Vec::new()),
+                    none(),
+                )
                 .await,
             "no-such-program",
         );
@@ -457,7 +478,8 @@ fn sha256(data: &[u8]) -> String {
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
     let output = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
-    String::from_utf8(output.stdout).unwrap()
+    String::from_utf8(output.stdout)
+        .unwrap()
         .split_whitespace()
         .next()
         .unwrap()
