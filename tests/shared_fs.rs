@@ -12,9 +12,8 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -23,7 +22,9 @@ use runv_agent_client::ConnectOptions;
 use runv_hypervisor::{HypervisorError, VmExit};
 use runv_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 use runv_sandbox::{PodVm, SandboxError};
-use runv_tests::{assert_nothing_left, initramfs_with_shell_init, is_running, test_config};
+use runv_tests::{
+    assert_nothing_left, initramfs_with_shell_init, is_running, spawn_vm_holder, test_config,
+};
 
 /// A host directory with one file in it, to be shared.
 fn shared_dir(scratch: &Path) -> PathBuf {
@@ -371,21 +372,9 @@ async fn dropped_vm_takes_virtiofsd_along() {
 fn killed_owner_takes_virtiofsd_along() {
     let scratch = tempfile::tempdir().unwrap();
     let shared = shared_dir(scratch.path());
-    let mut owner = Command::new(env!("CARGO_BIN_EXE_hold-vm"))
-        .arg(scratch.path())
-        .arg(&shared)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(owner.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pids: Vec<u32> = line
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 3, "hold-vm printed {line:?}");
+    let (mut owner, pids) =
+        spawn_vm_holder(env!("CARGO_BIN_EXE_hold-vm"), &[scratch.path(), &shared]);
+    assert_eq!(pids.len(), 3, "hold-vm printed {pids:?}");
     assert!(pids.iter().all(|&pid| is_running(pid)));
 
     owner.kill().unwrap();

@@ -3,11 +3,7 @@
 //! failures a user can meet on the way. Every test checks that nothing is
 //! left behind.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use nix::{
     sys::signal::{self, Signal},
@@ -17,7 +13,8 @@ use runv_agent_client::{AgentError, ConnectOptions};
 use runv_protocol::PROTOCOL_VERSION;
 use runv_sandbox::{PodVm, SandboxError};
 use runv_tests::{
-    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running, test_config,
+    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running,
+    spawn_vm_holder, test_config,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,20 +172,8 @@ async fn guest_that_does_not_power_off_is_killed() {
 #[test]
 fn killed_owner_takes_its_vm_along() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut owner = Command::new(env!("CARGO_BIN_EXE_hold-vm"))
-        .arg(scratch.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(owner.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pids: Vec<u32> = line
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 2, "hold-vm printed {line:?}");
+    let (mut owner, pids) = spawn_vm_holder(env!("CARGO_BIN_EXE_hold-vm"), &[scratch.path()]);
+    assert_eq!(pids.len(), 2, "hold-vm printed {pids:?}");
     assert!(pids.iter().all(|&pid| is_running(pid)));
 
     owner.kill().unwrap();

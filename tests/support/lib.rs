@@ -99,6 +99,29 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Starts the `hold-vm` helper (`binary`, which only integration tests can
+/// name: `env!("CARGO_BIN_EXE_hold-vm")`) with `args`, and returns it with
+/// the PIDs of the VM's processes, once it has booted the VM and printed
+/// them.
+pub fn spawn_vm_holder(binary: &str, args: &[&Path]) -> (std::process::Child, Vec<u32>) {
+    let mut holder = Command::new(binary)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting hold-vm");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("piped stdout")),
+        &mut line,
+    )
+    .expect("reading hold-vm's PIDs");
+    let pids = line
+        .split_whitespace()
+        .map(|pid| pid.parse().expect("hold-vm prints PIDs"))
+        .collect();
+    (holder, pids)
+}
+
 /// This process's threads whose name starts with `prefix`.
 pub fn threads_named(prefix: &str) -> Vec<String> {
     let Ok(tasks) = fs::read_dir("/proc/self/task") else {

@@ -26,8 +26,6 @@ use crate::{
 
 /// The guest's vsock context id, as on the qemu path.
 const GUEST_CID: u64 = 3;
-/// The hybrid vsock socket for host clients.
-const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 
 struct Running {
     vm: MicroVm,
@@ -57,7 +55,7 @@ impl BuiltinVm {
 
     /// What the VMM boots: runv's kernel parameters come first, the
     /// caller's last, so that an operator's parameter wins.
-    fn machine_config(&self, dir: &RunDir) -> Result<MicroVmConfig, HypervisorError> {
+    fn machine_config(&self) -> Result<MicroVmConfig, HypervisorError> {
         let spec = &self.spec;
         let console = File::create(&spec.console_log).map_err(|source| HypervisorError::Io {
             context: format!(
@@ -84,7 +82,7 @@ impl BuiltinVm {
             console: Box::new(console),
             vsock: Some(VsockConfig {
                 guest_cid: GUEST_CID,
-                uds_path: dir.join(HYBRID_VSOCK_SOCKET),
+                uds_path: self.spec.vsock_socket(),
             }),
             // The in-process FUSE server runs in this process's mount
             // namespace: whatever is mounted under the directory later
@@ -126,7 +124,7 @@ impl Hypervisor for BuiltinVm {
         let accel = Accel::Kvm;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting the builtin VM");
         let dir = RunDir::for_vm(&self.spec)?;
-        let config = self.machine_config(&dir)?;
+        let config = self.machine_config()?;
         let (exit_tx, exit_rx) = watch::channel(None);
         // The VMM reports the end from its own thread; the watch is how
         // async waiters learn of it.
@@ -158,10 +156,7 @@ impl Hypervisor for BuiltinVm {
     }
 
     fn vsock_socket(&self) -> PathBuf {
-        self.spec
-            .run_dir
-            .join(&self.spec.id)
-            .join(HYBRID_VSOCK_SOCKET)
+        self.spec.vsock_socket()
     }
 
     /// None: the VM lives in this process.

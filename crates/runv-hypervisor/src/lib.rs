@@ -26,6 +26,9 @@ pub use qemu::QemuVm;
 /// immediate reset on panic, so that a dead guest does not linger.
 pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 reboot=t panic=-1";
 
+/// The hybrid vsock socket for host clients, in the VM's directory.
+const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -46,6 +49,14 @@ pub struct VmSpec {
     /// tag `runv_protocol::SHARED_FS_TAG`: container root file systems and
     /// volumes. The caller owns the directory.
     pub shared_dir: Option<PathBuf>,
+}
+
+impl VmSpec {
+    /// The hybrid vsock socket through which the host dials guest ports,
+    /// whichever backend runs the VM.
+    fn vsock_socket(&self) -> PathBuf {
+        self.run_dir.join(&self.id).join(HYBRID_VSOCK_SOCKET)
+    }
 }
 
 /// How the hypervisor started, for logs and the boot timeline.

@@ -33,8 +33,6 @@ use crate::{
 const GUEST_CID: u32 = 3;
 /// The vhost-user socket between QEMU and vhost-device-vsock.
 const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
-/// The hybrid vsock socket for host clients.
-const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const QEMU_LOG: &str = "qemu.log";
 const VSOCK_HELPER_LOG: &str = "vhost-device-vsock.log";
 /// The vhost-user socket between QEMU and virtiofsd.
@@ -147,17 +145,14 @@ impl QemuVm {
     async fn start_backends(
         programs: &Programs,
         dir: &RunDir,
+        vsock_socket: &Path,
     ) -> Result<Vec<Backend>, HypervisorError> {
         let mut backends = Vec::new();
         let started = async {
             backends.push(Backend::spawn(
                 "vhost-device-vsock",
                 &programs.vsock,
-                vhost_user::vsock_args(
-                    GUEST_CID,
-                    &dir.join(VHOST_VSOCK_SOCKET),
-                    &dir.join(HYBRID_VSOCK_SOCKET),
-                ),
+                vhost_user::vsock_args(GUEST_CID, &dir.join(VHOST_VSOCK_SOCKET), vsock_socket),
                 dir.join(VHOST_VSOCK_SOCKET),
                 dir.join(VSOCK_HELPER_LOG),
             )?);
@@ -269,7 +264,7 @@ impl Hypervisor for QemuVm {
             .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
         let dir = RunDir::for_vm(&self.spec)?;
-        let mut backends = Self::start_backends(&programs, &dir).await?;
+        let mut backends = Self::start_backends(&programs, &dir, &self.spec.vsock_socket()).await?;
         let qemu = match spawn_logged(
             &programs.qemu,
             self.qemu_args(accel, &dir),
@@ -310,10 +305,7 @@ impl Hypervisor for QemuVm {
     }
 
     fn vsock_socket(&self) -> PathBuf {
-        self.spec
-            .run_dir
-            .join(&self.spec.id)
-            .join(HYBRID_VSOCK_SOCKET)
+        self.spec.vsock_socket()
     }
 
     fn pids(&self) -> Vec<u32> {
