@@ -63,6 +63,11 @@ const GUEST_OWNED_SOURCES: [&str; 3] = ["/dev", "/proc", "/sys"];
 /// - each bind mount of a host path becomes a bind of its share;
 /// - the network namespace goes (the pod VM is the pod's network
 ///   boundary), and namespace paths go (they are host paths);
+/// - a hostname gets a UTS namespace to be set in (see
+///   [`give_hostname_a_namespace`]);
+/// - the cgroups path goes: it names the host's hierarchy (systemd's
+///   `slice:prefix:name` form included), the agent places the container
+///   in the guest's;
 /// - OCI hooks, AppArmor and SELinux labels go: they are host facilities.
 pub fn for_guest(mut spec: Value, guest_dir: &Path) -> Result<GuestSpec, String> {
     let root = spec.get_mut("root").and_then(Value::as_object_mut).ok_or(
@@ -81,12 +86,20 @@ pub fn for_guest(mut spec: Value, guest_dir: &Path) -> Result<GuestSpec, String>
             "dropping OCI hooks: they are host programs, and the container runs in a VM"
         );
     }
+    let has_hostname = object
+        .get("hostname")
+        .and_then(Value::as_str)
+        .is_some_and(|name| !name.is_empty());
     if let Some(linux) = object.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("mountLabel");
+        linux.remove("cgroupsPath");
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
             namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
             for namespace in namespaces.iter_mut().filter_map(Value::as_object_mut) {
                 namespace.remove("path");
+            }
+            if has_hostname {
+                give_hostname_a_namespace(namespaces);
             }
         }
     }
@@ -94,6 +107,20 @@ pub fn for_guest(mut spec: Value, guest_dir: &Path) -> Result<GuestSpec, String>
         strip_host_labels(process);
     }
     Ok(GuestSpec { spec, binds })
+}
+
+/// CRI runs a host-network pod in the host's UTS namespace yet still names
+/// its hostname, which an OCI runtime refuses to set without a UTS
+/// namespace of its own. In the VM the host's UTS namespace is the VM's,
+/// shared by every pod container: the container gets its own instead, so
+/// the hostname applies to it alone.
+fn give_hostname_a_namespace(namespaces: &mut Vec<Value>) {
+    let has_uts = namespaces
+        .iter()
+        .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"));
+    if !has_uts {
+        namespaces.push(serde_json::json!({"type": "uts"}));
+    }
 }
 
 /// An exec's OCI process (containerd's JSON) as the guest must see it.
@@ -247,6 +274,23 @@ mod tests {
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "ipc"}])
         );
+    }
+
+    #[test]
+    fn host_network_pods_keep_their_hostname_in_a_uts_namespace() {
+        let spec = json!({"root": {"path": "rootfs"}, "hostname": "node-1",
+            "linux": {"namespaces": [{"type": "pid"}],
+                      "cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:c1"}});
+        let spec = for_guest(spec, Path::new("/g")).unwrap().spec;
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
+        assert!(spec["linux"].get("cgroupsPath").is_none());
+        let no_hostname = json!({"root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "pid"}]}});
+        let spec = for_guest(no_hostname, Path::new("/g")).unwrap().spec;
+        assert_eq!(spec["linux"]["namespaces"], json!([{"type": "pid"}]));
     }
 
     #[test]
