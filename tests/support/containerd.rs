@@ -11,7 +11,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{processes_mentioning, test_config};
+use crate::{cri, processes_mentioning, test_config};
 
 /// The image every containerd test runs.
 pub const BUSYBOX_IMAGE: &str = "docker.io/runv/busybox:test";
@@ -31,6 +31,17 @@ impl Containerd {
     /// test guest images on the qemu hypervisor. None when the host lacks
     /// containerd (the caller skips).
     pub fn start() -> Option<Containerd> {
+        Self::launch(false)
+    }
+
+    /// Like [`Containerd::start`], with the CRI plugin serving the runtime
+    /// handler `runv` and a local pause image ([`cri`]), in CRI's
+    /// namespace `k8s.io`.
+    pub fn start_with_cri() -> Option<Containerd> {
+        Self::launch(true)
+    }
+
+    fn launch(with_cri: bool) -> Option<Containerd> {
         if Command::new("containerd")
             .arg("--version")
             .output()
@@ -45,13 +56,16 @@ impl Containerd {
             .tempdir()
             .unwrap();
         let root = dir.path();
+        let plugins = match with_cri {
+            true => cri::plugin_config(root),
+            false => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".into(),
+        };
         fs::write(
             root.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
                  [grpc]\n  address = \"{0}/containerd.sock\"\n\
-                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n",
+                 [ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n{plugins}",
                 root.display()
             ),
         )
@@ -70,8 +84,12 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("starting containerd");
+        let namespace = match with_cri {
+            true => cri::NAMESPACE.to_owned(),
+            false => format!("runv-test-{}", std::process::id()),
+        };
         let containerd = Containerd {
-            namespace: format!("runv-test-{}", std::process::id()),
+            namespace,
             dir,
             daemon,
         };
@@ -138,7 +156,11 @@ impl Containerd {
 
     /// Builds the busybox image and imports it.
     pub fn import_busybox(&self) {
-        let archive = build_busybox_image(self.dir());
+        self.import_image(&build_busybox_image(self.dir()));
+    }
+
+    /// Imports an OCI image layout archive.
+    pub fn import_image(&self, archive: &Path) {
         self.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
     }
 
@@ -286,12 +308,25 @@ fn write_runv_config(dir: &Path) {
 /// An OCI image layout archive of Debian's static busybox with its applet
 /// links, named [`BUSYBOX_IMAGE`].
 pub fn build_busybox_image(dir: &Path) -> PathBuf {
+    build_busybox_based_image(dir, BUSYBOX_IMAGE, &[], &["sh"])
+}
+
+/// An OCI image layout archive `dir/<name's tag>-oci.tar` of busybox (see
+/// [`build_busybox_image`]) named `name`, with the given `Entrypoint` and
+/// `Cmd`.
+pub fn build_busybox_based_image(
+    dir: &Path,
+    name: &str,
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> PathBuf {
+    let stem = name.rsplit('/').next().unwrap().replace(':', "-");
     let busybox = Path::new("/bin/busybox");
     assert!(
         busybox.is_file(),
         "/bin/busybox not found: install Debian's busybox-static"
     );
-    let work = dir.join("image");
+    let work = dir.join(format!("image-{stem}"));
     let root = work.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
         fs::create_dir_all(root.join(sub)).unwrap();
@@ -323,8 +358,9 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
     let layer = fs::read(work.join("layer.tar.gz")).unwrap();
     let layer_digest = add_blob(&blobs, &layer);
 
+    let (entrypoint, cmd) = (serde_json::json!(entrypoint), serde_json::json!(cmd));
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Entrypoint":{entrypoint},"Cmd":{cmd}}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff_id}"]}}}}"#
     );
     let config_digest = add_blob(&blobs, config.as_bytes());
     let manifest = format!(
@@ -336,7 +372,7 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
     fs::write(
         layout.join("index.json"),
         format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{BUSYBOX_IMAGE}","org.opencontainers.image.ref.name":"test"}}}}]}}"#,
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{name}","org.opencontainers.image.ref.name":"test"}}}}]}}"#,
             manifest.len()
         ),
     )
@@ -346,7 +382,7 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let archive = dir.join("busybox-oci.tar");
+    let archive = dir.join(format!("{stem}-oci.tar"));
     run_ok(
         Command::new("tar")
             .arg("-C")

@@ -3,6 +3,7 @@
 //! test left nothing behind.
 
 pub mod containerd;
+pub mod cri;
 
 use std::{
     fs,

@@ -1,0 +1,326 @@
+//! A pod through containerd's CRI plugin with the runtime handler `runv`,
+//! driven by a CRI v1 client as the kubelet drives it: the sandbox and two
+//! app containers run in one shim and one VM, exec, stats, logs and
+//! listing work, and stopping and removing the pod leaves nothing behind.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use k8s_cri::v1::{
+    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatsRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+};
+use runv_tests::{
+    containerd::{mounts_under, Containerd, BUSYBOX_IMAGE},
+    cri::{build_pause_image, CriClient, RUNTIME_HANDLER},
+    processes_mentioning,
+};
+
+/// The host processes runv runs for a pod.
+const SHIM: &str = "containerd-shim-runv-v2";
+const HYPERVISOR: &str = "qemu-system-x86_64";
+const VIRTIOFSD: &str = "virtiofsd";
+
+/// A nameserver only this test's pod uses, to recognise CRI's resolv.conf.
+const POD_NAMESERVER: &str = "192.0.2.53";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_runs_in_one_vm() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let version = cri
+        .runtime
+        .version(VersionRequest::default())
+        .await
+        .expect("CRI Version")
+        .into_inner();
+    println!(
+        "CRI: {} {} (API {})",
+        version.runtime_name, version.runtime_version, version.runtime_api_version
+    );
+
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let pod_config = pod_config(&log_dir);
+    let started = Instant::now();
+    let pod_id = cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: RUNTIME_HANDLER.into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let sandbox_ran = started.elapsed();
+    let mut apps = Vec::new();
+    let mut first_app_parts = None;
+    for name in ["app1", "app2"] {
+        let create_started = Instant::now();
+        let id = cri
+            .runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(app_config(name)),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+            .into_inner()
+            .container_id;
+        let created = create_started.elapsed();
+        cri.runtime
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        first_app_parts.get_or_insert((created, create_started.elapsed() - created));
+        apps.push((name, id));
+    }
+    let (created, app_started) = first_app_parts.unwrap();
+    println!(
+        "CRI pod start: {:?} (RunPodSandbox {sandbox_ran:?}, CreateContainer {created:?}, \
+         StartContainer {app_started:?})",
+        sandbox_ran + created + app_started
+    );
+
+    // One shim and one VM serve the sandbox and both apps.
+    assert_eq!(pod_processes(&containerd, SHIM).len(), 1, "one shim");
+    assert_eq!(pod_processes(&containerd, HYPERVISOR).len(), 1, "one VM");
+    let tasks = containerd.ctr_ok(&["task", "ls"]);
+    for id in std::iter::once(&pod_id).chain(apps.iter().map(|(_, id)| id)) {
+        assert!(
+            tasks
+                .lines()
+                .any(|line| line.starts_with(id.as_str()) && line.contains("RUNNING")),
+            "task {id} is not running: {tasks}"
+        );
+        // `ctr task ps` asks the shim, which asks the guest agent.
+        let ps = containerd.ctr_ok(&["task", "ps", id]);
+        assert!(ps.lines().count() >= 2, "no process in {id}: {ps}");
+    }
+
+    for (name, id) in &apps {
+        let hello = exec_sync(&mut cri, id, &["echo", &format!("hello from {name}")]).await;
+        assert_eq!(hello.exit_code, 0);
+        assert_eq!(
+            String::from_utf8_lossy(&hello.stdout),
+            format!("hello from {name}\n")
+        );
+        let failed = exec_sync(&mut cri, id, &["sh", "-c", "echo oops >&2; exit 3"]).await;
+        assert_eq!(failed.exit_code, 3);
+        assert_eq!(String::from_utf8_lossy(&failed.stderr), "oops\n");
+        // CRI's files: resolv.conf from the pod's DNS config, the node's
+        // hosts (a host-network pod).
+        let resolv = exec_sync(&mut cri, id, &["cat", "/etc/resolv.conf"]).await;
+        let resolv = String::from_utf8_lossy(&resolv.stdout);
+        assert!(
+            resolv.contains(POD_NAMESERVER),
+            "{name} resolv.conf: {resolv}"
+        );
+        let hosts = exec_sync(&mut cri, id, &["cat", "/etc/hosts"]).await;
+        assert_eq!(
+            String::from_utf8_lossy(&hosts.stdout),
+            fs::read_to_string("/etc/hosts").unwrap()
+        );
+        // The container's stdout reached its CRI log through the FIFOs.
+        let log = wait_for_log(
+            &log_dir.join(format!("{name}.log")),
+            &format!("started {name}"),
+        );
+        assert!(log.contains(" stdout F started "), "{name} log: {log}");
+    }
+    // The pod's /dev/shm is shared by its containers.
+    let (app1, app2) = (&apps[0].1, &apps[1].1);
+    let write = exec_sync(
+        &mut cri,
+        app1,
+        &["sh", "-c", "echo shm-ok > /dev/shm/check"],
+    )
+    .await;
+    assert_eq!(
+        write.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    let read = exec_sync(&mut cri, app2, &["cat", "/dev/shm/check"]).await;
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "shm-ok\n");
+
+    let stats = cri
+        .runtime
+        .container_stats(ContainerStatsRequest {
+            container_id: app1.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("stats");
+    let cpu = stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds);
+    let memory = stats.memory.and_then(|memory| memory.working_set_bytes);
+    println!("ContainerStats {app1}: cpu {cpu:?} ns, working set {memory:?} bytes");
+    assert!(cpu.is_some_and(|cpu| cpu.value > 0), "cpu: {cpu:?}");
+    assert!(memory.is_some_and(|m| m.value > 0), "memory: {memory:?}");
+
+    let listed = cri
+        .runtime
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: pod_id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    let mut listed: Vec<_> = listed.iter().map(|c| (c.id.clone(), c.state)).collect();
+    listed.sort();
+    let mut expected: Vec<_> = apps
+        .iter()
+        .map(|(_, id)| (id.clone(), ContainerState::ContainerRunning as i32))
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    cri.runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    cri.runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let runv_processes = || {
+        [SHIM, HYPERVISOR, VIRTIOFSD]
+            .iter()
+            .flat_map(|program| pod_processes(&containerd, program))
+            .collect::<Vec<_>>()
+    };
+    while !runv_processes().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runv_processes(), Vec::<String>::new(), "left after removal");
+    assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
+    containerd.stop();
+}
+
+/// A host-network pod (CNI networking is not this test's subject).
+fn pod_config(log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "runv-pod".into(),
+            uid: format!("uid-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "runv-pod".into(),
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        dns_config: Some(DnsConfig {
+            servers: vec![POD_NAMESERVER.into()],
+            searches: vec!["runv.test".into()],
+            options: vec![],
+        }),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: "/kubepods/besteffort/pod-runv-test".into(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        labels: HashMap::from([("app".into(), "runv-test".into())]),
+        ..Default::default()
+    }
+}
+
+/// A long-running busybox container that says it started on stdout.
+fn app_config(name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX_IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into()],
+        args: vec![format!(
+            "echo started {name}; trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+        )],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+async fn exec_sync(cri: &mut CriClient, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    let response = cri
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|arg| arg.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+        .into_inner();
+    eprintln!(
+        "ExecSync {cmd:?} in {id}: exit {}, stdout {:?}, stderr {:?}",
+        response.exit_code,
+        String::from_utf8_lossy(&response.stdout),
+        String::from_utf8_lossy(&response.stderr)
+    );
+    response
+}
+
+/// The host processes of `program` that serve this containerd's pods.
+fn pod_processes(containerd: &Containerd, program: &str) -> Vec<String> {
+    processes_mentioning(containerd.dir())
+        .into_iter()
+        .filter(|process| {
+            let command = process.split_once(": ").map_or("", |(_, command)| command);
+            let argv0 = command.split(' ').next().unwrap_or_default();
+            Path::new(argv0)
+                .file_name()
+                .is_some_and(|name| name == program)
+        })
+        .collect()
+}
+
+/// The CRI log at `path` once it has `line`: containerd writes it from
+/// the container's stdout FIFO, a moment after the output.
+fn wait_for_log(path: &Path, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fs::read_to_string(path).unwrap_or_default();
+        if log.contains(line) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
