@@ -27,6 +27,7 @@ use runv_tests::{
 const SHIM: &str = "containerd-shim-runv-v2";
 const HYPERVISOR: &str = "qemu-system-x86_64";
 const VIRTIOFSD: &str = "virtiofsd";
+const VSOCK_DEVICE: &str = "vhost-device-vsock";
 
 /// A nameserver only this test's pod uses, to recognise CRI's resolv.conf.
 const POD_NAMESERVER: &str = "192.0.2.53";
@@ -100,6 +101,7 @@ async fn pod_runs_in_one_vm() {
     // One shim and one VM serve the sandbox and both apps.
     assert_eq!(pod_processes(&containerd, SHIM).len(), 1, "one shim");
     assert_eq!(pod_processes(&containerd, HYPERVISOR).len(), 1, "one VM");
+    print_host_memory(&containerd);
     let tasks = containerd.ctr_ok(&["task", "ls"]);
     for id in std::iter::once(&pod_id).chain(apps.iter().map(|(_, id)| id)) {
         assert!(
@@ -310,6 +312,40 @@ fn pod_processes(containerd: &Containerd, program: &str) -> Vec<String> {
                 .is_some_and(|name| name == program)
         })
         .collect()
+}
+
+/// Prints the proportional set size (PSS) of every host process runv runs
+/// for the pod: what the pod costs the node beyond its containers' own
+/// memory (the figure behind the RuntimeClass's overhead).
+fn print_host_memory(containerd: &Containerd) {
+    let mut parts = Vec::new();
+    let mut total_kib = 0;
+    for program in [SHIM, HYPERVISOR, VSOCK_DEVICE, VIRTIOFSD] {
+        let kib: u64 = pod_processes(containerd, program)
+            .iter()
+            .filter_map(|process| process.split_once(':'))
+            .filter_map(|(pid, _)| pss_kib(pid))
+            .sum();
+        total_kib += kib;
+        parts.push(format!("{program} {} MiB", kib / 1024));
+    }
+    println!(
+        "runv host memory for the pod (PSS): {} MiB ({})",
+        total_kib / 1024,
+        parts.join(", ")
+    );
+}
+
+/// A process's PSS from /proc/<pid>/smaps_rollup.
+fn pss_kib(pid: &str) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
 }
 
 /// The CRI log at `path` once it has `line`: containerd writes it from
