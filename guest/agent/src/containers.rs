@@ -349,7 +349,7 @@ impl Containers {
                     ),
                 )
             })?;
-        check_args(&process, &format!("exec {exec_id} in container {id}"))?;
+        check_process(&process, None, &format!("exec {exec_id} in container {id}"))?;
         process.set_terminal(Some(stdio.terminal));
         let spec_file = write_json(&container.bundle, &format!("exec-{exec_id}.json"), &process)?;
         let (io, stdio) = self.prepare_stdio(&stdio)?;
@@ -679,7 +679,7 @@ fn container_spec(id: &str, json: &[u8], terminal: bool) -> Result<Spec> {
         .process()
         .clone()
         .ok_or_else(|| invalid(format!("the OCI spec of container {id} has no process")))?;
-    check_args(&process, &format!("container {id}"))?;
+    check_process(&process, Some(&root), &format!("container {id}"))?;
     process.set_terminal(Some(terminal));
     spec.set_process(Some(process));
     if let Some(linux) = spec.linux_mut() {
@@ -694,14 +694,9 @@ fn container_spec(id: &str, json: &[u8], terminal: bool) -> Result<Spec> {
     Ok(spec)
 }
 
-fn check_args(process: &OciProcess, whose: &str) -> Result<()> {
-    if process.args().as_ref().is_none_or(|args| args.is_empty()) {
-        return Err(failure(
-            Code::INVALID_ARGUMENT,
-            format!("the process of {whose} has no args"),
-        ));
-    }
-    Ok(())
+fn check_process(process: &OciProcess, root: Option<&std::path::Path>, whose: &str) -> Result<()> {
+    crate::process_spec::check(process, root, whose)
+        .map_err(|message| failure(Code::INVALID_ARGUMENT, message))
 }
 
 /// Writes `value` as `dir/name`, creating `dir`.
@@ -763,6 +758,9 @@ mod tests {
     #[test]
     fn specs_are_checked_and_completed() {
         let rootfs = tempfile::tempdir().unwrap();
+        // The default spec's process runs `sh`.
+        fs::create_dir_all(rootfs.path().join("bin")).unwrap();
+        fs::write(rootfs.path().join("bin/sh"), "").unwrap();
         let mut spec = Spec::default();
         let mut root = spec.root().clone().unwrap();
         root.set_path(rootfs.path().to_owned());

@@ -9,6 +9,7 @@ mod hotplug;
 mod init;
 mod oci_runtime;
 mod process_io;
+mod process_spec;
 mod ready;
 mod reaper;
 mod root_switch;
