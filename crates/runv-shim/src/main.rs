@@ -5,6 +5,7 @@ mod container;
 mod error;
 mod events;
 mod mounts;
+mod oom;
 mod options;
 mod pod;
 mod process;

@@ -8,13 +8,16 @@ use std::{
 };
 
 use containerd_shim::protos::{
-    api::Status, events::task::TaskExit, protobuf::well_known_types::timestamp::Timestamp,
+    api::Status,
+    events::task::{TaskExit, TaskOOM},
+    protobuf::well_known_types::timestamp::Timestamp,
 };
 use runv_sandbox::PodVm;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     events::Events,
+    oom,
     stdio::{OutputCopies, StdinCloser, StdioPaths},
 };
 
@@ -88,7 +91,8 @@ impl Process {
 
     /// Records the start and watches for the exit: once the guest says the
     /// process ended and its output is all copied, the exit is recorded
-    /// and TaskExit published.
+    /// and TaskExit published. While an init process runs, the watcher
+    /// also publishes TaskOOM for the container's OOM kills.
     pub fn started_as(&mut self, pid: u32, vm: Arc<PodVm>, events: Arc<Events>) {
         self.pid = pid;
         let (Some(exit_sender), Some(outputs)) = (self.exit_sender.take(), self.outputs.take())
@@ -97,7 +101,27 @@ impl Process {
         };
         let (container_id, exec_id) = (self.container_id.clone(), self.exec_id.clone());
         self.watcher = Some(tokio::spawn(async move {
-            let exit = match vm.agent().wait_process(&container_id, &exec_id).await {
+            let waited = vm.agent().wait_process(&container_id, &exec_id);
+            let waited = match exec_id.is_empty() {
+                true => {
+                    let (vm, container_id, events) = (&vm, &container_id, &events);
+                    let kills = move || async move {
+                        let stats = vm.agent().container_stats(container_id).await;
+                        Some(stats.ok()?.memory.into_option()?.oom_kill_events)
+                    };
+                    let on_oom = move || async move {
+                        tracing::info!(%container_id, "OOM kill in the container");
+                        let oom = TaskOOM {
+                            container_id: container_id.clone(),
+                            ..Default::default()
+                        };
+                        events.publish(oom).await
+                    };
+                    oom::watch_during(oom::POLL_INTERVAL, waited, kills, on_oom).await
+                }
+                false => waited.await,
+            };
+            let exit = match waited {
                 Ok(waited) => Exit {
                     status: waited.exit_status,
                     at: timestamp(Duration::from_nanos(waited.exited_at_ns)),
