@@ -6,6 +6,9 @@ mod containers;
 pub mod hybrid_vsock;
 pub mod stdio;
 
+/// The status codes of the agent's answers ([`AgentError::status_code`]).
+pub use ttrpc::Code;
+
 use std::{
     io,
     path::{Path, PathBuf},
@@ -52,11 +55,33 @@ pub enum AgentError {
         ours: u32,
         agent_version: String,
     },
-    #[error("agent call {method} failed: {source}")]
+    #[error("agent call {method} failed: {}", describe(source))]
     Call {
         method: &'static str,
         source: ttrpc::Error,
     },
+}
+
+impl AgentError {
+    /// The status code the agent answered with, if it answered.
+    pub fn status_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Call {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A ttrpc error for people: the agent's status as `CODE: message`
+/// rather than the status message's debug form.
+fn describe(error: &ttrpc::Error) -> String {
+    match error {
+        ttrpc::Error::RpcStatus(status) => format!("{:?}: {}", status.code(), status.message()),
+        other => other.to_string(),
+    }
 }
 
 /// How to reach the agent.
@@ -304,4 +329,31 @@ impl AgentClient {
 
 fn call_context() -> context::Context {
     context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_statuses_read_as_code_and_message() {
+        let error = AgentError::Call {
+            method: "CreateContainer",
+            source: ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::INVALID_ARGUMENT,
+                "the working directory x is not an absolute path",
+            )),
+        };
+        assert_eq!(
+            error.to_string(),
+            "agent call CreateContainer failed: INVALID_ARGUMENT: the working directory x is \
+             not an absolute path"
+        );
+        assert_eq!(error.status_code(), Some(Code::INVALID_ARGUMENT));
+        let local = AgentError::Call {
+            method: "WaitProcess",
+            source: ttrpc::Error::LocalClosed,
+        };
+        assert_eq!(local.status_code(), None);
+    }
 }

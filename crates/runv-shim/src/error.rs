@@ -35,8 +35,18 @@ impl From<ShimError> for ttrpc::Error {
     }
 }
 
+/// The agent's verdict carries over: containerd then says "invalid
+/// argument" or "not found" rather than "unknown".
 impl From<runv_agent_client::AgentError> for ShimError {
     fn from(error: runv_agent_client::AgentError) -> ShimError {
-        ShimError::Internal(error.to_string())
+        use runv_agent_client::Code as AgentCode;
+        let message = error.to_string();
+        match error.status_code() {
+            Some(AgentCode::INVALID_ARGUMENT) => ShimError::InvalidArgument(message),
+            Some(AgentCode::NOT_FOUND) => ShimError::NotFound(message),
+            Some(AgentCode::ALREADY_EXISTS) => ShimError::AlreadyExists(message),
+            Some(AgentCode::FAILED_PRECONDITION) => ShimError::FailedPrecondition(message),
+            _ => ShimError::Internal(message),
+        }
     }
 }
