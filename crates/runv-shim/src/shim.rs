@@ -1,7 +1,10 @@
 //! The shim binary's lifecycle for containerd: `start` (one shim per pod),
 //! serving the Task API, and `delete` after a shim has died.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use containerd_shim::{
@@ -81,6 +84,7 @@ impl Shim for RunvShim {
         }
         mounts::unmount_tree(&bundle_rootfs(&bundle))
             .map_err(|e| Error::Other(format!("cannot unmount the rootfs: {e}")))?;
+        remove_dead_socket(&bundle);
         tracing::info!(id = %self.id, namespace = %self.namespace, "cleaned up after a dead shim");
         Ok(DeleteResponse {
             exit_status: DEAD_SHIM_EXIT_STATUS,
@@ -96,5 +100,42 @@ impl Shim for RunvShim {
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let events = Events::new(publisher, self.namespace.clone());
         TaskService::new(self.namespace.clone(), events, self.exit.clone())
+    }
+}
+
+/// Removes the socket of the bundle's shim once nothing serves it: a shim
+/// killed outright could not remove it (a live shim still serving other
+/// containers of the pod keeps it).
+fn remove_dead_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let socket = Path::new(address.trim().trim_start_matches("unix://"));
+    let refused = std::os::unix::net::UnixStream::connect(socket)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    if refused {
+        if let Err(e) = std::fs::remove_file(socket) {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the dead shim's socket");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_socket_nobody_serves_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (served, dead) = (dir.path().join("served"), dir.path().join("dead"));
+        let _listener = std::os::unix::net::UnixListener::bind(&served).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        for socket in [&served, &dead] {
+            let address = format!("unix://{}", socket.display());
+            std::fs::write(dir.path().join("address"), address).unwrap();
+            remove_dead_socket(dir.path());
+        }
+        assert!(served.exists());
+        assert!(!dead.exists());
     }
 }
