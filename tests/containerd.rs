@@ -1,6 +1,12 @@
 //! The shim against a real containerd: `ctr` runs busybox with runc (to
 //! prove the harness), then with runv, and nothing is left afterwards.
 
+use std::{
+    io::{Read, Write},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
 use runv_tests::containerd::{Containerd, BUSYBOX_IMAGE};
 
 fn started() -> Option<Containerd> {
@@ -19,19 +25,31 @@ fn runc_runs_busybox() {
 
 /// `ctr run` on runv with the test's runv config.
 fn runv_run(containerd: &Containerd, id: &str, args: &[&str]) -> std::process::Output {
-    let config = containerd.runv_config();
+    containerd.ctr(&runv_run_args(containerd, &[], id, args))
+}
+
+/// The arguments of `ctr run --rm` on runv with the test's runv config,
+/// `options` before the image.
+fn runv_run_args<'a>(
+    containerd: &Containerd,
+    options: &[&'a str],
+    id: &'a str,
+    args: &[&'a str],
+) -> Vec<&'a str> {
+    let config = containerd.runv_config().to_string_lossy().into_owned();
     let mut full = vec![
         "run",
         "--rm",
         "--runtime",
         "io.containerd.runv.v2",
         "--runtime-config-path",
-        config.to_str().unwrap(),
-        BUSYBOX_IMAGE,
-        id,
+        // ctr's arguments live for the test; the config path with them.
+        Box::leak(config.into_boxed_str()),
     ];
+    full.extend_from_slice(options);
+    full.extend_from_slice(&[BUSYBOX_IMAGE, id]);
     full.extend_from_slice(args);
-    containerd.ctr(&full)
+    full
 }
 
 #[test]
@@ -115,4 +133,325 @@ fn wait_stopped(containerd: &Containerd, id: &str) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("task {id} did not stop");
+}
+
+/// 100 MiB of random bytes on stdout reach `ctr` byte-exact through
+/// containerd's FIFOs: the digest computed inside matches the one of what
+/// arrived. The throughput is measured from the first byte to the last.
+#[test]
+fn runv_streams_100_mib_byte_exact() {
+    const SIZE: usize = 100 << 20;
+    let Some(containerd) = started() else { return };
+    let script = format!(
+        "exec 3>&1; head -c {SIZE} /dev/urandom | tee /dev/fd/3 | sha256sum | cut -d' ' -f1 >&2"
+    );
+    let args = runv_run_args(&containerd, &[], "runv-100mib", &["sh", "-c", &script]);
+    let mut ctr = containerd
+        .ctr_command(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ctr");
+    let mut digest = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    let (mut stdout, mut to_digest) = (ctr.stdout.take().unwrap(), digest.stdin.take().unwrap());
+    let mut buffer = vec![0; 1 << 20];
+    let (mut received, mut first_byte) = (0, None);
+    loop {
+        let read = stdout.read(&mut buffer).unwrap();
+        if read == 0 {
+            break;
+        }
+        first_byte.get_or_insert_with(Instant::now);
+        received += read;
+        to_digest.write_all(&buffer[..read]).unwrap();
+    }
+    let transfer = first_byte.map_or(Duration::ZERO, |first| first.elapsed());
+    drop(to_digest);
+    let ctr = ctr.wait_with_output().unwrap();
+    let digest = digest.wait_with_output().unwrap();
+    let inside = String::from_utf8_lossy(&ctr.stderr);
+    eprintln!("ctr run: {}, stderr: {inside}", ctr.status);
+    assert!(ctr.status.success());
+    assert_eq!(received, SIZE);
+    let arrived = String::from_utf8_lossy(&digest.stdout);
+    assert_eq!(arrived.split_whitespace().next(), Some(inside.trim()));
+    println!(
+        "100 MiB stdout, guest to ctr byte-exact: {:.1} MiB/s over {transfer:.2?} (qemu/TCG)",
+        SIZE as f64 / (1 << 20) as f64 / transfer.as_secs_f64()
+    );
+    containerd.stop();
+}
+
+/// `--log-uri`: a `file://` URI gets both streams of the container, and a
+/// `binary://` logger (a script following containerd's contract: stdout
+/// on fd 3, stderr on fd 4, ready once fd 5 is closed) receives them.
+#[test]
+fn runv_log_uris() {
+    let Some(containerd) = started() else { return };
+    let dir = containerd.dir().to_owned();
+    let script = ["sh", "-c", "echo to-stdout; echo to-stderr >&2"];
+
+    let log = dir.join("logs/container.log");
+    let uri = format!("file://{}", log.display());
+    let file = runv_run_args(&containerd, &["--log-uri", &uri], "runv-log-file", &script);
+    let out = containerd.ctr(&file);
+    assert!(out.status.success());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("to-stdout\n") && logged.contains("to-stderr\n"),
+        "{logged:?}"
+    );
+
+    let logger = dir.join("logger.sh");
+    std::fs::write(
+        &logger,
+        // Ready once fd 5 is closed everywhere: before the copies inherit it.
+        "#!/bin/sh\nexec 5>&-\ncat <&3 > \"$2.out\" & cat <&4 > \"$2.err\" &\nwait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let prefix = dir.join("binary-log");
+    let uri = format!("binary://{}?prefix={}", logger.display(), prefix.display());
+    let binary = runv_run_args(&containerd, &["--log-uri", &uri], "runv-log-bin", &script);
+    let out = containerd.ctr(&binary);
+    assert!(out.status.success());
+    // The logger writes on after ctr returned: it sees end-of-file then.
+    let read = |stream: &str| {
+        let path = prefix.with_extension(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if !text.is_empty() || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(read("out"), "to-stdout\n");
+    assert_eq!(read("err"), "to-stderr\n");
+    containerd.stop();
+}
+
+/// Tasks.Update changes the container's cgroup limits in the guest; the
+/// lowered memory limit then OOM-kills the container's allocation: exit
+/// 137, and `ctr events` shows /tasks/oom for it.
+#[test]
+fn runv_update_then_oom() {
+    let Some(containerd) = started() else { return };
+    let id = "runv-oom";
+    let events_file = containerd.dir().join("events.log");
+    let mut events = containerd
+        .ctr_command(&["events"])
+        .stdout(std::fs::File::create(&events_file).unwrap())
+        .spawn()
+        .expect("running ctr events");
+    // ctr's spec has no /sys/fs/cgroup: mount the container's cgroup there.
+    let cgroup = "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro";
+    let mut run = runv_run_args(
+        &containerd,
+        &["-d", "--mount", cgroup],
+        id,
+        &[
+            "sh",
+            "-c",
+            "while [ ! -e /tmp/allocate ]; do sleep 0.1; done; x=$(head -c 314572800 /dev/zero | tr '\\000' a)",
+        ],
+    );
+    run.retain(|&arg| arg != "--rm");
+    containerd.ctr_ok(&run);
+    // Without a cgroup namespace the mount shows the guest's hierarchy:
+    // the container's own cgroup is the one /proc/self/cgroup names.
+    let own_limits =
+        "cd /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup) && cat memory.max cpu.max pids.max";
+    let cat = [
+        "task",
+        "exec",
+        "--exec-id",
+        "limits",
+        id,
+        "sh",
+        "-c",
+        own_limits,
+    ];
+    let before = containerd.ctr_ok(&cat);
+    assert_eq!(before, "max\nmax 100000\nmax\n");
+    containerd.update_task(
+        id,
+        r#"{"memory":{"limit":67108864},"cpu":{"quota":50000,"period":100000},"pids":{"limit":100}}"#,
+    );
+    let after = containerd.ctr_ok(&cat);
+    assert_eq!(after, "67108864\n50000 100000\n100\n");
+
+    containerd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "go",
+        id,
+        "touch",
+        "/tmp/allocate",
+    ]);
+    wait_stopped(&containerd, id);
+    let deleted = containerd.ctr(&["task", "delete", id]);
+    // ctr 1.6 reports the exit status of a deleted task as a warning.
+    let warning = String::from_utf8_lossy(&deleted.stderr);
+    assert!(warning.contains("exit code 137"), "{warning}");
+    containerd.ctr_ok(&["container", "delete", id]);
+    let oom = wait_for_line(&events_file, |line| {
+        line.contains("/tasks/oom") && line.contains(id)
+    });
+    assert!(oom.is_some(), "no /tasks/oom event for {id}");
+    let exit = wait_for_line(&events_file, |line| {
+        line.contains("/tasks/exit") && line.contains(&format!("\"id\":\"{id}\""))
+    });
+    let exit = exit.expect("a /tasks/exit event");
+    assert!(exit.contains("\"exit_status\":137"), "{exit}");
+    eprintln!("{}\n{exit}", oom.unwrap());
+    let _ = events.kill();
+    let _ = events.wait();
+    containerd.stop();
+}
+
+/// The first line of `file` that `matches`, waiting up to 10 s for it.
+fn wait_for_line(file: &std::path::Path, matches: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if let Some(line) = text.lines().find(|line| matches(line)) {
+            return Some(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            eprintln!("{}:\n{text}", file.display());
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Faults, each with a clear error on ctr's stderr and nothing left: a
+/// bad runv config, a malformed OCI spec, an entrypoint that does not
+/// exist, and a shim killed while its container runs.
+#[test]
+fn runv_faults_leave_nothing() {
+    let Some(containerd) = started() else { return };
+    let dir = containerd.dir().to_owned();
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // A runv config with a key runv does not know.
+    let bad_config = dir.join("bad-runv.toml");
+    let config = std::fs::read_to_string(containerd.runv_config()).unwrap();
+    std::fs::write(&bad_config, format!("no_such_key = 1\n{config}")).unwrap();
+    let mut run = runv_run_args(&containerd, &[], "runv-bad-config", &["true"]);
+    let config_arg = run
+        .iter()
+        .position(|&a| a == "--runtime-config-path")
+        .unwrap()
+        + 1;
+    run[config_arg] = bad_config.to_str().unwrap();
+    let out = containerd.ctr(&run);
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    for expected in ["no_such_key", "bad-runv.toml", "--runtime-config-path"] {
+        assert!(error.contains(expected), "{expected:?} not in {error}");
+    }
+
+    // A spec the guest cannot run: a working directory that is not absolute.
+    let out = containerd.ctr(&runv_run_args(
+        &containerd,
+        &["--cwd", "relative/dir"],
+        "runv-bad-spec",
+        &["true"],
+    ));
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    for expected in ["relative/dir", "absolute"] {
+        assert!(error.contains(expected), "{expected:?} not in {error}");
+    }
+
+    // An entrypoint the image does not have.
+    let out = runv_run(&containerd, "runv-no-program", &["/no/such/program"]);
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    for expected in ["/no/such/program", "does not exist", "entrypoint"] {
+        assert!(error.contains(expected), "{expected:?} not in {error}");
+    }
+    assert_nothing_running(&containerd);
+
+    // kill -9 of the shim while its container runs.
+    let id = "runv-shim-killed";
+    let mut run = runv_run_args(&containerd, &["-d"], id, &["sleep", "600"]);
+    run.retain(|&arg| arg != "--rm");
+    containerd.ctr_ok(&run);
+    let sockets = containerd.shim_sockets();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    let running = runv_tests::processes_mentioning(&dir);
+    let pid_of = |line: &String| line.split(':').next().unwrap().parse::<i32>().unwrap();
+    let shim = running
+        .iter()
+        .find(|line| line.contains("containerd-shim-runv-v2"))
+        .map(pid_of)
+        .expect("the shim runs");
+    let vm: Vec<u32> = running
+        .iter()
+        .filter(|line| {
+            !line.contains("containerd-shim-runv-v2") && !line.contains("containerd --config")
+        })
+        .map(|line| pid_of(line) as u32)
+        .collect();
+    assert!(
+        vm.len() >= 2,
+        "no hypervisor and helpers found: {running:?}"
+    );
+    // SAFETY: kill only signals the shim this test found.
+    unsafe { libc::kill(shim, libc::SIGKILL) };
+    // containerd notices: the task is no longer running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containerd.ctr_ok(&["task", "ls"]).contains("RUNNING") {
+        assert!(
+            Instant::now() < deadline,
+            "containerd did not notice the dead shim"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = containerd.ctr(&["task", "delete", id]);
+    containerd.ctr_ok(&["container", "delete", id]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.iter().any(|&pid| runv_tests::is_running(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alive: Vec<_> = vm
+        .iter()
+        .filter(|&&pid| runv_tests::is_running(pid))
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "the VM's processes outlived the shim: {alive:?}"
+    );
+    let left: Vec<_> = sockets.iter().filter(|socket| socket.exists()).collect();
+    assert!(left.is_empty(), "shim sockets left behind: {left:?}");
+    assert_nothing_running(&containerd);
+    containerd.stop();
+}
+
+/// No shim, hypervisor or helper runs for this containerd, and nothing is
+/// mounted under its directory (containerd itself aside).
+fn assert_nothing_running(containerd: &Containerd) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let left: Vec<_> = runv_tests::processes_mentioning(containerd.dir())
+            .into_iter()
+            .filter(|line| !line.contains("containerd --config"))
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let mounts = runv_tests::containerd::mounts_under(containerd.dir());
+    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
 }

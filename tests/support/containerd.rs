@@ -106,22 +106,28 @@ impl Containerd {
         self.dir().join("runv.toml")
     }
 
-    /// Runs `ctr` against this containerd and namespace.
-    pub fn ctr(&self, args: &[&str]) -> Output {
-        let output = Command::new("ctr")
+    /// A `ctr` command against this containerd and namespace, for callers
+    /// that stream its output.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
             .arg("--address")
             .arg(self.dir().join("containerd.sock"))
             .args(["--namespace", &self.namespace])
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running ctr");
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `ctr` against this containerd and namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let output = self.ctr_command(args).output().expect("running ctr");
         eprintln!(
             "ctr {}: {}\nstdout: {}stderr: {}",
             args.join(" "),
             output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+            shown(&output.stdout),
+            shown(&output.stderr)
         );
         output
     }
@@ -152,6 +158,72 @@ impl Containerd {
         eprintln!("{command} (on a tty): {}\noutput: {out}", output.status);
         assert!(output.status.success(), "{command} failed");
         out
+    }
+
+    /// The shim sockets of the tasks that exist now, from the `address`
+    /// file containerd keeps in each task's bundle.
+    pub fn shim_sockets(&self) -> Vec<PathBuf> {
+        let tasks = self
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(&self.namespace);
+        fs::read_dir(tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| fs::read_to_string(task.path().join("address")).ok())
+            .map(|address| PathBuf::from(address.trim().trim_start_matches("unix://")))
+            .collect()
+    }
+
+    /// Sets a task's resources through containerd's Tasks.Update (ctr 1.6
+    /// has no `task update`): containerd forwards `resources_json`, the
+    /// OCI LinuxResources, to the shim as ctr's Go client would pack them.
+    /// The gRPC call goes through curl's HTTP/2 on containerd's socket.
+    pub fn update_task(&self, id: &str, resources_json: &str) {
+        let resources = [
+            protobuf_field(
+                1,
+                b"types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+            ),
+            protobuf_field(2, resources_json.as_bytes()),
+        ]
+        .concat();
+        let request = [
+            protobuf_field(1, id.as_bytes()),
+            protobuf_field(2, &resources),
+        ]
+        .concat();
+        // A gRPC message: uncompressed, then its length, then the message.
+        let mut body = vec![0];
+        body.extend_from_slice(&(request.len() as u32).to_be_bytes());
+        body.extend_from_slice(&request);
+        let body_file = self.dir().join("update-request.bin");
+        fs::write(&body_file, body).unwrap();
+        let output = Command::new("curl")
+            .args(["--silent", "--show-error", "--http2-prior-knowledge"])
+            .arg("--unix-socket")
+            .arg(self.dir().join("containerd.sock"))
+            .args(["--header", "content-type: application/grpc"])
+            .args(["--header", "te: trailers"])
+            .args([
+                "--header",
+                &format!("containerd-namespace: {}", self.namespace),
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", body_file.display()))
+            .args(["--dump-header", "-", "--output", "/dev/null"])
+            .arg("http://containerd/containerd.services.tasks.v1.Tasks/Update")
+            .output()
+            .expect("running curl");
+        fs::remove_file(&body_file).unwrap();
+        let headers = String::from_utf8_lossy(&output.stdout);
+        eprintln!("Tasks.Update {id} {resources_json}: {headers}");
+        assert!(
+            headers.lines().any(|line| line.trim() == "grpc-status: 0"),
+            "Tasks.Update failed: {headers}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// Builds the busybox image and imports it.
@@ -241,6 +313,34 @@ impl Drop for Containerd {
         for mount in mounts_under(self.dir.path()).iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
         }
+    }
+}
+
+/// A length-delimited protobuf field (a string, bytes or a message).
+fn protobuf_field(number: u32, content: &[u8]) -> Vec<u8> {
+    let mut field = Vec::new();
+    for mut value in [u64::from(number << 3 | 2), content.len() as u64] {
+        while value >= 0x80 {
+            field.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        field.push(value as u8);
+    }
+    field.extend_from_slice(content);
+    field
+}
+
+/// At most the first 4 KiB of a command's output, for the test log.
+fn shown(output: &[u8]) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 4096;
+    match output.len() > SHOWN {
+        true => format!(
+            "{}... ({} bytes)\n",
+            String::from_utf8_lossy(&output[..SHOWN]),
+            output.len()
+        )
+        .into(),
+        false => String::from_utf8_lossy(output),
     }
 }
 
