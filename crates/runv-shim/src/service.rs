@@ -501,7 +501,8 @@ impl Task for TaskService {
             .container_stats(&req.id)
             .await
             .map_err(ShimError::from)?;
-        let metrics = stats::metrics_any(&stats).map_err(ShimError::Internal)?;
+        let metrics = stats::metrics_any(&stats, stats::CgroupVersion::of_host())
+            .map_err(ShimError::Internal)?;
         Ok(api::StatsResponse {
             stats: MessageField::some(metrics),
             ..Default::default()
