@@ -5,7 +5,7 @@
 //! and hybrid hosts, v2 (`io.containerd.cgroups.v2.Metrics`, generated here
 //! from protos/cgroups_v2.proto) on unified hosts, as runc's shim answers.
 
-use std::path::Path;
+use std::{path::Path, sync::OnceLock};
 
 use containerd_shim::{
     protos::{
@@ -39,12 +39,16 @@ pub enum CgroupVersion {
 
 impl CgroupVersion {
     /// The host's: unified when /sys/fs/cgroup itself is the v2 hierarchy.
+    /// Read once: a host does not change its cgroup mode while it runs.
     pub fn of_host() -> CgroupVersion {
-        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            CgroupVersion::V2
-        } else {
-            CgroupVersion::V1
-        }
+        static HOST: OnceLock<CgroupVersion> = OnceLock::new();
+        *HOST.get_or_init(|| {
+            if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                CgroupVersion::V2
+            } else {
+                CgroupVersion::V1
+            }
+        })
     }
 }
 
