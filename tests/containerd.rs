@@ -36,10 +36,30 @@ fn runv_run_args<'a>(
     id: &'a str,
     args: &[&'a str],
 ) -> Vec<&'a str> {
+    ctr_run_args(containerd, "--rm", options, id, args)
+}
+
+/// The same for `ctr run -d`: the task runs on after ctr returns.
+fn runv_detached_args<'a>(
+    containerd: &Containerd,
+    options: &[&'a str],
+    id: &'a str,
+    args: &[&'a str],
+) -> Vec<&'a str> {
+    ctr_run_args(containerd, "-d", options, id, args)
+}
+
+fn ctr_run_args<'a>(
+    containerd: &Containerd,
+    mode: &'a str,
+    options: &[&'a str],
+    id: &'a str,
+    args: &[&'a str],
+) -> Vec<&'a str> {
     let config = containerd.runv_config().to_string_lossy().into_owned();
     let mut full = vec![
         "run",
-        "--rm",
+        mode,
         "--runtime",
         "io.containerd.runv.v2",
         "--runtime-config-path",
@@ -66,22 +86,14 @@ fn runv_runs_busybox() {
 #[test]
 fn runv_task_lifecycle() {
     let Some(containerd) = started() else { return };
-    let config = containerd.runv_config();
     let id = "runv-life";
-    containerd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        "io.containerd.runv.v2",
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        BUSYBOX_IMAGE,
+    containerd.ctr_ok(&runv_detached_args(
+        &containerd,
+        &[],
         id,
-        "sh",
-        "-c",
         // As PID 1 of its namespace the shell ignores SIGTERM unless it traps it.
-        "trap 'exit 0' TERM; sleep 600 & wait",
-    ]);
+        &["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"],
+    ));
     let ps = containerd.ctr_ok(&["task", "ps", id]);
     assert!(ps.lines().count() >= 2, "{ps}");
     let exec = containerd.ctr_ok(&["task", "exec", "--exec-id", "e1", id, "echo", "from-exec"]);
@@ -101,19 +113,12 @@ fn runv_task_lifecycle() {
 
     // SIGKILL, for a process that ignores SIGTERM.
     let id = "runv-kill";
-    containerd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        "io.containerd.runv.v2",
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        BUSYBOX_IMAGE,
+    containerd.ctr_ok(&runv_detached_args(
+        &containerd,
+        &[],
         id,
-        "sh",
-        "-c",
-        "trap '' TERM; sleep 600",
-    ]);
+        &["sh", "-c", "trap '' TERM; sleep 600"],
+    ));
     containerd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", id]);
     wait_stopped(&containerd, id);
     containerd.ctr_ok(&["task", "delete", id]);
@@ -251,9 +256,9 @@ fn runv_update_then_oom() {
         .expect("running ctr events");
     // ctr's spec has no /sys/fs/cgroup: mount the container's cgroup there.
     let cgroup = "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro";
-    let mut run = runv_run_args(
+    let run = runv_detached_args(
         &containerd,
-        &["-d", "--mount", cgroup],
+        &["--mount", cgroup],
         id,
         &[
             "sh",
@@ -261,7 +266,6 @@ fn runv_update_then_oom() {
             "while [ ! -e /tmp/allocate ]; do sleep 0.1; done; x=$(head -c 314572800 /dev/zero | tr '\\000' a)",
         ],
     );
-    run.retain(|&arg| arg != "--rm");
     containerd.ctr_ok(&run);
     // Without a cgroup namespace the mount shows the guest's hierarchy:
     // the container's own cgroup is the one /proc/self/cgroup names.
@@ -383,9 +387,7 @@ fn runv_faults_leave_nothing() {
 
     // kill -9 of the shim while its container runs.
     let id = "runv-shim-killed";
-    let mut run = runv_run_args(&containerd, &["-d"], id, &["sleep", "600"]);
-    run.retain(|&arg| arg != "--rm");
-    containerd.ctr_ok(&run);
+    containerd.ctr_ok(&runv_detached_args(&containerd, &[], id, &["sleep", "600"]));
     let sockets = containerd.shim_sockets();
     assert_eq!(sockets.len(), 1, "{sockets:?}");
     let running = runv_tests::processes_mentioning(&dir);
