@@ -284,16 +284,8 @@ async fn vm_ends_when_virtiofsd_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_virtiofsd_is_named_before_anything_starts() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut config = test_config(scratch.path());
-    config.qemu.virtiofsd_binary = scratch.path().join("no-virtiofsd");
-    let mut spec = PodVm::spec(&config, "nofs", scratch.path().join("console.log"));
-    spec.shared_dir = Some(shared_dir(scratch.path()));
-    let connect = ConnectOptions::new(config.vm.agent_timeout());
-
-    let err = PodVm::boot(&config, spec, &connect)
-        .await
-        .err()
-        .expect("no virtiofsd, no VM");
+    let err =
+        boot_with_virtiofsd(scratch.path(), scratch.path().join("no-virtiofsd"), "nofs").await;
     assert!(
         matches!(
             err,
@@ -320,7 +312,6 @@ async fn missing_virtiofsd_is_named_before_anything_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtiofsd_that_fails_to_start_leaves_nothing() {
     let scratch = tempfile::tempdir().unwrap();
-    let mut config = test_config(scratch.path());
     let failing = scratch.path().join("failing-virtiofsd");
     fs::write(
         &failing,
@@ -332,15 +323,7 @@ async fn virtiofsd_that_fails_to_start_leaves_nothing() {
         .arg(&failing)
         .status()
         .unwrap();
-    config.qemu.virtiofsd_binary = failing;
-    let mut spec = PodVm::spec(&config, "fsfails", scratch.path().join("console.log"));
-    spec.shared_dir = Some(shared_dir(scratch.path()));
-    let connect = ConnectOptions::new(config.vm.agent_timeout());
-
-    let err = PodVm::boot(&config, spec, &connect)
-        .await
-        .err()
-        .expect("no virtiofsd, no VM");
+    let err = boot_with_virtiofsd(scratch.path(), failing, "fsfails").await;
     let message = err.to_string();
     assert!(
         message.starts_with("virtiofsd failed to start: it exited (exit status: 1)")
@@ -422,4 +405,18 @@ async fn boot_time_with_and_without_the_share() {
         median(without).as_secs_f64() * 1000.0,
         median(with).as_secs_f64() * 1000.0,
     );
+}
+
+/// Boots VM `id` with a shared directory served by `virtiofsd`, which must
+/// fail; returns the error.
+async fn boot_with_virtiofsd(scratch: &Path, virtiofsd: PathBuf, id: &str) -> SandboxError {
+    let mut config = test_config(scratch);
+    config.qemu.virtiofsd_binary = virtiofsd;
+    let mut spec = PodVm::spec(&config, id, scratch.join("console.log"));
+    spec.shared_dir = Some(shared_dir(scratch));
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+    PodVm::boot(&config, spec, &connect)
+        .await
+        .err()
+        .expect("no virtiofsd, no VM")
 }
