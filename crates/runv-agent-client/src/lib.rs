@@ -259,8 +259,9 @@ impl AgentClient {
     }
 
     /// Has the guest take the device the host has just put into
-    /// virtio-mmio slot `slot`, and says which virtio device it became.
-    /// The agent waits up to 5 s for it.
+    /// virtio-mmio slot `slot`, and says which virtio device it became
+    /// and, for a disk, its block device node (`block_device`). The agent
+    /// waits up to 5 s for them.
     pub async fn plug_virtio_mmio(
         &self,
         slot: u32,
@@ -310,6 +311,54 @@ impl AgentClient {
             .map(drop)
             .map_err(|source| AgentError::Call {
                 method: "MountVirtioFs",
+                source,
+            })
+    }
+
+    /// Has the guest mount the block device `source` (e.g. a plugged
+    /// disk's `block_device`) on `mount_point`, created if missing.
+    /// `fs_type` empty detects the file system; `options` are mount(8)'s
+    /// ("ro", "noatime", "errors=remount-ro"; bind and remount are
+    /// refused). Mounting the same source there again is a no-op.
+    pub async fn mount(
+        &self,
+        source: &str,
+        fs_type: &str,
+        options: &[String],
+        mount_point: &str,
+    ) -> Result<(), AgentError> {
+        let request = agent::MountRequest {
+            source: source.to_owned(),
+            fs_type: fs_type.to_owned(),
+            options: options.to_vec(),
+            mount_point: mount_point.to_owned(),
+            ..Default::default()
+        };
+        self.client
+            .mount(call_context(), &request)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "Mount",
+                source,
+            })
+    }
+
+    /// Has the guest unmount `mount_point` and remove the directory, before
+    /// the host unplugs the disk under it. A busy file system fails with
+    /// [`Code::FAILED_PRECONDITION`] and stays mounted; a mount point that
+    /// is not mounted is a no-op.
+    pub async fn unmount(&self, mount_point: &str) -> Result<(), AgentError> {
+        let request = agent::UnmountRequest {
+            mount_point: mount_point.to_owned(),
+            ..Default::default()
+        };
+        self.client
+            .unmount(call_context(), &request)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "Unmount",
                 source,
             })
     }

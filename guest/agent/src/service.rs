@@ -190,6 +190,28 @@ impl agent_ttrpc::Agent for AgentService {
         crate::share::serve_mount(request).await
     }
 
+    async fn mount(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::MountRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "Mount is not implemented yet",
+        )))
+    }
+
+    async fn unmount(
+        &self,
+        _ctx: &TtrpcContext,
+        _request: agent::UnmountRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "Unmount is not implemented yet",
+        )))
+    }
+
     async fn create_container(
         &self,
         _ctx: &TtrpcContext,
