@@ -3,7 +3,8 @@
 //! empty slot fails the driver's probe (device ID 0) and stays unbound.
 //! Plugging binds the slot to the virtio-mmio driver, whose new probe
 //! registers the virtio device the host has put there; unplugging unbinds
-//! it, which removes that device. See docs/hotplug.md.
+//! it, which removes that device. A virtio-blk disk is plugged once its
+//! block device node exists in /dev (devtmpfs). See docs/hotplug.md.
 
 use std::{
     fmt, fs, io,
@@ -12,9 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// How long a plug waits for the virtio device to appear.
+/// How long a plug waits for the virtio device, and for a disk its block
+/// device node, to appear.
 pub const PLUG_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// The virtio device ID of a block device.
+const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// The virtio device found in a slot.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,16 +28,41 @@ pub struct PluggedDevice {
     pub device_id: u32,
     /// The virtio driver bound to it, if any.
     pub driver: Option<String>,
+    /// For a disk the driver took, its block device node (`/dev/vdb`).
+    pub block_device: Option<PathBuf>,
 }
 
 #[derive(Debug)]
 pub enum HotplugError {
-    NoSuchSlot { slot: u32 },
-    EmptySlot { slot: u32 },
-    Bind { slot: u32, source: io::Error },
-    Unbind { slot: u32, source: io::Error },
-    Read { path: PathBuf, source: io::Error },
-    Timeout { slot: u32, waited: Duration },
+    NoSuchSlot {
+        slot: u32,
+    },
+    EmptySlot {
+        slot: u32,
+    },
+    Bind {
+        slot: u32,
+        source: io::Error,
+    },
+    Unbind {
+        slot: u32,
+        source: io::Error,
+    },
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Timeout {
+        slot: u32,
+        waited: Duration,
+    },
+    /// A disk whose block device, or its node, did not appear.
+    NoBlockDevice {
+        slot: u32,
+        device: String,
+        waiting_for: String,
+        waited: Duration,
+    },
 }
 
 impl fmt::Display for HotplugError {
@@ -66,6 +95,16 @@ impl fmt::Display for HotplugError {
                 "{} is bound but no virtio device appeared under it within {waited:?}",
                 platform_device_name(*slot)
             ),
+            HotplugError::NoBlockDevice {
+                slot,
+                device,
+                waiting_for,
+                waited,
+            } => write!(
+                f,
+                "the virtio-blk disk {device} in {} has no {waiting_for} after {waited:?}",
+                platform_device_name(*slot)
+            ),
         }
     }
 }
@@ -77,19 +116,23 @@ pub fn platform_device_name(slot: u32) -> String {
     format!("virtio-mmio.{slot}")
 }
 
-/// The platform bus in sysfs.
+/// The platform bus in sysfs, and where device nodes appear.
 pub struct PlatformBus {
     root: PathBuf,
+    dev: PathBuf,
 }
 
 impl PlatformBus {
     /// The guest's own.
     pub fn system() -> PlatformBus {
-        PlatformBus::at("/sys/bus/platform")
+        PlatformBus::at("/sys/bus/platform", "/dev")
     }
 
-    fn at(root: impl Into<PathBuf>) -> PlatformBus {
-        PlatformBus { root: root.into() }
+    fn at(root: impl Into<PathBuf>, dev: impl Into<PathBuf>) -> PlatformBus {
+        PlatformBus {
+            root: root.into(),
+            dev: dev.into(),
+        }
     }
 
     fn device_dir(&self, slot: u32) -> PathBuf {
@@ -113,7 +156,8 @@ impl PlatformBus {
     }
 
     /// Binds `slot` unless it is bound already, then waits up to `timeout`
-    /// for its virtio device.
+    /// for its virtio device and, for a disk the virtio-blk driver took,
+    /// for its block device node.
     pub fn plug(&self, slot: u32, timeout: Duration) -> Result<PluggedDevice, HotplugError> {
         let (dir, bound) = self.slot(slot)?;
         if !bound {
@@ -123,13 +167,70 @@ impl PlatformBus {
         // The probe registers the virtio device before the write returns;
         // the wait covers its sysfs entries still being filled in.
         let start = Instant::now();
-        loop {
+        let mut device = loop {
             if let Some(device) = find_virtio_device(&dir)? {
-                return Ok(device);
+                break device;
             }
             if start.elapsed() >= timeout {
                 return Err(HotplugError::Timeout {
                     slot,
+                    waited: start.elapsed(),
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        };
+        if device.device_id == VIRTIO_ID_BLOCK && device.driver.is_some() {
+            device.block_device =
+                Some(self.wait_for_block_device(slot, &dir, &device.name, start, timeout)?);
+        }
+        Ok(device)
+    }
+
+    /// The node of the disk registered under virtio device `name`, once
+    /// devtmpfs has created it: the disk shows in sysfs as
+    /// `<virtio device>/block/<vdX>`, its node as `/dev/<vdX>`.
+    fn wait_for_block_device(
+        &self,
+        slot: u32,
+        platform_device: &Path,
+        name: &str,
+        start: Instant,
+        timeout: Duration,
+    ) -> Result<PathBuf, HotplugError> {
+        let block_dir = platform_device.join(name).join("block");
+        loop {
+            let disk = match fs::read_dir(&block_dir) {
+                Ok(mut entries) => entries
+                    .next()
+                    .transpose()
+                    .map_err(|source| HotplugError::Read {
+                        path: block_dir.clone(),
+                        source,
+                    })?
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(source) => {
+                    return Err(HotplugError::Read {
+                        path: block_dir,
+                        source,
+                    })
+                }
+            };
+            let node = disk.as_ref().map(|disk| self.dev.join(disk));
+            if let Some(node) = &node {
+                if node.exists() {
+                    return Ok(node.clone());
+                }
+            }
+            if start.elapsed() >= timeout {
+                let waiting_for = match node {
+                    Some(node) => format!("device node {}", node.display()),
+                    None => format!("block device in {}", block_dir.display()),
+                };
+                return Err(HotplugError::NoBlockDevice {
+                    slot,
+                    device: name.to_owned(),
+                    waiting_for,
                     waited: start.elapsed(),
                 });
             }
@@ -191,6 +292,7 @@ fn find_virtio_device(platform_device: &Path) -> Result<Option<PluggedDevice>, H
             name,
             device_id,
             driver,
+            block_device: None,
         }));
     }
     Ok(None)
@@ -238,7 +340,24 @@ mod tests {
         }
 
         fn bus(&self) -> PlatformBus {
-            PlatformBus::at(&self.root)
+            PlatformBus::at(&self.root, self.root.join("dev"))
+        }
+
+        /// Registers disk `disk` under virtio device `name` of `slot`, and
+        /// with `node` its node in the fake /dev.
+        fn add_disk(&self, slot: u32, name: &str, disk: &str, node: bool) {
+            let dir = self
+                .root
+                .join("devices")
+                .join(platform_device_name(slot))
+                .join(name)
+                .join("block")
+                .join(disk);
+            fs::create_dir_all(dir).unwrap();
+            if node {
+                fs::create_dir_all(self.root.join("dev")).unwrap();
+                fs::write(self.root.join("dev").join(disk), "").unwrap();
+            }
         }
 
         /// What was written to the driver's `bind` or `unbind`.
@@ -295,6 +414,7 @@ mod tests {
     fn plug_binds_the_slot_and_reports_its_virtio_device() {
         let fake = FakeBus::new(4);
         fake.add_virtio_device(3, "virtio1", "0x0002\n");
+        fake.add_disk(3, "virtio1", "vdb", true);
         let device = fake.bus().plug(3, PLUG_TIMEOUT).unwrap();
         assert_eq!(fake.written("bind").as_deref(), Some("virtio-mmio.3"));
         assert_eq!(
@@ -303,8 +423,32 @@ mod tests {
                 name: "virtio1".into(),
                 device_id: 2,
                 driver: Some("virtio_blk".into()),
+                block_device: Some(fake.root.join("dev/vdb")),
             }
         );
+    }
+
+    #[test]
+    fn a_disk_is_plugged_once_its_node_exists() {
+        let fake = FakeBus::new(1);
+        fake.add_virtio_device(0, "virtio2", "0x0002\n");
+        let err = fake.bus().plug(0, Duration::from_millis(30)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the virtio-blk disk virtio2 in virtio-mmio.0 has no block device in"),
+            "{err}"
+        );
+        fake.add_disk(0, "virtio2", "vdc", false);
+        let err = fake.bus().plug(0, Duration::from_millis(30)).unwrap_err();
+        assert!(
+            matches!(&err, HotplugError::NoBlockDevice { waiting_for, .. }
+                if waiting_for.ends_with("dev/vdc")),
+            "{err}"
+        );
+        fs::create_dir_all(fake.root.join("dev")).unwrap();
+        fs::write(fake.root.join("dev/vdc"), "").unwrap();
+        let device = fake.bus().plug(0, Duration::from_millis(30)).unwrap();
+        assert_eq!(device.block_device, Some(fake.root.join("dev/vdc")));
     }
 
     #[test]
@@ -312,7 +456,9 @@ mod tests {
         let fake = FakeBus::new(1);
         fake.bind(0);
         fake.add_virtio_device(0, "virtio0", "0x0013\n");
-        assert_eq!(fake.bus().plug(0, PLUG_TIMEOUT).unwrap().device_id, 19);
+        let device = fake.bus().plug(0, PLUG_TIMEOUT).unwrap();
+        assert_eq!(device.device_id, 19);
+        assert_eq!(device.block_device, None, "not a disk");
         assert_eq!(fake.written("bind"), None, "no second bind");
     }
 

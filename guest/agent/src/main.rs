@@ -2,6 +2,7 @@
 //! (pseudo file systems, console, orphan reaping) and serves the agent
 //! protocol to the shim over vsock.
 
+mod block_mount;
 mod boot_clock;
 mod cgroup_stats;
 mod containers;

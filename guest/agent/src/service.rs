@@ -1,6 +1,6 @@
 //! The agent protocol's service: health check, guest details, power off,
-//! virtio-mmio hot-plug, and the containers' calls (handed to
-//! `containers`).
+//! virtio-mmio hot-plug, mounts (handed to `share` and `block_mount`) and
+//! the containers' calls (handed to `containers`).
 
 use std::{
     sync::{Arc, OnceLock},
@@ -64,7 +64,9 @@ fn hotplug_status(e: HotplugError) -> ttrpc::Error {
     let code = match e {
         HotplugError::NoSuchSlot { .. } => ttrpc::Code::NOT_FOUND,
         HotplugError::EmptySlot { .. } => ttrpc::Code::FAILED_PRECONDITION,
-        HotplugError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        HotplugError::Timeout { .. } | HotplugError::NoBlockDevice { .. } => {
+            ttrpc::Code::DEADLINE_EXCEEDED
+        }
         HotplugError::Bind { .. } | HotplugError::Unbind { .. } | HotplugError::Read { .. } => {
             ttrpc::Code::INTERNAL
         }
@@ -162,11 +164,15 @@ impl agent_ttrpc::Agent for AgentService {
         let slot = request.slot;
         let device =
             on_blocking_thread(move || PlatformBus::system().plug(slot, PLUG_TIMEOUT)).await?;
-        tracing::info!(slot, device = %device.name, id = device.device_id, driver = ?device.driver, "virtio-mmio device plugged");
+        tracing::info!(slot, device = %device.name, id = device.device_id, driver = ?device.driver, block_device = ?device.block_device, "virtio-mmio device plugged");
         Ok(agent::PlugVirtioMmioResponse {
             device_name: device.name,
             device_id: device.device_id,
             driver: device.driver.unwrap_or_default(),
+            block_device: device
+                .block_device
+                .map(|node| node.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -193,23 +199,17 @@ impl agent_ttrpc::Agent for AgentService {
     async fn mount(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::MountRequest,
+        request: agent::MountRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-            ttrpc::Code::UNIMPLEMENTED,
-            "Mount is not implemented yet",
-        )))
+        crate::block_mount::serve_mount(request).await
     }
 
     async fn unmount(
         &self,
         _ctx: &TtrpcContext,
-        _request: agent::UnmountRequest,
+        request: agent::UnmountRequest,
     ) -> ttrpc::Result<agent::Empty> {
-        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-            ttrpc::Code::UNIMPLEMENTED,
-            "Unmount is not implemented yet",
-        )))
+        crate::block_mount::serve_unmount(request).await
     }
 
     async fn create_container(

@@ -248,15 +248,15 @@ fn list_answering_share(mount_point: &Path) -> Result<Vec<String>, String> {
 
 /// A line of /proc/self/mountinfo, as far as it matters here.
 #[derive(Debug, PartialEq, Eq)]
-struct MountEntry {
-    mount_point: PathBuf,
-    fstype: String,
-    source: String,
+pub(crate) struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
 }
 
 /// The topmost mount at `path` in a mountinfo `table`: the last one listed
 /// there, as a later mount hides an earlier one.
-fn top_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
+pub(crate) fn top_mount_at(table: &str, path: &Path) -> Option<MountEntry> {
     table
         .lines()
         .rev()
