@@ -6,22 +6,28 @@
 //! virtiofsd's.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     path::PathBuf,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use runv_config::BuiltinConfig;
 use runv_protocol::SHARED_FS_TAG;
-use runv_vmm::{FsConfig, MicroVm, MicroVmConfig, VmEnd, VsockConfig};
+use runv_vmm::{
+    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, VmEnd, VmmError,
+    VsockConfig,
+};
 use tokio::sync::watch;
 
 use crate::{
     check_boot_files,
     host::{builtin_usable, KvmSupport},
     run_dir::RunDir,
-    Accel, ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec, BASE_KERNEL_PARAMS,
+    Accel, BlockDevice, ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec,
+    BASE_KERNEL_PARAMS,
 };
 
 /// The guest's vsock context id, as on the qemu path.
@@ -32,6 +38,9 @@ struct Running {
     /// Holds the VM's vsock socket: removed once the VM is gone.
     dir: RunDir,
     exit: ExitWatch,
+    /// The slots `attach_block` filled: only those may `detach_block`
+    /// empty (not the vsock's, say).
+    blocks: Mutex<BTreeSet<u32>>,
 }
 
 /// A pod VM run by the in-process VMM.
@@ -147,6 +156,7 @@ impl Hypervisor for BuiltinVm {
             dir,
             vm,
             exit: ExitWatch(exit_rx),
+            blocks: Mutex::default(),
         });
         Ok(StartInfo {
             accel,
@@ -168,11 +178,73 @@ impl Hypervisor for BuiltinVm {
         self.running.as_ref().map(|r| r.exit.clone())
     }
 
+    /// Puts a virtio-blk device in the first free slot of the VM's 16; the
+    /// slot index is the guest's `virtio-mmio.N` (the VMM names every slot
+    /// explicitly on the kernel command line).
+    async fn attach_block(&self, device: &BlockDevice) -> Result<u32, HypervisorError> {
+        device.check()?;
+        let running = self.running()?;
+        let config = BlockConfig {
+            path: device.path.clone(),
+            read_only: device.read_only,
+            serial: String::new(),
+        };
+        let slot = running.vm.attach_block(config).map_err(|e| match e {
+            VmmError::NoFreeSlot { slots } => HypervisorError::NoFreeSlot {
+                path: device.path.clone(),
+                reason: format!(
+                    "all {slots} virtio-mmio slots of this builtin VM hold a device (the vsock \
+                     and a shared directory take one each); the slots are declared on the \
+                     guest's kernel command line at boot (docs/hotplug.md): detach a device \
+                     first"
+                ),
+            },
+            other => HypervisorError::Vmm {
+                what: format!("cannot attach {}", device.path.display()),
+                detail: other.to_string(),
+            },
+        })?;
+        let slot = u32::try_from(slot.0).expect("at most 16 slots");
+        running.blocks.lock().expect("blocks lock").insert(slot);
+        tracing::info!(vm = %self.spec.id, slot, path = %device.path.display(),
+            read_only = device.read_only, "block device attached");
+        Ok(slot)
+    }
+
+    async fn detach_block(&self, slot: u32) -> Result<(), HypervisorError> {
+        let running = self.running()?;
+        if !running.blocks.lock().expect("blocks lock").contains(&slot) {
+            return Err(HypervisorError::NoBlockInSlot {
+                slot,
+                reason: "attach_block did not fill it".into(),
+            });
+        }
+        running
+            .vm
+            .detach(SlotIndex(slot as usize))
+            .map_err(|e| HypervisorError::Vmm {
+                what: format!("cannot empty slot {slot}"),
+                detail: e.to_string(),
+            })?;
+        running.blocks.lock().expect("blocks lock").remove(&slot);
+        tracing::info!(vm = %self.spec.id, slot, "block device detached");
+        Ok(())
+    }
+
+    /// None: a slot the VMM fills after boot is empty while the guest
+    /// probes at boot, so the guest never bound it.
+    fn standby_slots(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     /// The guest has been asked to power off by the agent before this is
     /// called; what is left is to end the vCPUs, which takes no grace: an
     /// in-process VM cannot ignore its owner.
     async fn stop(&mut self, _grace: Duration) -> VmExit {
-        let Some(Running { vm, dir, mut exit }) = self.running.take() else {
+        let Some(Running {
+            vm, dir, mut exit, ..
+        }) = self.running.take()
+        else {
             return self.ended.clone().unwrap_or(VmExit::Stopped);
         };
         // Joining the VM's threads blocks; the last reference to the VM
@@ -182,6 +254,22 @@ impl Hypervisor for BuiltinVm {
         drop(dir);
         self.ended = Some(ended.clone());
         ended
+    }
+}
+
+impl BuiltinVm {
+    /// The running VM, or why there is none.
+    fn running(&self) -> Result<&Running, HypervisorError> {
+        let running = self.running.as_ref().ok_or_else(|| {
+            HypervisorError::NotRunning(match &self.ended {
+                Some(exit) => exit.to_string(),
+                None => "it has not been started".into(),
+            })
+        })?;
+        if let Some(exit) = running.exit.0.borrow().as_ref() {
+            return Err(HypervisorError::NotRunning(exit.to_string()));
+        }
+        Ok(running)
     }
 }
 
@@ -333,5 +421,78 @@ mod tests {
             "{err}"
         );
         assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
+    }
+
+    /// Block devices go into free slots while the guest runs and come out
+    /// again; errors name the path, the slot or the limit.
+    #[tokio::test]
+    async fn block_devices_fill_and_leave_slots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(mut vm) = payload_vm(tmp.path(), &SPIN) else {
+            return;
+        };
+        let image = tmp.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let device = |path: &std::path::Path, read_only| BlockDevice {
+            path: path.to_owned(),
+            read_only,
+        };
+        let err = vm.attach_block(&device(&image, false)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the VM is not running: it has not been started"),
+            "{err}"
+        );
+        vm.start().await.expect("the VM starts");
+        assert!(vm.standby_slots().is_empty());
+
+        let err = vm
+            .attach_block(&device(&tmp.path().join("absent.img"), false))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("absent.img") && err.contains("no such file or device"),
+            "{err}"
+        );
+        let err = vm
+            .attach_block(&device(tmp.path(), false))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("it is a directory"), "{err}");
+
+        // Slot 0 holds the vsock device.
+        let rw = vm.attach_block(&device(&image, false)).await.unwrap();
+        let ro = vm.attach_block(&device(&image, true)).await.unwrap();
+        assert_eq!((rw, ro), (1, 2));
+        let err = vm.detach_block(0).await.unwrap_err().to_string();
+        assert!(
+            err.contains("slot 0 holds no attached block device"),
+            "{err}"
+        );
+        vm.detach_block(rw).await.unwrap();
+        let err = vm.detach_block(rw).await.unwrap_err().to_string();
+        assert!(err.contains("slot 1"), "{err}");
+        // The freed slot is taken first; then every slot up to the 16th.
+        for expected in [1].into_iter().chain(3..16) {
+            let slot = vm.attach_block(&device(&image, true)).await.unwrap();
+            assert_eq!(slot, expected);
+        }
+        let err = vm
+            .attach_block(&device(&image, true))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no free slot for") && err.contains("all 16 virtio-mmio slots"),
+            "{err}"
+        );
+        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::Stopped);
+        let err = vm.detach_block(ro).await.unwrap_err().to_string();
+        assert!(
+            err.contains("the VM is not running: the VM was stopped"),
+            "{err}"
+        );
     }
 }

@@ -7,10 +7,11 @@ mod builtin;
 pub mod host;
 pub mod process;
 mod qemu;
+pub mod qmp;
 mod run_dir;
 mod vhost_user;
 
-use std::{path::PathBuf, time::Duration};
+use std::{os::unix::fs::FileTypeExt, path::PathBuf, time::Duration};
 
 use async_trait::async_trait;
 use runv_config::{Config, HypervisorKind};
@@ -131,6 +132,77 @@ pub enum HypervisorError {
     StartFailed { what: &'static str, detail: String },
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// The VM has not started, or has ended.
+    #[error("the VM is not running: {0}")]
+    NotRunning(String),
+    /// A device to attach that cannot be one.
+    #[error("cannot attach {path} as a block device: {reason}")]
+    BadBlockDevice { path: PathBuf, reason: String },
+    /// Every slot that could take the device holds one.
+    #[error("no free slot for {path}: {reason}")]
+    NoFreeSlot { path: PathBuf, reason: String },
+    /// A slot that holds no device attached by `attach_block`.
+    #[error("slot {slot} holds no attached block device: {reason}")]
+    NoBlockInSlot { slot: u32, reason: String },
+    /// A QMP command QEMU refused, with its own description.
+    #[error("QEMU refused QMP command `{command}`: {desc}")]
+    Qmp { command: String, desc: String },
+    /// The QMP connection itself failed.
+    #[error("QMP {context}: {detail}")]
+    QmpConnection { context: String, detail: String },
+    /// The builtin VMM refused a hot-plug operation.
+    #[error("the builtin VMM {what}: {detail}")]
+    Vmm { what: String, detail: String },
+}
+
+/// A host block device or regular image file to attach to a running VM,
+/// used raw: the guest sees its bytes as a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    pub path: PathBuf,
+    /// The guest sees a read-only disk, and the host opens it read-only.
+    pub read_only: bool,
+}
+
+/// What a [`BlockDevice`]'s path is on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    File,
+    BlockDevice,
+}
+
+impl BlockDevice {
+    /// Checks that the path exists and is a regular file or a block device.
+    pub fn check(&self) -> Result<BlockKind, HypervisorError> {
+        let bad = |reason: String| HypervisorError::BadBlockDevice {
+            path: self.path.clone(),
+            reason,
+        };
+        if !self.path.is_absolute() {
+            return Err(bad("the path must be absolute".into()));
+        }
+        let metadata = std::fs::metadata(&self.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => bad("no such file or device".into()),
+            _ => bad(e.to_string()),
+        })?;
+        let file_type = metadata.file_type();
+        if file_type.is_file() {
+            Ok(BlockKind::File)
+        } else if file_type.is_block_device() {
+            Ok(BlockKind::BlockDevice)
+        } else {
+            let what = if file_type.is_dir() {
+                "a directory"
+            } else if file_type.is_char_device() {
+                "a character device"
+            } else {
+                "neither a regular file nor a block device"
+            };
+            Err(bad(format!(
+                "it is {what}; give a raw image file or a block device (a loop device, say)"
+            )))
+        }
+    }
 }
 
 /// A pod VM's hypervisor.
@@ -148,6 +220,21 @@ pub trait Hypervisor: Send + Sync {
 
     /// Watches for the VM's end. Only valid after a successful `start`.
     fn exit_watch(&self) -> Option<ExitWatch>;
+
+    /// Attaches `device` to the running VM as a virtio-blk disk and returns
+    /// its slot: the N of the guest's platform device `virtio-mmio.N`,
+    /// which the guest agent then binds (`PlugVirtioMmio`).
+    async fn attach_block(&self, device: &BlockDevice) -> Result<u32, HypervisorError>;
+
+    /// Empties `slot`, which `attach_block` returned, so that the host lets
+    /// go of the device. The guest must have unbound the slot first
+    /// (`UnplugVirtioMmio`).
+    async fn detach_block(&self, slot: u32) -> Result<(), HypervisorError>;
+
+    /// Slots whose placeholder device the guest found at boot: they are
+    /// bound to the virtio-mmio driver, so the owner unbinds them in the
+    /// guest once the agent answers, for a later bind to probe afresh.
+    fn standby_slots(&self) -> Vec<u32>;
 
     /// Ends the VM: a polite request, then a kill after `grace`. Reaps every
     /// helper and removes the VM's directory. Safe to call more than once.

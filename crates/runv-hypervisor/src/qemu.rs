@@ -3,8 +3,14 @@
 //! the host the same hybrid vsock Unix socket as the builtin VMM, so the
 //! agent client cannot tell the two apart. A VM that shares a directory
 //! with its guest also gets `virtiofsd`, the virtio-fs backend.
+//!
+//! microvm cannot hot-plug devices, so block devices go into slots made at
+//! boot: a virtio-blk device on each spare virtio-mmio transport, backed by
+//! an empty node that QMP swaps for the host's file or device and back
+//! (docs/hotplug.md).
 
 use std::{
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -13,9 +19,10 @@ use async_trait::async_trait;
 use nix::{sys::signal, unistd::Pid};
 use runv_config::QemuConfig;
 use runv_protocol::SHARED_FS_TAG;
+use serde_json::{json, Value};
 use tokio::{
     process::Child,
-    sync::{mpsc, watch},
+    sync::{mpsc, watch, Mutex},
     task::JoinHandle,
 };
 
@@ -23,9 +30,11 @@ use crate::{
     check_boot_files,
     host::{choose_accel, Accel, KvmSupport},
     process::{find_executable, path_arg, spawn_logged, tail, LOG_TAIL_LINES},
+    qmp::Qmp,
     run_dir::RunDir,
     vhost_user::{self, Backend},
-    ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec, BASE_KERNEL_PARAMS,
+    BlockDevice, BlockKind, ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec,
+    BASE_KERNEL_PARAMS,
 };
 
 /// The guest's vsock context id; any value above 2 works, as each VM has
@@ -42,6 +51,30 @@ const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 /// exits when QEMU closes its connection on the way out, and then QEMU's
 /// own exit says why the VM ended.
 const QEMU_EXIT_AFTER_BACKEND: Duration = Duration::from_millis(500);
+/// QEMU's QMP socket, through which block devices are attached.
+const QMP_SOCKET: &str = "qmp.sock";
+/// How long QEMU may take to create its QMP socket after it started.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// microvm's virtio-mmio transports: `virtio-mmio-bus.N` has its register
+/// window at `MMIO_BASE + N * MMIO_WINDOW` and IOAPIC pin
+/// `MMIO_FIRST_IRQ + N` (measured on QEMU 7.2 with acpi=off, where QEMU
+/// lists the transports itself). runv lists all of them on the kernel
+/// command line with the id N, so that the guest's `virtio-mmio.N` is
+/// QEMU's `virtio-mmio-bus.N`.
+const MMIO_TRANSPORTS: u32 = 8;
+const MMIO_BASE: u64 = 0xfeb0_0000;
+const MMIO_WINDOW: u64 = 0x200;
+const MMIO_FIRST_IRQ: u32 = 5;
+/// The transport of each boot device.
+const VSOCK_SLOT: u32 = 0;
+const FS_SLOT: u32 = 1;
+/// Block slots whose device is realized writable, and read-only ones. The
+/// split is fixed at boot: QEMU sets a virtio-blk device's read-only
+/// feature when it realizes the device, and cannot reopen a writable node
+/// read-only under a writer.
+const RW_BLOCK_SLOTS: RangeInclusive<u32> = 2..=5;
+const RO_BLOCK_SLOTS: RangeInclusive<u32> = 6..=7;
 
 /// The programs a VM runs, found before any of them starts.
 struct Programs {
@@ -68,6 +101,8 @@ struct Running {
     exit: ExitWatch,
     supervisor: JoinHandle<()>,
     pids: Vec<u32>,
+    /// One attach or detach at a time: each is several QMP commands.
+    blocks: Mutex<BlockSlots>,
 }
 
 /// A pod VM run by QEMU.
@@ -193,15 +228,21 @@ impl QemuVm {
             append.push(' ');
             append.push_str(&spec.kernel_params);
         }
+        append.push(' ');
+        append.push_str(&mmio_kernel_params());
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("runv-{},debug-threads=on", spec.id),
-            // acpi=off makes QEMU list the virtio-mmio devices on the kernel
-            // command line, which the guest kernel (built without ACPI) needs.
+            // The guest kernel is built without ACPI: the virtio-mmio
+            // transports are declared on its command line, by runv rather
+            // than by QEMU (auto-kernel-cmdline=off), so that every one
+            // has the index of its bus (mmio_kernel_params).
             // rtc=on: without a CMOS clock the guest kernel waits a whole
             // second at boot for the clock's update flag (guest-kernel.md).
             "-machine".into(),
-            "microvm,rtc=on,acpi=off,x-option-roms=off,memory-backend=ram".into(),
+            "microvm,rtc=on,acpi=off,auto-kernel-cmdline=off,x-option-roms=off,\
+             memory-backend=ram"
+                .into(),
             "-accel".into(),
             accel_arg.into(),
             "-cpu".into(),
@@ -235,7 +276,15 @@ impl QemuVm {
                 qemu_path(&dir.join(VHOST_VSOCK_SOCKET))
             ),
             "-device".into(),
-            "vhost-user-vsock-device,chardev=vsock".into(),
+            format!("vhost-user-vsock-device,chardev=vsock,bus=virtio-mmio-bus.{VSOCK_SLOT}"),
+            // Block devices are attached through QMP.
+            "-chardev".into(),
+            format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                qemu_path(&dir.join(QMP_SOCKET))
+            ),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
         ];
         if spec.shared_dir.is_some() {
             args.extend([
@@ -245,10 +294,28 @@ impl QemuVm {
                     qemu_path(&dir.join(VIRTIOFSD_SOCKET))
                 ),
                 "-device".into(),
-                format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}"),
+                format!(
+                    "vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG},\
+                     bus=virtio-mmio-bus.{FS_SLOT}"
+                ),
             ]);
         }
+        args.extend(block_slot_args());
         args
+    }
+
+    /// The running VM, or why there is none.
+    fn running(&self) -> Result<&Running, HypervisorError> {
+        let running = self.running.as_ref().ok_or_else(|| {
+            HypervisorError::NotRunning(match &self.ended {
+                Some(exit) => exit.to_string(),
+                None => "it has not been started".into(),
+            })
+        })?;
+        if let Some(exit) = running.exit.0.borrow().as_ref() {
+            return Err(HypervisorError::NotRunning(exit.to_string()));
+        }
+        Ok(running)
     }
 }
 
@@ -290,12 +357,14 @@ impl Hypervisor for QemuVm {
             exit_tx,
             dir.join(QEMU_LOG),
         ));
+        let blocks = Mutex::new(BlockSlots::new(dir.join(QMP_SOCKET)));
         self.running = Some(Running {
             dir,
             control,
             exit: ExitWatch(exit_rx),
             supervisor,
             pids,
+            blocks,
         });
         Ok(StartInfo {
             accel,
@@ -317,6 +386,27 @@ impl Hypervisor for QemuVm {
 
     fn exit_watch(&self) -> Option<ExitWatch> {
         self.running.as_ref().map(|r| r.exit.clone())
+    }
+
+    async fn attach_block(&self, device: &BlockDevice) -> Result<u32, HypervisorError> {
+        let kind = device.check()?;
+        let running = self.running()?;
+        let slot = running.blocks.lock().await.attach(device, kind).await?;
+        tracing::info!(vm = %self.spec.id, slot, path = %device.path.display(),
+            read_only = device.read_only, "block device attached");
+        Ok(slot)
+    }
+
+    async fn detach_block(&self, slot: u32) -> Result<(), HypervisorError> {
+        let running = self.running()?;
+        running.blocks.lock().await.detach(slot).await?;
+        tracing::info!(vm = %self.spec.id, slot, "block device detached");
+        Ok(())
+    }
+
+    /// Every block slot: the guest probed each placeholder at boot.
+    fn standby_slots(&self) -> Vec<u32> {
+        RW_BLOCK_SLOTS.chain(RO_BLOCK_SLOTS).collect()
     }
 
     async fn stop(&mut self, grace: Duration) -> VmExit {
@@ -406,6 +496,281 @@ fn qemu_exit(
     }
 }
 
+/// The kernel parameters that declare every virtio-mmio transport of
+/// microvm, transport N as the guest's platform device `virtio-mmio.N`.
+/// A transport without a device answers device ID 0, which the guest's
+/// driver skips.
+fn mmio_kernel_params() -> String {
+    (0..MMIO_TRANSPORTS)
+        .map(|slot| {
+            format!(
+                "virtio_mmio.device=512@{:#x}:{}:{slot}",
+                MMIO_BASE + u64::from(slot) * MMIO_WINDOW,
+                MMIO_FIRST_IRQ + slot
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The node name of slot N's raw node, which its virtio-blk device uses.
+fn slot_node(slot: u32) -> String {
+    format!("slot{slot}")
+}
+
+/// The node name of slot N's empty (null) node, the raw node's file while
+/// no volume is attached.
+fn empty_node(slot: u32) -> String {
+    format!("slot{slot}-empty")
+}
+
+/// The block slots: on each, an empty node under a raw node, and a
+/// virtio-blk device on the slot's transport.
+fn block_slot_args() -> Vec<String> {
+    let read_only = |slot: &u32| RO_BLOCK_SLOTS.contains(slot);
+    RW_BLOCK_SLOTS
+        .chain(RO_BLOCK_SLOTS)
+        .flat_map(|slot| {
+            let ro = if read_only(&slot) {
+                ",read-only=on"
+            } else {
+                ""
+            };
+            [
+                "-blockdev".into(),
+                format!(
+                    "driver=null-co,node-name={},size=0,read-zeroes=on{ro}",
+                    empty_node(slot)
+                ),
+                "-blockdev".into(),
+                format!(
+                    "driver=raw,node-name={},file={}{ro}",
+                    slot_node(slot),
+                    empty_node(slot)
+                ),
+                "-device".into(),
+                format!(
+                    "virtio-blk-device,bus=virtio-mmio-bus.{slot},drive={},id={}",
+                    slot_node(slot),
+                    slot_node(slot)
+                ),
+            ]
+        })
+        .collect()
+}
+
+/// The block slots of a running VM and the QMP connection that fills and
+/// empties them.
+struct BlockSlots {
+    qmp_socket: PathBuf,
+    /// Connected at the first attach.
+    qmp: Option<Qmp>,
+    slots: Vec<BlockSlot>,
+    /// Makes volume node names unique.
+    volumes_added: u64,
+}
+
+struct BlockSlot {
+    index: u32,
+    read_only: bool,
+    volume: Option<Volume>,
+}
+
+/// A host file or device attached to a slot.
+struct Volume {
+    node: String,
+    path: PathBuf,
+}
+
+impl BlockSlots {
+    fn new(qmp_socket: PathBuf) -> BlockSlots {
+        let slot = |read_only| {
+            move |index| BlockSlot {
+                index,
+                read_only,
+                volume: None,
+            }
+        };
+        BlockSlots {
+            qmp_socket,
+            qmp: None,
+            slots: RW_BLOCK_SLOTS
+                .map(slot(false))
+                .chain(RO_BLOCK_SLOTS.map(slot(true)))
+                .collect(),
+            volumes_added: 0,
+        }
+    }
+
+    /// The QMP connection, made on first use. QEMU creates the socket as
+    /// it starts: wait for it a little.
+    async fn qmp(&mut self) -> Result<&mut Qmp, HypervisorError> {
+        if self.qmp.is_none() {
+            let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+            let qmp = loop {
+                match Qmp::connect(&self.qmp_socket).await {
+                    Ok(qmp) => break qmp,
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            self.qmp = Some(qmp);
+        }
+        Ok(self.qmp.as_mut().expect("connected above"))
+    }
+
+    /// Runs a QMP command; a broken connection is dropped, for the next
+    /// call to connect afresh.
+    async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, HypervisorError> {
+        let result = self.qmp().await?.execute(command, arguments).await;
+        if let Err(HypervisorError::QmpConnection { .. }) = &result {
+            self.qmp = None;
+        }
+        result
+    }
+
+    async fn attach(
+        &mut self,
+        device: &BlockDevice,
+        kind: BlockKind,
+    ) -> Result<u32, HypervisorError> {
+        let filename = device
+            .path
+            .to_str()
+            .ok_or_else(|| HypervisorError::BadBlockDevice {
+                path: device.path.clone(),
+                reason: "QMP takes only UTF-8 paths".into(),
+            })?;
+        let Some(free) = self
+            .slots
+            .iter()
+            .position(|slot| slot.read_only == device.read_only && slot.volume.is_none())
+        else {
+            return Err(self.no_free_slot(device));
+        };
+        let slot = self.slots[free].index;
+        self.volumes_added += 1;
+        let node = format!("volume{}", self.volumes_added);
+        let driver = match kind {
+            BlockKind::File => "file",
+            BlockKind::BlockDevice => "host_device",
+        };
+        let mut volume = json!({
+            "driver": driver,
+            "node-name": node,
+            "filename": filename,
+            "read-only": device.read_only,
+            // O_DIRECT: the guest's writes reach the device, not the
+            // host's page cache, and the host's cache is not polluted.
+            "cache": { "direct": true },
+        });
+        if let Err(e) = self.execute("blockdev-add", volume.clone()).await {
+            let HypervisorError::Qmp { desc, .. } = &e else {
+                return Err(e);
+            };
+            // Some file systems (tmpfs) refuse O_DIRECT.
+            tracing::info!(path = %device.path.display(), refused = %desc,
+                "opening the volume without O_DIRECT");
+            volume.as_object_mut().expect("an object").remove("cache");
+            self.execute("blockdev-add", volume).await?;
+        }
+        if let Err(e) = self
+            .execute("blockdev-reopen", reopen(slot, &node, device.read_only))
+            .await
+        {
+            if let Err(undo) = self
+                .execute("blockdev-del", json!({ "node-name": node }))
+                .await
+            {
+                tracing::warn!(%node, error = %undo, "cannot remove the volume node");
+            }
+            return Err(e);
+        }
+        self.slots[free].volume = Some(Volume {
+            node,
+            path: device.path.clone(),
+        });
+        Ok(slot)
+    }
+
+    /// The error for a device that finds every slot of its kind taken.
+    fn no_free_slot(&self, device: &BlockDevice) -> HypervisorError {
+        let (kind, range) = match device.read_only {
+            true => ("read-only", &RO_BLOCK_SLOTS),
+            false => ("read-write", &RW_BLOCK_SLOTS),
+        };
+        let taken = self
+            .slots
+            .iter()
+            .filter(|slot| slot.read_only == device.read_only)
+            .filter_map(|slot| {
+                let volume = slot.volume.as_ref()?;
+                Some(format!("{} in slot {}", volume.path.display(), slot.index))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        HypervisorError::NoFreeSlot {
+            path: device.path.clone(),
+            reason: format!(
+                "all {} {kind} block slots of this qemu VM ({}-{}) are taken ({taken}); \
+                 QEMU's microvm cannot hot-plug, so runv creates {} read-write and {} \
+                 read-only block slots at boot and swaps volumes into them \
+                 (docs/hotplug.md): detach a device first",
+                range.clone().count(),
+                range.start(),
+                range.end(),
+                RW_BLOCK_SLOTS.count(),
+                RO_BLOCK_SLOTS.count(),
+            ),
+        }
+    }
+
+    async fn detach(&mut self, slot: u32) -> Result<(), HypervisorError> {
+        let Some(index) = self.slots.iter().position(|s| s.index == slot) else {
+            return Err(HypervisorError::NoBlockInSlot {
+                slot,
+                reason: format!(
+                    "the block slots of a qemu VM are {}-{}",
+                    RW_BLOCK_SLOTS.start(),
+                    RO_BLOCK_SLOTS.end()
+                ),
+            });
+        };
+        let read_only = self.slots[index].read_only;
+        let Some(node) = self.slots[index].volume.as_ref().map(|v| v.node.clone()) else {
+            return Err(HypervisorError::NoBlockInSlot {
+                slot,
+                reason: "it is empty".into(),
+            });
+        };
+        // Back onto the slot's empty node, which stayed in the graph.
+        self.execute(
+            "blockdev-reopen",
+            reopen(slot, &empty_node(slot), read_only),
+        )
+        .await?;
+        // The slot is empty from here on, whatever happens to the node.
+        self.slots[index].volume = None;
+        // Deleting the node closes the host's file or device.
+        self.execute("blockdev-del", json!({ "node-name": node }))
+            .await?;
+        Ok(())
+    }
+}
+
+/// `blockdev-reopen` arguments that give slot `slot`'s raw node the file
+/// node `file`.
+fn reopen(slot: u32, file: &str, read_only: bool) -> Value {
+    json!({
+        "options": [{
+            "driver": "raw",
+            "node-name": slot_node(slot),
+            "file": file,
+            "read-only": read_only,
+        }]
+    })
+}
+
 /// A path inside a QEMU option list, where a comma must be doubled.
 fn qemu_path(path: &Path) -> String {
     path_arg(path).replace(',', ",,")
@@ -445,7 +810,7 @@ mod tests {
         assert!(args.contains("-smp 2"), "{args}");
         assert!(args.contains("-no-reboot"), "{args}");
         assert!(
-            args.contains("vhost-user-vsock-device,chardev=vsock"),
+            args.contains("vhost-user-vsock-device,chardev=vsock,bus=virtio-mmio-bus.0"),
             "{args}"
         );
         assert!(args.contains("console,,log"), "commas doubled: {args}");
@@ -470,11 +835,116 @@ mod tests {
         assert!(
             args.contains(&format!(
                 "-chardev socket,id=fs,path={} -device vhost-user-fs-device,chardev=fs,\
-                 tag=runv-shared",
+                 tag=runv-shared,bus=virtio-mmio-bus.1",
                 socket.display()
             )),
             "{args}"
         );
+    }
+
+    /// Every transport is declared with the index of its bus; each block
+    /// slot has an empty node under a raw node, read-only in 6 and 7.
+    #[test]
+    fn block_slots_and_qmp_are_on_the_command_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
+        let dir = RunDir::create(tmp.path(), "vm").unwrap();
+        let args = vm.qemu_args(Accel::Tcg, &dir);
+        let joined = args.join(" ");
+        assert!(joined.contains("auto-kernel-cmdline=off"), "{joined}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.ends_with(
+                "runv.log_level=debug virtio_mmio.device=512@0xfeb00000:5:0 \
+                 virtio_mmio.device=512@0xfeb00200:6:1 virtio_mmio.device=512@0xfeb00400:7:2 \
+                 virtio_mmio.device=512@0xfeb00600:8:3 virtio_mmio.device=512@0xfeb00800:9:4 \
+                 virtio_mmio.device=512@0xfeb00a00:10:5 virtio_mmio.device=512@0xfeb00c00:11:6 \
+                 virtio_mmio.device=512@0xfeb00e00:12:7"
+            ),
+            "{append}"
+        );
+        assert!(
+            joined.contains(
+                "-blockdev driver=null-co,node-name=slot2-empty,size=0,read-zeroes=on \
+                 -blockdev driver=raw,node-name=slot2,file=slot2-empty \
+                 -device virtio-blk-device,bus=virtio-mmio-bus.2,drive=slot2,id=slot2 "
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-blockdev driver=null-co,node-name=slot7-empty,size=0,read-zeroes=on,\
+                 read-only=on -blockdev driver=raw,node-name=slot7,file=slot7-empty,\
+                 read-only=on -device virtio-blk-device,bus=virtio-mmio-bus.7,drive=slot7,\
+                 id=slot7"
+            ),
+            "{joined}"
+        );
+        assert_eq!(joined.matches("virtio-blk-device").count(), 6);
+        assert_eq!(joined.matches(",read-only=on").count(), 4, "{joined}");
+        assert!(
+            joined.contains(&format!(
+                "-chardev socket,id=qmp,path={},server=on,wait=off -mon chardev=qmp,\
+                 mode=control",
+                dir.join(QMP_SOCKET).display()
+            )),
+            "{joined}"
+        );
+        assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5, 6, 7]);
+    }
+
+    /// A full slot set names the limit and the devices in it; a detach of
+    /// a slot that is not a block slot, or empty, says so.
+    #[test]
+    fn slot_errors_are_clear() {
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"));
+        for slot in &mut blocks.slots {
+            slot.volume = Some(Volume {
+                node: format!("volume{}", slot.index),
+                path: PathBuf::from(format!("/dev/loop{}", slot.index)),
+            });
+        }
+        let device = BlockDevice {
+            path: "/images/more.img".into(),
+            read_only: true,
+        };
+        let err = blocks.no_free_slot(&device).to_string();
+        assert!(
+            err.starts_with(
+                "no free slot for /images/more.img: all 2 read-only block slots of this qemu VM \
+                 (6-7) are taken (/dev/loop6 in slot 6, /dev/loop7 in slot 7); QEMU's \
+                 microvm cannot hot-plug, so runv creates 4 read-write and 2 read-only"
+            ),
+            "{err}"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"));
+        let err = runtime.block_on(blocks.detach(0)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "slot 0 holds no attached block device: the block slots of a qemu VM are 2-7"
+        );
+        let err = runtime.block_on(blocks.detach(3)).unwrap_err().to_string();
+        assert_eq!(err, "slot 3 holds no attached block device: it is empty");
+    }
+
+    #[tokio::test]
+    async fn attach_and_detach_need_a_running_vm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("disk.img");
+        std::fs::write(&image, "").unwrap();
+        let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
+        let device = BlockDevice {
+            path: image,
+            read_only: false,
+        };
+        let err = vm.attach_block(&device).await.unwrap_err().to_string();
+        assert_eq!(err, "the VM is not running: it has not been started");
+        let err = vm.detach_block(2).await.unwrap_err().to_string();
+        assert_eq!(err, "the VM is not running: it has not been started");
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
 use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
+pub use runv_hypervisor::BlockDevice;
 pub use timeline::BootTimeline;
 
 /// Console lines quoted when the guest fails to come up.
@@ -39,6 +40,27 @@ pub enum SandboxError {
         console: PathBuf,
         console_tail: String,
     },
+    /// The guest did not take a block device the host attached; the host
+    /// has detached it again.
+    #[error("the guest did not take {path} (virtio-mmio slot {slot}): {reason}")]
+    BlockNotTaken {
+        path: PathBuf,
+        slot: u32,
+        reason: String,
+    },
+    /// The guest did not let go of a block device; the host keeps it
+    /// attached, as the guest may still use it.
+    #[error("the guest did not let go of the block device in virtio-mmio slot {slot}: {source}")]
+    BlockNotReleased { slot: u32, source: AgentError },
+}
+
+/// A block device plugged into a running pod VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluggedBlock {
+    /// The virtio-mmio slot it is in: what `unplug_block` takes.
+    pub slot: u32,
+    /// Its device node in the guest, e.g. "/dev/vdb".
+    pub guest_device: String,
 }
 
 /// Ends a VM whose boot failed, and returns the last lines of its console
@@ -46,6 +68,19 @@ pub enum SandboxError {
 async fn abandon(hypervisor: &mut dyn Hypervisor, console: &Path) -> String {
     hypervisor.stop(Duration::ZERO).await;
     process::tail(console, CONSOLE_TAIL_LINES)
+}
+
+/// Unbinds each of `slots` in the guest.
+async fn unbind_standby_slots(agent: &AgentClient, slots: &[u32]) -> Result<(), AgentError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let began = Instant::now();
+    for &slot in slots {
+        agent.unplug_virtio_mmio(slot).await?;
+    }
+    tracing::debug!(?slots, took = ?began.elapsed(), "standby slots unbound in the guest");
+    Ok(())
 }
 
 /// How a shutdown went.
@@ -136,6 +171,14 @@ impl PodVm {
                 .map(|()| (agent, times)),
             other => other,
         };
+        // Slots whose placeholder the guest bound at boot are unbound, so
+        // that binding one after the host has filled it probes afresh.
+        let ready = match ready {
+            Ok((agent, times)) => unbind_standby_slots(&agent, &hypervisor.standby_slots())
+                .await
+                .map(|()| (agent, times)),
+            Err(e) => Err(e),
+        };
         let (agent, times) = match ready {
             Ok(ready) => ready,
             Err(source) => {
@@ -205,6 +248,54 @@ impl PodVm {
     /// Time since `boot` was called.
     pub fn age(&self) -> Duration {
         self.boot_started.elapsed()
+    }
+
+    /// Attaches `device` to the VM and has the guest take it: returns its
+    /// slot and its device node in the guest. If the guest does not take
+    /// it, the host detaches it again: nothing stays attached.
+    pub async fn plug_block(&self, device: &BlockDevice) -> Result<PluggedBlock, SandboxError> {
+        let slot = self.hypervisor.attach_block(device).await?;
+        let taken = match self.agent.plug_virtio_mmio(slot).await {
+            Ok(response) if !response.block_device.is_empty() => Ok(response.block_device),
+            Ok(response) => Err(format!(
+                "it became {} (virtio device ID {}, driver {:?}), not a block device",
+                response.device_name, response.device_id, response.driver
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        match taken {
+            Ok(guest_device) => {
+                tracing::info!(slot, path = %device.path.display(), %guest_device,
+                    read_only = device.read_only, "block device plugged");
+                Ok(PluggedBlock { slot, guest_device })
+            }
+            Err(reason) => {
+                // The guest may have bound the slot before failing.
+                if let Err(e) = self.agent.unplug_virtio_mmio(slot).await {
+                    tracing::warn!(slot, error = %e, "cannot unbind the slot in the guest");
+                }
+                if let Err(e) = self.hypervisor.detach_block(slot).await {
+                    tracing::error!(slot, error = %e, "cannot detach a block device the guest refused");
+                }
+                Err(SandboxError::BlockNotTaken {
+                    path: device.path.clone(),
+                    slot,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Has the guest let go of the block device in `slot` (unmount it
+    /// first), then detaches it from the VM: the host no longer holds it.
+    pub async fn unplug_block(&self, slot: u32) -> Result<(), SandboxError> {
+        self.agent
+            .unplug_virtio_mmio(slot)
+            .await
+            .map_err(|source| SandboxError::BlockNotReleased { slot, source })?;
+        self.hypervisor.detach_block(slot).await?;
+        tracing::info!(slot, "block device unplugged");
+        Ok(())
     }
 
     /// Asks the guest to power off, waits for the VM to end, and kills it
