@@ -36,7 +36,7 @@ fn runv_run_args<'a>(
     id: &'a str,
     args: &[&'a str],
 ) -> Vec<&'a str> {
-    ctr_run_args(containerd, "--rm", options, id, args)
+    containerd.runv_run_args("--rm", options, id, args)
 }
 
 /// The same for `ctr run -d`: the task runs on after ctr returns.
@@ -46,30 +46,7 @@ fn runv_detached_args<'a>(
     id: &'a str,
     args: &[&'a str],
 ) -> Vec<&'a str> {
-    ctr_run_args(containerd, "-d", options, id, args)
-}
-
-fn ctr_run_args<'a>(
-    containerd: &Containerd,
-    mode: &'a str,
-    options: &[&'a str],
-    id: &'a str,
-    args: &[&'a str],
-) -> Vec<&'a str> {
-    let config = containerd.runv_config().to_string_lossy().into_owned();
-    let mut full = vec![
-        "run",
-        mode,
-        "--runtime",
-        "io.containerd.runv.v2",
-        "--runtime-config-path",
-        // ctr's arguments live for the test; the config path with them.
-        Box::leak(config.into_boxed_str()),
-    ];
-    full.extend_from_slice(options);
-    full.extend_from_slice(&[BUSYBOX_IMAGE, id]);
-    full.extend_from_slice(args);
-    full
+    containerd.runv_run_args("-d", options, id, args)
 }
 
 #[test]
@@ -107,7 +84,7 @@ fn runv_task_lifecycle() {
     let metrics = containerd.ctr_ok(&["task", "metrics", id]);
     assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
     containerd.ctr_ok(&["task", "kill", "--signal", "SIGTERM", id]);
-    wait_stopped(&containerd, id);
+    containerd.wait_stopped(id);
     containerd.ctr_ok(&["task", "delete", id]);
     containerd.ctr_ok(&["container", "delete", id]);
 
@@ -120,24 +97,10 @@ fn runv_task_lifecycle() {
         &["sh", "-c", "trap '' TERM; sleep 600"],
     ));
     containerd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", id]);
-    wait_stopped(&containerd, id);
+    containerd.wait_stopped(id);
     containerd.ctr_ok(&["task", "delete", id]);
     containerd.ctr_ok(&["container", "delete", id]);
     containerd.stop();
-}
-
-fn wait_stopped(containerd: &Containerd, id: &str) {
-    for _ in 0..300 {
-        let tasks = containerd.ctr_ok(&["task", "ls"]);
-        if tasks
-            .lines()
-            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
-        {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("task {id} did not stop");
 }
 
 /// 100 MiB of random bytes on stdout reach `ctr` byte-exact through
@@ -299,7 +262,7 @@ fn runv_update_then_oom() {
         "touch",
         "/tmp/allocate",
     ]);
-    wait_stopped(&containerd, id);
+    containerd.wait_stopped(id);
     let deleted = containerd.ctr(&["task", "delete", id]);
     // ctr 1.6 reports the exit status of a deleted task as a warning.
     let warning = String::from_utf8_lossy(&deleted.stderr);
@@ -383,7 +346,7 @@ fn runv_faults_leave_nothing() {
     for expected in ["/no/such/program", "does not exist", "entrypoint"] {
         assert!(error.contains(expected), "{expected:?} not in {error}");
     }
-    assert_nothing_running(&containerd);
+    containerd.assert_nothing_running();
 
     // kill -9 of the shim while its container runs.
     let id = "runv-shim-killed";
@@ -435,25 +398,6 @@ fn runv_faults_leave_nothing() {
     );
     let left: Vec<_> = sockets.iter().filter(|socket| socket.exists()).collect();
     assert!(left.is_empty(), "shim sockets left behind: {left:?}");
-    assert_nothing_running(&containerd);
+    containerd.assert_nothing_running();
     containerd.stop();
-}
-
-/// No shim, hypervisor or helper runs for this containerd, and nothing is
-/// mounted under its directory (containerd itself aside).
-fn assert_nothing_running(containerd: &Containerd) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let left = loop {
-        let left: Vec<_> = runv_tests::processes_mentioning(containerd.dir())
-            .into_iter()
-            .filter(|line| !line.contains("containerd --config"))
-            .collect();
-        if left.is_empty() || Instant::now() > deadline {
-            break left;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-    let mounts = runv_tests::containerd::mounts_under(containerd.dir());
-    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
 }

@@ -179,7 +179,6 @@ impl Containerd {
     /// Sets a task's resources through containerd's Tasks.Update (ctr 1.6
     /// has no `task update`): containerd forwards `resources_json`, the
     /// OCI LinuxResources, to the shim as ctr's Go client would pack them.
-    /// The gRPC call goes through curl's HTTP/2 on containerd's socket.
     pub fn update_task(&self, id: &str, resources_json: &str) {
         let resources = [
             protobuf_field(
@@ -194,11 +193,65 @@ impl Containerd {
             protobuf_field(2, &resources),
         ]
         .concat();
+        self.grpc_call("Tasks/Update", &request);
+    }
+
+    /// Creates the task of container `id` through containerd's
+    /// Tasks.Create with `rootfs` as its root file system mounts (`type`,
+    /// `source`, `options`), as a snapshotter of block devices would hand
+    /// them over, its stdout and stderr going to the file `output`, and
+    /// the test's runv config in its runtime options.
+    pub fn create_task_with_rootfs(
+        &self,
+        id: &str,
+        rootfs: &[(&str, &str, &[&str])],
+        output: &Path,
+    ) {
+        let mounts = rootfs.iter().map(|(type_, source, options)| {
+            let options = options.iter().map(|o| protobuf_field(4, o.as_bytes()));
+            let mount = [
+                protobuf_field(1, type_.as_bytes()),
+                protobuf_field(2, source.as_bytes()),
+            ]
+            .into_iter()
+            .chain(options)
+            .collect::<Vec<_>>()
+            .concat();
+            protobuf_field(3, &mount)
+        });
+        let output = format!("file://{}", output.display());
+        let config = self.runv_config();
+        let options = [
+            protobuf_field(1, b"runtimeoptions.v1.Options"),
+            protobuf_field(2, &protobuf_field(2, config.as_os_str().as_encoded_bytes())),
+        ]
+        .concat();
+        let request = std::iter::once(protobuf_field(1, id.as_bytes()))
+            .chain(mounts)
+            .chain([
+                protobuf_field(5, output.as_bytes()),
+                protobuf_field(6, output.as_bytes()),
+                protobuf_field(9, &options),
+            ])
+            .collect::<Vec<_>>()
+            .concat();
+        self.grpc_call("Tasks/Create", &request);
+    }
+
+    /// Starts the init process of container `id`'s task (Tasks.Start).
+    pub fn start_task(&self, id: &str) {
+        self.grpc_call("Tasks/Start", &protobuf_field(1, id.as_bytes()));
+    }
+
+    /// Calls `containerd.services.tasks.v1.<method>` with the protobuf
+    /// `request` through curl's HTTP/2 on containerd's socket, and requires
+    /// gRPC status 0.
+    fn grpc_call(&self, method: &str, request: &[u8]) {
         // A gRPC message: uncompressed, then its length, then the message.
         let mut body = vec![0];
         body.extend_from_slice(&(request.len() as u32).to_be_bytes());
-        body.extend_from_slice(&request);
-        let body_file = self.dir().join("update-request.bin");
+        body.extend_from_slice(request);
+        let body_file = self.dir().join("grpc-request.bin");
         fs::write(&body_file, body).unwrap();
         let output = Command::new("curl")
             .args(["--silent", "--show-error", "--http2-prior-knowledge"])
@@ -213,17 +266,78 @@ impl Containerd {
             .arg("--data-binary")
             .arg(format!("@{}", body_file.display()))
             .args(["--dump-header", "-", "--output", "/dev/null"])
-            .arg("http://containerd/containerd.services.tasks.v1.Tasks/Update")
+            .arg(format!(
+                "http://containerd/containerd.services.tasks.v1.{method}"
+            ))
             .output()
             .expect("running curl");
         fs::remove_file(&body_file).unwrap();
         let headers = String::from_utf8_lossy(&output.stdout);
-        eprintln!("Tasks.Update {id} {resources_json}: {headers}");
+        eprintln!("{method}: {headers}");
         assert!(
             headers.lines().any(|line| line.trim() == "grpc-status: 0"),
-            "Tasks.Update failed: {headers}{}",
+            "{method} failed: {headers}{}",
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+
+    /// The arguments of `ctr run` on runv with the test's runv config:
+    /// `mode` is `--rm` or `-d`, `options` come before the image.
+    pub fn runv_run_args<'a>(
+        &self,
+        mode: &'a str,
+        options: &[&'a str],
+        id: &'a str,
+        args: &[&'a str],
+    ) -> Vec<&'a str> {
+        let config = self.runv_config().to_string_lossy().into_owned();
+        let mut full = vec![
+            "run",
+            mode,
+            "--runtime",
+            "io.containerd.runv.v2",
+            "--runtime-config-path",
+            // ctr's arguments live for the test; the config path with them.
+            Box::leak(config.into_boxed_str()),
+        ];
+        full.extend_from_slice(options);
+        full.extend_from_slice(&[BUSYBOX_IMAGE, id]);
+        full.extend_from_slice(args);
+        full
+    }
+
+    /// Waits (at most 30 s) until task `id` has stopped.
+    pub fn wait_stopped(&self, id: &str) {
+        for _ in 0..300 {
+            let tasks = self.ctr_ok(&["task", "ls"]);
+            if tasks
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("task {id} did not stop");
+    }
+
+    /// No shim, hypervisor or helper runs for this containerd, and nothing
+    /// is mounted under its directory (containerd itself aside).
+    pub fn assert_nothing_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let left = loop {
+            let left: Vec<_> = processes_mentioning(self.dir())
+                .into_iter()
+                .filter(|line| !line.contains("containerd --config"))
+                .collect();
+            if left.is_empty() || Instant::now() > deadline {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(left.is_empty(), "processes left behind: {left:?}");
+        let mounts = mounts_under(self.dir());
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
     }
 
     /// Builds the busybox image and imports it.
@@ -411,23 +525,14 @@ pub fn build_busybox_image(dir: &Path) -> PathBuf {
     build_busybox_based_image(dir, BUSYBOX_IMAGE, &[], &["sh"])
 }
 
-/// An OCI image layout archive `dir/<name's tag>-oci.tar` of busybox (see
-/// [`build_busybox_image`]) named `name`, with the given `Entrypoint` and
-/// `Cmd`.
-pub fn build_busybox_based_image(
-    dir: &Path,
-    name: &str,
-    entrypoint: &[&str],
-    cmd: &[&str],
-) -> PathBuf {
-    let stem = name.rsplit('/').next().unwrap().replace(':', "-");
+/// A root file system at `root`: Debian's static busybox with its applet
+/// links, and a root user.
+pub fn build_busybox_rootfs(root: &Path) {
     let busybox = Path::new("/bin/busybox");
     assert!(
         busybox.is_file(),
         "/bin/busybox not found: install Debian's busybox-static"
     );
-    let work = dir.join(format!("image-{stem}"));
-    let root = work.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
         fs::create_dir_all(root.join(sub)).unwrap();
     }
@@ -440,6 +545,21 @@ pub fn build_busybox_based_image(
     }
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+/// An OCI image layout archive `dir/<name's tag>-oci.tar` of busybox (see
+/// [`build_busybox_image`]) named `name`, with the given `Entrypoint` and
+/// `Cmd`.
+pub fn build_busybox_based_image(
+    dir: &Path,
+    name: &str,
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> PathBuf {
+    let stem = name.rsplit('/').next().unwrap().replace(':', "-");
+    let work = dir.join(format!("image-{stem}"));
+    let root = work.join("rootfs");
+    build_busybox_rootfs(&root);
     let layout = work.join("layout");
     let blobs = layout.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();

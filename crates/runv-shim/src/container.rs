@@ -1,5 +1,6 @@
 //! A container of the pod: its processes, and what it holds on the host
-//! (the rootfs mounted in its bundle, its binds in the shared directory).
+//! and in the VM (the rootfs mounted in its bundle, its binds in the shared
+//! directory, its disks).
 
 use std::{
     collections::HashMap,
@@ -10,10 +11,12 @@ use containerd_shim::protos::api::Mount;
 use runv_protocol::GUEST_SHARED_DIR;
 
 use crate::{
+    disks::DiskMount,
     error::{Result, ShimError},
-    mounts::{self, SharedDir},
+    mounts,
+    pod::Pod,
     process::Process,
-    spec::{self, ROOTFS_SHARE},
+    spec::{self, DiskPlacement, ROOTFS_SHARE},
 };
 
 pub struct Container {
@@ -52,7 +55,8 @@ fn no_exec(container_id: &str, exec_id: &str) -> ShimError {
     ShimError::NotFound(format!("container {container_id} has no process {exec_id}"))
 }
 
-/// What a container holds on the host, to be released at its delete.
+/// What a container holds on the host and in the pod VM, to be released
+/// at its delete: the rootfs mounted in its bundle, its shares, its disks.
 pub struct HostMounts {
     container_id: String,
     /// The bundle's rootfs, when the shim mounted it.
@@ -60,57 +64,87 @@ pub struct HostMounts {
 }
 
 impl HostMounts {
-    /// Mounts the rootfs in the bundle, shares it and every host bind
-    /// source of the spec with the guest, and returns the guest's spec.
-    /// On error nothing stays mounted.
+    /// Puts the container's root file system and volumes where the guest
+    /// reaches them (disks plugged into the VM, everything else shared),
+    /// and returns the guest's spec. On error nothing stays mounted or
+    /// plugged.
     pub async fn prepare(
-        shared: &SharedDir,
+        pod: &mut Pod,
         container_id: &str,
         bundle: &Path,
         rootfs: &[Mount],
     ) -> Result<(HostMounts, Vec<u8>)> {
         let host_spec = spec::read(bundle).map_err(ShimError::InvalidArgument)?;
-        let rootfs_path = match rootfs.is_empty() {
-            true => host_root(&host_spec, bundle)?,
-            false => {
-                mounts::mount_bundle_rootfs(bundle, rootfs)
-                    .await
-                    .map_err(ShimError::Internal)?;
-                mounts::bundle_rootfs(bundle)
-            }
-        };
-        let host = HostMounts {
+        let mut host = HostMounts {
             container_id: container_id.to_owned(),
-            mounted_rootfs: (!rootfs.is_empty()).then(|| rootfs_path.clone()),
+            mounted_rootfs: None,
         };
-        let guest_dir = Path::new(GUEST_SHARED_DIR).join(container_id);
-        let shared_all = spec::for_guest(host_spec, &guest_dir)
-            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))
-            .and_then(|guest| {
-                shared
-                    .bind(container_id, ROOTFS_SHARE, &rootfs_path)
-                    .map_err(ShimError::Internal)?;
-                for bind in &guest.binds {
-                    shared
-                        .bind(container_id, &bind.share_name, &bind.source)
-                        .map_err(ShimError::Internal)?;
-                }
-                Ok(serde_json::to_vec(&guest.spec).expect("a JSON value serializes"))
-            });
-        match shared_all {
+        match host.place(pod, host_spec, bundle, rootfs).await {
             Ok(guest_spec) => Ok((host, guest_spec)),
             Err(e) => {
-                host.release(shared);
+                host.release(pod).await;
                 Err(e)
             }
         }
     }
 
-    /// Unmounts and removes everything the container held.
-    pub fn release(self, shared: &SharedDir) {
-        if let Err(e) = shared.unshare(&self.container_id) {
+    async fn place(
+        &mut self,
+        pod: &mut Pod,
+        host_spec: serde_json::Value,
+        bundle: &Path,
+        rootfs: &[Mount],
+    ) -> Result<Vec<u8>> {
+        let id = self.container_id.as_str();
+        let vm = pod.vm();
+        let mut disks = DiskPlacement::default();
+        let mut shared_root = None;
+        match DiskMount::rootfs(rootfs) {
+            Some(disk) => disks.root = Some(pod.disks.attach(&vm, id, &disk).await?),
+            None if rootfs.is_empty() => shared_root = Some(host_root(&host_spec, bundle)?),
+            None => {
+                mounts::mount_bundle_rootfs(bundle, rootfs)
+                    .await
+                    .map_err(ShimError::Internal)?;
+                self.mounted_rootfs = Some(mounts::bundle_rootfs(bundle));
+                shared_root.clone_from(&self.mounted_rootfs);
+            }
+        }
+        let volumes = host_spec
+            .get("mounts")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(index, m)| Some((index, DiskMount::volume(m.as_object()?)?)));
+        for (index, disk) in volumes.collect::<Vec<_>>() {
+            let guest_mount = pod.disks.attach(&vm, id, &disk).await?;
+            disks.volumes.insert(index, guest_mount);
+        }
+        let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
+        let guest = spec::for_guest(host_spec, &guest_dir, &disks)
+            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
+        let shared = pod.shared();
+        if let Some(root) = &shared_root {
+            shared
+                .bind(id, ROOTFS_SHARE, root)
+                .map_err(ShimError::Internal)?;
+        }
+        for bind in &guest.binds {
+            shared
+                .bind(id, &bind.share_name, &bind.source)
+                .map_err(ShimError::Internal)?;
+        }
+        Ok(serde_json::to_vec(&guest.spec).expect("a JSON value serializes"))
+    }
+
+    /// Unmounts, unshares and unplugs everything the container held.
+    pub async fn release(self, pod: &mut Pod) {
+        if let Err(e) = pod.shared().unshare(&self.container_id) {
             tracing::warn!(container = %self.container_id, error = %e, "cannot unshare");
         }
+        let vm = pod.vm();
+        pod.disks.release(&vm, &self.container_id).await;
         if let Some(rootfs) = &self.mounted_rootfs {
             if let Err(e) = mounts::unmount_tree(rootfs) {
                 tracing::warn!(rootfs = %rootfs.display(), error = %e, "cannot unmount rootfs");

@@ -1,5 +1,5 @@
-//! The pod: the VM this shim holds, its shared directory, and its
-//! containers. The VM boots with the first container and powers off when
+//! The pod: the VM this shim holds, its shared directory, its disks and
+//! its containers. The VM boots with the first container and powers off when
 //! the last one is deleted.
 
 use std::{
@@ -16,6 +16,7 @@ use runv_sandbox::PodVm;
 
 use crate::{
     container::Container,
+    disks::PodDisks,
     error::{Result, ShimError},
     mounts::SharedDir,
 };
@@ -33,6 +34,7 @@ pub struct Pod {
     shared: SharedDir,
     dir: PathBuf,
     pub containers: HashMap<String, Container>,
+    pub disks: PodDisks,
 }
 
 impl Pod {
@@ -65,6 +67,7 @@ impl Pod {
                 shared,
                 dir,
                 containers: HashMap::new(),
+                disks: PodDisks::default(),
             }),
             Err(e) => {
                 shared.remove();

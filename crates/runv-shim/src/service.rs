@@ -80,8 +80,7 @@ impl TaskService {
     async fn create_container(&self, pod: &mut Pod, req: &api::CreateTaskRequest) -> Result<u32> {
         let bundle = PathBuf::from(&req.bundle);
         pod.mark_bundle(&bundle)?;
-        let (host, guest_spec) =
-            HostMounts::prepare(pod.shared(), &req.id, &bundle, &req.rootfs).await?;
+        let (host, guest_spec) = HostMounts::prepare(pod, &req.id, &bundle, &req.rootfs).await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -108,7 +107,7 @@ impl TaskService {
         let io = match created.await {
             Ok(io) => io,
             Err(e) => {
-                host.release(pod.shared());
+                host.release(pod).await;
                 return Err(e);
             }
         };
@@ -194,7 +193,7 @@ impl TaskService {
                 tracing::warn!(container = id, error = %e, "the agent did not remove the container");
             }
             let container = pod.containers.remove(id).expect("found above");
-            container.host.release(pod.shared());
+            container.host.release(pod).await;
             self.events
                 .publish(TaskDelete {
                     container_id: id.to_owned(),

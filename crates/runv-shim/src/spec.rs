@@ -6,7 +6,10 @@
 //! The spec is handled as JSON, so that fields runv does not touch pass
 //! through to the agent exactly as containerd wrote them.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde_json::{Map, Value};
 
@@ -16,6 +19,16 @@ use serde_json::{Map, Value};
 pub struct HostBind {
     pub source: PathBuf,
     pub share_name: String,
+}
+
+/// What the guest reaches through disks the agent mounted rather than
+/// through the shared directory (see `disks`).
+#[derive(Debug, Default)]
+pub struct DiskPlacement {
+    /// The guest mount of the root file system, when it is a disk.
+    pub root: Option<PathBuf>,
+    /// The guest mounts of disk volumes, by index in the spec's mounts.
+    pub volumes: BTreeMap<usize, PathBuf>,
 }
 
 /// The guest's spec and the host binds it relies on.
@@ -58,8 +71,10 @@ pub const ROOTFS_SHARE: &str = "rootfs";
 const GUEST_OWNED_SOURCES: [&str; 3] = ["/dev", "/proc", "/sys"];
 
 /// Rewrites `spec` (a bundle's config.json) for container `id` whose guest
-/// share directory is `guest_dir` (`GUEST_SHARED_DIR/<id>`):
-/// - `root.path` becomes `<guest_dir>/rootfs`;
+/// share directory is `guest_dir` (`GUEST_SHARED_DIR/<id>`), with its disks
+/// where `disks` says:
+/// - `root.path` becomes the root disk's mount or `<guest_dir>/rootfs`;
+/// - each disk volume becomes a bind of its guest mount;
 /// - each bind mount of a host path becomes a bind of its share;
 /// - the network namespace goes (the pod VM is the pod's network
 ///   boundary), and namespace paths go (they are host paths);
@@ -69,15 +84,20 @@ const GUEST_OWNED_SOURCES: [&str; 3] = ["/dev", "/proc", "/sys"];
 ///   `slice:prefix:name` form included), the agent places the container
 ///   in the guest's;
 /// - OCI hooks, AppArmor and SELinux labels go: they are host facilities.
-pub fn for_guest(mut spec: Value, guest_dir: &Path) -> Result<GuestSpec, String> {
+pub fn for_guest(
+    mut spec: Value,
+    guest_dir: &Path,
+    disks: &DiskPlacement,
+) -> Result<GuestSpec, String> {
     let root = spec.get_mut("root").and_then(Value::as_object_mut).ok_or(
         "config.json has no `root`: containerd always writes one; is the bundle complete?",
     )?;
-    root.insert(
-        "path".into(),
-        guest_dir.join(ROOTFS_SHARE).to_string_lossy().into(),
-    );
-    let binds = share_bind_mounts(&mut spec, guest_dir)?;
+    let root_path = match &disks.root {
+        Some(disk) => disk.clone(),
+        None => guest_dir.join(ROOTFS_SHARE),
+    };
+    root.insert("path".into(), root_path.to_string_lossy().into());
+    let binds = share_bind_mounts(&mut spec, guest_dir, &disks.volumes)?;
     let object = spec
         .as_object_mut()
         .ok_or("config.json is not a JSON object")?;
@@ -139,7 +159,11 @@ fn strip_host_labels(process: &mut Map<String, Value>) {
     process.remove("selinuxLabel");
 }
 
-fn share_bind_mounts(spec: &mut Value, guest_dir: &Path) -> Result<Vec<HostBind>, String> {
+fn share_bind_mounts(
+    spec: &mut Value,
+    guest_dir: &Path,
+    disk_volumes: &BTreeMap<usize, PathBuf>,
+) -> Result<Vec<HostBind>, String> {
     let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
         return Ok(Vec::new());
     };
@@ -148,6 +172,10 @@ fn share_bind_mounts(spec: &mut Value, guest_dir: &Path) -> Result<Vec<HostBind>
         let Some(mount) = mount.as_object_mut() else {
             return Err(format!("config.json mount {index} is not an object"));
         };
+        if let Some(guest_mount) = disk_volumes.get(&index) {
+            bind_disk_mount(mount, guest_mount);
+            continue;
+        }
         if !is_bind(mount) {
             continue;
         }
@@ -187,6 +215,22 @@ fn share_bind_mounts(spec: &mut Value, guest_dir: &Path) -> Result<Vec<HostBind>
     Ok(binds)
 }
 
+/// Makes `mount` a bind of the disk the agent mounted at `guest_mount`,
+/// read-only if the mount asked for it.
+fn bind_disk_mount(mount: &mut Map<String, Value>, guest_mount: &Path) {
+    let read_only = mount
+        .get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|options| options.iter().any(|o| o.as_str() == Some("ro")));
+    let mut options = vec!["rbind"];
+    if read_only {
+        options.push("ro");
+    }
+    mount.insert("type".into(), "bind".into());
+    mount.insert("source".into(), guest_mount.to_string_lossy().into());
+    mount.insert("options".into(), options.into());
+}
+
 fn is_bind(mount: &Map<String, Value>) -> bool {
     mount.get("type").and_then(Value::as_str) == Some("bind")
         || mount
@@ -204,6 +248,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn no_disks() -> DiskPlacement {
+        DiskPlacement::default()
+    }
 
     fn cri_like_spec() -> Value {
         json!({
@@ -233,7 +281,12 @@ mod tests {
 
     #[test]
     fn root_and_host_binds_move_to_the_share() {
-        let guest = for_guest(cri_like_spec(), Path::new("/run/runv/shared/c1")).unwrap();
+        let guest = for_guest(
+            cri_like_spec(),
+            Path::new("/run/runv/shared/c1"),
+            &no_disks(),
+        )
+        .unwrap();
         let spec = &guest.spec;
         assert_eq!(spec["root"]["path"], "/run/runv/shared/c1/rootfs");
         assert_eq!(spec["root"]["readonly"], true);
@@ -265,8 +318,27 @@ mod tests {
     }
 
     #[test]
+    fn disks_are_bound_from_their_guest_mounts() {
+        let disks = DiskPlacement {
+            root: Some("/run/runv/disks/2".into()),
+            volumes: BTreeMap::from([(2, PathBuf::from("/run/runv/disks/3"))]),
+        };
+        let guest = for_guest(cri_like_spec(), Path::new("/g"), &disks).unwrap();
+        assert_eq!(guest.spec["root"]["path"], "/run/runv/disks/2");
+        assert_eq!(
+            guest.spec["mounts"][2],
+            json!({"destination": "/data", "type": "bind",
+                   "source": "/run/runv/disks/3", "options": ["rbind", "ro"]})
+        );
+        let shared: Vec<_> = guest.binds.iter().map(|b| b.share_name.as_str()).collect();
+        assert_eq!(shared, ["mounts/1-hosts"], "the disk is not shared");
+    }
+
+    #[test]
     fn host_only_settings_go() {
-        let spec = for_guest(cri_like_spec(), Path::new("/g")).unwrap().spec;
+        let spec = for_guest(cri_like_spec(), Path::new("/g"), &no_disks())
+            .unwrap()
+            .spec;
         assert!(spec.get("hooks").is_none());
         assert!(spec["process"].get("apparmorProfile").is_none());
         assert!(spec["linux"].get("mountLabel").is_none());
@@ -281,7 +353,7 @@ mod tests {
         let spec = json!({"root": {"path": "rootfs"}, "hostname": "node-1",
             "linux": {"namespaces": [{"type": "pid"}],
                       "cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:c1"}});
-        let spec = for_guest(spec, Path::new("/g")).unwrap().spec;
+        let spec = for_guest(spec, Path::new("/g"), &no_disks()).unwrap().spec;
         assert_eq!(
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "uts"}])
@@ -289,17 +361,19 @@ mod tests {
         assert!(spec["linux"].get("cgroupsPath").is_none());
         let no_hostname = json!({"root": {"path": "rootfs"},
             "linux": {"namespaces": [{"type": "pid"}]}});
-        let spec = for_guest(no_hostname, Path::new("/g")).unwrap().spec;
+        let spec = for_guest(no_hostname, Path::new("/g"), &no_disks())
+            .unwrap()
+            .spec;
         assert_eq!(spec["linux"]["namespaces"], json!([{"type": "pid"}]));
     }
 
     #[test]
     fn bad_specs_name_the_problem() {
-        let no_root = for_guest(json!({"process": {}}), Path::new("/g")).unwrap_err();
+        let no_root = for_guest(json!({"process": {}}), Path::new("/g"), &no_disks()).unwrap_err();
         assert!(no_root.contains("no `root`"), "{no_root}");
         let relative = json!({"root": {"path": "rootfs"},
             "mounts": [{"destination": "/x", "type": "bind", "source": "data"}]});
-        let relative = for_guest(relative, Path::new("/g")).unwrap_err();
+        let relative = for_guest(relative, Path::new("/g"), &no_disks()).unwrap_err();
         assert!(relative.contains("relative source"), "{relative}");
         assert!(process_for_guest(b"[").is_err());
     }

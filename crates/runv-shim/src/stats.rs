@@ -10,14 +10,14 @@ use std::{path::Path, sync::OnceLock};
 use containerd_shim::{
     protos::{
         cgroups::metrics::{
-            CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat, Metrics, PidsStat,
-            Throttle,
+            BlkIOEntry, BlkIOStat, CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat,
+            Metrics, PidsStat, Throttle,
         },
         protobuf::{well_known_types::any::Any, MessageField},
     },
     util::convert_to_any,
 };
-use runv_protocol::agent::ContainerStats;
+use runv_protocol::agent::{ContainerStats, IoDeviceStats};
 
 /// containerd's cgroup v2 metrics message.
 #[allow(warnings, clippy::all)]
@@ -64,7 +64,7 @@ pub fn metrics_any(stats: &ContainerStats, version: CgroupVersion) -> Result<Any
 
 /// The guest's own cgroup v2 figures, as they are.
 fn v2_metrics(stats: &ContainerStats) -> v2::cgroups_v2::Metrics {
-    use v2::cgroups_v2::{CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
+    use v2::cgroups_v2::{CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat};
     let mut metrics = Metrics::new();
     if let Some(cpu) = stats.cpu.as_ref() {
         metrics.cpu = MessageField::some(CPUStat {
@@ -127,6 +127,24 @@ fn v2_metrics(stats: &ContainerStats) -> v2::cgroups_v2::Metrics {
         metrics.pids = MessageField::some(PidsStat {
             current: pids.current,
             limit: pids.limit,
+            ..Default::default()
+        });
+    }
+    if let Some(io) = stats.io.as_ref() {
+        metrics.io = MessageField::some(IOStat {
+            usage: io
+                .devices
+                .iter()
+                .map(|device| IOEntry {
+                    major: device.major.into(),
+                    minor: device.minor.into(),
+                    rbytes: device.rbytes,
+                    wbytes: device.wbytes,
+                    rios: device.rios,
+                    wios: device.wios,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         });
     }
@@ -224,13 +242,41 @@ fn v1_metrics(stats: &ContainerStats) -> Metrics {
             ..Default::default()
         });
     }
+    if let Some(io) = stats.io.as_ref() {
+        metrics.blkio = MessageField::some(v1_blkio(&io.devices));
+    }
     metrics
+}
+
+/// io.stat's counters as v1's recursive blkio entries, one per device and
+/// operation, as runc's shim reports them from blkio.throttle.*.
+fn v1_blkio(devices: &[IoDeviceStats]) -> BlkIOStat {
+    let entries = |read: fn(&IoDeviceStats) -> u64, write: fn(&IoDeviceStats) -> u64| {
+        devices
+            .iter()
+            .flat_map(|device| {
+                [("Read", read(device)), ("Write", write(device))].map(|(op, value)| BlkIOEntry {
+                    op: op.to_owned(),
+                    device: device.device.clone(),
+                    major: device.major.into(),
+                    minor: device.minor.into(),
+                    value,
+                    ..Default::default()
+                })
+            })
+            .collect()
+    };
+    BlkIOStat {
+        io_service_bytes_recursive: entries(|d| d.rbytes, |d| d.wbytes),
+        io_serviced_recursive: entries(|d| d.rios, |d| d.wios),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use containerd_shim::protos::protobuf::Message;
-    use runv_protocol::agent::{CpuStats, MemoryStats, PidsStats};
+    use runv_protocol::agent::{CpuStats, IoStats, MemoryStats, PidsStats};
 
     use super::*;
 
@@ -258,6 +304,20 @@ mod tests {
                 ..Default::default()
             })
             .into(),
+            io: Some(IoStats {
+                devices: vec![IoDeviceStats {
+                    major: 254,
+                    minor: 16,
+                    rbytes: 8192,
+                    wbytes: 4096,
+                    rios: 2,
+                    wios: 1,
+                    device: "vdb".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .into(),
             ..Default::default()
         }
     }
@@ -276,6 +336,20 @@ mod tests {
         assert_eq!(metrics.memory_oom_control.oom_kill, 2);
         assert_eq!(metrics.memory_oom_control.under_oom, 0);
         assert_eq!(metrics.pids.current, 3);
+        let bytes: Vec<_> = metrics
+            .blkio
+            .io_service_bytes_recursive
+            .iter()
+            .map(|e| (e.op.as_str(), e.device.as_str(), e.major, e.minor, e.value))
+            .collect();
+        assert_eq!(
+            bytes,
+            [
+                ("Read", "vdb", 254, 16, 8192),
+                ("Write", "vdb", 254, 16, 4096)
+            ]
+        );
+        assert_eq!(metrics.blkio.io_serviced_recursive[1].value, 1);
     }
 
     #[test]
@@ -291,6 +365,8 @@ mod tests {
         assert_eq!(metrics.memory.file, 2048);
         assert_eq!(metrics.memory_events.oom_kill, 2);
         assert_eq!(metrics.pids.limit, 100);
+        let io = &metrics.io.usage[0];
+        assert_eq!((io.major, io.minor, io.rbytes, io.wios), (254, 16, 8192, 1));
     }
 
     /// Field numbers are containerd's wire contract: spot-check a few
@@ -300,8 +376,8 @@ mod tests {
         let any = metrics_any(&sample_stats(), CgroupVersion::V2).unwrap();
         let bytes = &any.value;
         // Metrics.pids = 1, Metrics.cpu = 2, Metrics.memory = 4,
-        // Metrics.memory_events = 8, all length-delimited.
-        for tag in [0x0a, 0x12, 0x22, 0x42] {
+        // Metrics.io = 6, Metrics.memory_events = 8, all length-delimited.
+        for tag in [0x0a, 0x12, 0x22, 0x32, 0x42] {
             assert!(bytes.contains(&tag), "tag {tag:#x} in {bytes:?}");
         }
         let memory = v2::cgroups_v2::MemoryStat {
