@@ -2,8 +2,8 @@
 //! through the agent protocol and its stdio streams, with a busybox root
 //! file system appended to the agent's initramfs (no virtio-fs needed).
 //! One boot carries every check: processes, exit statuses, exec, terminal,
-//! stats, pause, large output, bad requests, and that removal leaves
-//! nothing in the guest.
+//! stats, pause, large output, bad requests, the error paths of block
+//! Mount and Unmount, and that removal leaves nothing in the guest.
 
 use std::{
     fs,
@@ -13,7 +13,7 @@ use std::{
 };
 
 use oci_spec::runtime::{Mount, Process, Spec};
-use runv_agent_client::{stdio::open_stream, AgentClient};
+use runv_agent_client::{stdio::open_stream, AgentClient, Code};
 use runv_protocol::{agent, stdio::StdioStream};
 use runv_sandbox::PodVm;
 use runv_tests::{assert_nothing_left, test_config};
@@ -53,6 +53,7 @@ async fn runs_containers_in_a_pod_vm() {
     pod.running_container_takes_execs_signals_pause_and_stats()
         .await;
     pod.bad_requests_get_clear_errors().await;
+    pod.block_mount_errors_are_clear().await;
     pod.removal_leaves_nothing().await;
 
     let shutdown = vm.shutdown().await;
@@ -320,6 +321,7 @@ impl Pod<'_> {
         assert!(memory.usage > 0, "{stats:?}");
         assert!(!memory.stat.is_empty(), "{stats:?}");
         assert!(stats.pids.current >= 1, "{stats:?}");
+        assert!(stats.io.is_some(), "{stats:?}");
         self.agent
             .update_container("main", br#"{"pids": {"limit": 64}}"#.to_vec())
             .await
@@ -415,6 +417,64 @@ impl Pod<'_> {
         );
     }
 
+    /// Mount and Unmount without a disk: what fails says what and why, and
+    /// what there is nothing to do for is a no-op.
+    async fn block_mount_errors_are_clear(&self) {
+        let expect =
+            |result: Result<(), runv_agent_client::AgentError>, code: Code, needles: &[&str]| {
+                let err = result.unwrap_err();
+                let message = err.to_string();
+                assert_eq!(err.status_code(), Some(code), "{message}");
+                for needle in needles {
+                    assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+                }
+                println!("refused: {message}");
+            };
+        let disk = "/run/runv/disks/test";
+        expect(
+            self.agent
+                .mount("/dev/runv-no-such-disk", "ext4", &[], disk)
+                .await,
+            Code::NOT_FOUND,
+            &["/dev/runv-no-such-disk", disk, "does not exist"],
+        );
+        // Detection stops at an error that is the device's, not the type's.
+        expect(
+            self.agent.mount("/dev/null", "", &[], disk).await,
+            Code::INTERNAL,
+            &["/dev/null", disk, "ENOTBLK"],
+        );
+        expect(
+            self.agent
+                .mount("/dev/null", "ext4", &["ro".into(), "bind".into()], disk)
+                .await,
+            Code::INVALID_ARGUMENT,
+            &["\"bind\" is not allowed"],
+        );
+        expect(
+            self.agent.mount("/dev/null", "ext4", &[], "/dev/pts").await,
+            Code::FAILED_PRECONDITION,
+            &["/dev/pts already has devpts"],
+        );
+        // /dev has devpts and more mounted below it: busy, and no lazy
+        // detach.
+        expect(
+            self.agent.unmount("/dev").await,
+            Code::FAILED_PRECONDITION,
+            &["cannot unmount /dev: the file system is busy"],
+        );
+        expect(
+            self.agent.unmount("relative").await,
+            Code::INVALID_ARGUMENT,
+            &["not an absolute path"],
+        );
+        self.agent.unmount(disk).await.unwrap();
+        self.agent.unmount("/run/runv/disks/never").await.unwrap();
+        // The guest still works after all that: a container runs.
+        self.echo_prints_hello().await;
+        println!("block Mount/Unmount errors are clear; unmounting nothing is a no-op");
+    }
+
     /// After every removal, the guest has no container cgroup, runtime
     /// state or bundle left: a last container looks at the agent's
     /// directories through read-only bind mounts.
@@ -423,7 +483,12 @@ impl Pod<'_> {
             bind_mount("/sys/fs/cgroup", "/host/cgroup"),
             bind_mount("/run/runv", "/host/run"),
         ];
-        let script = "cd /host/cgroup/runv && find . -mindepth 1 -maxdepth 1 -type d && \
+        // The io controller reaches container cgroups (io.stat for
+        // ContainerStats).
+        let script = "grep -qw io /host/cgroup/runv/cgroup.subtree_control && \
+                      test -e /host/cgroup/runv/probe/io.stat || \
+                      { echo 'no io controller in the container cgroup' >&2; exit 1; }; \
+                      cd /host/cgroup/runv && find . -mindepth 1 -maxdepth 1 -type d && \
                       ls /host/run/oci && ls /host/run/bundles";
         let spec = container_spec(&["sh", "-c", script], mounts);
         let stdio = stdio(false, false, true, true);
