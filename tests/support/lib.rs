@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod disks;
 
 use std::{
     fs,
