@@ -7,24 +7,25 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio as HostStdio},
     time::Duration,
 };
 
-use oci_spec::runtime::{Mount, Process, Spec};
+use oci_spec::runtime::Spec;
 use runv_agent_client::{stdio::open_stream, AgentClient, Code};
 use runv_protocol::{agent, stdio::StdioStream};
 use runv_sandbox::PodVm;
-use runv_tests::{assert_nothing_left, test_config};
+use runv_tests::{
+    assert_nothing_left,
+    busybox::{bind_mount, container_spec, initramfs_with_busybox_rootfs, process, read_all},
+    test_config,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
 };
 
-/// Where the busybox root file system lies in the guest.
-const ROOTFS: &str = "/srv/busybox";
-const PATH_ENV: &str = "PATH=/bin";
 const SIGTERM: u32 = 15;
 const SIGKILL: u32 = 9;
 
@@ -84,37 +85,6 @@ fn stdio(terminal: bool, stdin: bool, stdout: bool, stderr: bool) -> agent::Stdi
         stderr,
         ..Default::default()
     }
-}
-
-fn process(args: &[&str], terminal: bool) -> Process {
-    let mut process = Process::default();
-    process.set_args(Some(args.iter().map(|arg| arg.to_string()).collect()));
-    process.set_env(Some(vec![PATH_ENV.into()]));
-    process.set_terminal(Some(terminal));
-    process
-}
-
-/// runc's default spec on the busybox root, writable, running `args`.
-fn container_spec(args: &[&str], extra_mounts: Vec<Mount>) -> Vec<u8> {
-    let mut spec = Spec::default();
-    let mut root = spec.root().clone().unwrap();
-    root.set_path(PathBuf::from(ROOTFS));
-    root.set_readonly(Some(false));
-    spec.set_root(Some(root));
-    spec.set_process(Some(process(args, false)));
-    let mut mounts = spec.mounts().clone().unwrap();
-    mounts.extend(extra_mounts);
-    spec.set_mounts(Some(mounts));
-    serde_json::to_vec(&spec).unwrap()
-}
-
-fn bind_mount(source: &str, destination: &str) -> Mount {
-    let mut mount = Mount::default();
-    mount.set_destination(PathBuf::from(destination));
-    mount.set_typ(Some("bind".into()));
-    mount.set_source(Some(PathBuf::from(source)));
-    mount.set_options(Some(vec!["rbind".into(), "ro".into()]));
-    mount
 }
 
 impl Pod<'_> {
@@ -480,8 +450,8 @@ impl Pod<'_> {
     /// directories through read-only bind mounts.
     async fn removal_leaves_nothing(&self) {
         let mounts = vec![
-            bind_mount("/sys/fs/cgroup", "/host/cgroup"),
-            bind_mount("/run/runv", "/host/run"),
+            bind_mount("/sys/fs/cgroup", "/host/cgroup", true),
+            bind_mount("/run/runv", "/host/run", true),
         ];
         // The io controller reaches container cgroups (io.stat for
         // ContainerStats).
@@ -507,15 +477,6 @@ impl Pod<'_> {
         assert!(err.to_string().contains("does not exist"), "{err}");
         println!("after removals the guest holds only the probe's own cgroup, state and bundle");
     }
-}
-
-async fn read_all(stream: &mut UnixStream) -> Vec<u8> {
-    let mut data = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut data))
-        .await
-        .expect("the stream ends")
-        .unwrap();
-    data
 }
 
 /// Bytes read from `stream` within `period`.
@@ -549,37 +510,4 @@ fn sha256(data: &[u8]) -> String {
         .next()
         .unwrap()
         .to_owned()
-}
-
-/// The agent's initramfs followed by a second archive holding a busybox
-/// root file system at [`ROOTFS`]: the kernel unpacks both.
-fn initramfs_with_busybox_rootfs(dir: &Path, agent_initramfs: &Path) -> PathBuf {
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox not found: install Debian's busybox-static (scripts/install.sh does)"
-    );
-    let stage = tempfile::tempdir_in(dir).unwrap();
-    let rootfs = stage.path().join(ROOTFS.trim_start_matches('/'));
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "host"] {
-        fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    let applets = Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-        }
-    }
-    let image = dir.join("initramfs.cpio.gz");
-    fs::copy(agent_initramfs, &image).unwrap();
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("find . | cpio --quiet -o -H newc -R 0:0 | gzip -1 >> \"$0\"")
-        .arg(&image)
-        .current_dir(stage.path())
-        .status()
-        .expect("running cpio");
-    assert!(status.success(), "building the busybox archive failed");
-    image
 }

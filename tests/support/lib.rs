@@ -2,6 +2,7 @@
 //! configuration confined to a temporary directory, and the checks that a
 //! test left nothing behind.
 
+pub mod busybox;
 pub mod containerd;
 pub mod cri;
 pub mod disks;

@@ -1,0 +1,249 @@
+//! Block devices plugged into a running pod VM (QEMU; TCG where KVM cannot
+//! run the guest) and unplugged again: an ext4 image file read-write and a
+//! loop device read-only, mounted through the agent; a busybox container
+//! (the agent has no "exec on the VM") reads the host's file on both,
+//! writes on one and is refused on the other. After unmount and unplug the
+//! host finds the guest's write in the image, QEMU holds no descriptor of
+//! either, and the guest has no block device left. Slots are reused, each
+//! plug shows the new device's size, and one plug more than there are
+//! slots says why it cannot be.
+
+use std::{fs, path::PathBuf};
+
+use runv_agent_client::ConnectOptions;
+use runv_sandbox::{BlockDevice, PodVm, SandboxError};
+use runv_tests::{
+    assert_nothing_left,
+    busybox::{bind_mount, initramfs_with_busybox_rootfs, run_container},
+    disks::{self, ext4_image, read_ext4_file, LoopDevice},
+    test_config,
+};
+
+/// Where the agent mounts the disks in the guest.
+const GUEST_RW: &str = "/run/runv/disks/rw";
+const GUEST_RO: &str = "/run/runv/disks/ro";
+const HOST_FILE: &str = "hello from the host\n";
+const GUEST_FILE: &str = "written by the guest\n";
+
+/// What `pid`'s file descriptors point at.
+fn open_files(pid: u32) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading QEMU's descriptors")
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .collect()
+}
+
+/// The guest block devices a container sees in /sys/block, but the
+/// virtual ones (loop, ram).
+const LIST_DISKS: &str = "ls /sys/block | grep -v -e '^loop' -e '^ram' | tr '\\n' ' '";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_devices_are_plugged_mounted_and_unplugged() {
+    if let Some(why) = disks::unavailable() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let content = scratch.path().join("content");
+    fs::create_dir(&content).unwrap();
+    fs::write(content.join("file"), HOST_FILE).unwrap();
+    let rw_image = scratch.path().join("rw.img");
+    ext4_image(&rw_image, 64, Some(&content));
+    let loop_image = scratch.path().join("loop.img");
+    ext4_image(&loop_image, 64, Some(&content));
+    // Detached when dropped, whatever happens to the test.
+    let loop_device = LoopDevice::attach(&loop_image);
+    let loop_path = loop_device.path().to_owned();
+    println!("loop device {}", loop_path.display());
+
+    let mut config = test_config(scratch.path());
+    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let console = scratch.path().join("console.log");
+    let spec = PodVm::spec(&config, "disks", console.clone());
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let pids = vm.pids();
+    let qemu = pids[0];
+    let agent = vm.agent();
+    let socket = vm.vsock_socket();
+
+    // The guest has no disk until one is plugged: the boot-time
+    // placeholders of the slots are gone.
+    let listed = run_container(agent, &socket, "before", &["sh", "-c", LIST_DISKS], vec![]).await;
+    assert_eq!(listed.exit_status, 0, "{listed:?}");
+    assert_eq!(listed.stdout, "", "no disk at first: {listed:?}");
+
+    let rw = vm
+        .plug_block(&BlockDevice {
+            path: rw_image.clone(),
+            read_only: false,
+        })
+        .await
+        .expect("plugging the image");
+    let ro = vm
+        .plug_block(&BlockDevice {
+            path: loop_path.clone(),
+            read_only: true,
+        })
+        .await
+        .expect("plugging the loop device");
+    println!("plugged: {rw:?} (image, read-write), {ro:?} (loop device, read-only)");
+    assert_eq!(
+        (rw.slot, ro.slot),
+        (2, 6),
+        "first read-write and read-only slots"
+    );
+    assert!(rw.guest_device.starts_with("/dev/vd"), "{rw:?}");
+    assert!(ro.guest_device.starts_with("/dev/vd"), "{ro:?}");
+    let held = open_files(qemu);
+    assert!(held.contains(&rw_image), "QEMU holds the image: {held:?}");
+    assert!(held.contains(&loop_path), "QEMU holds the loop: {held:?}");
+
+    agent
+        .mount(&rw.guest_device, "ext4", &[], GUEST_RW)
+        .await
+        .expect("mounting the read-write disk");
+    let refused = agent
+        .mount(&ro.guest_device, "ext4", &[], GUEST_RO)
+        .await
+        .expect_err("a read-only disk cannot be mounted writable");
+    println!("writable mount of the read-only disk refused: {refused}");
+    agent
+        .mount(&ro.guest_device, "ext4", &["ro".into()], GUEST_RO)
+        .await
+        .expect("mounting the read-only disk read-only");
+
+    let name = |device: &str| device.trim_start_matches("/dev/").to_owned();
+    let script = format!(
+        "cat /rw/file /ro/file && printf '{GUEST_FILE}' > /rw/from-guest && sync && \
+         if echo x > /ro/x; then echo 'ro: written'; else echo 'ro: refused'; fi; \
+         cat /sys/block/{}/ro /sys/block/{}/ro",
+        name(&rw.guest_device),
+        name(&ro.guest_device)
+    );
+    let mounts = vec![
+        bind_mount(GUEST_RW, "/rw", false),
+        bind_mount(GUEST_RO, "/ro", false),
+    ];
+    let out = run_container(agent, &socket, "disks", &["sh", "-c", &script], mounts).await;
+    println!("container on the disks: {out:?}");
+    assert_eq!(out.exit_status, 0, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        format!("{HOST_FILE}{HOST_FILE}ro: refused\n0\n1\n"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("Read-only file system"), "{out:?}");
+
+    agent.unmount(GUEST_RW).await.expect("unmounting");
+    agent.unmount(GUEST_RO).await.expect("unmounting");
+    vm.unplug_block(rw.slot)
+        .await
+        .expect("unplugging the image");
+    vm.unplug_block(ro.slot).await.expect("unplugging the loop");
+    assert_eq!(
+        read_ext4_file(&rw_image, "/from-guest").as_deref(),
+        Some(GUEST_FILE)
+    );
+    let held = open_files(qemu);
+    assert!(
+        !held.contains(&rw_image) && !held.contains(&loop_path),
+        "QEMU let go of both: {held:?}"
+    );
+    let err = vm.unplug_block(rw.slot).await.unwrap_err().to_string();
+    assert!(
+        err.contains("slot 2 holds no attached block device"),
+        "{err}"
+    );
+    println!("after unplug: the guest's write is in the image; QEMU holds neither");
+
+    // Slots are reused, each plug shows its own device's size, and one
+    // more than there are read-write slots is refused, saying why.
+    let mut extras = Vec::new();
+    for mib in 1..=4u64 {
+        let path = scratch.path().join(format!("extra{mib}.img"));
+        fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
+        let plugged = vm
+            .plug_block(&BlockDevice {
+                path,
+                read_only: false,
+            })
+            .await
+            .expect("plugging a raw image");
+        extras.push(plugged);
+    }
+    let slots: Vec<u32> = extras.iter().map(|p| p.slot).collect();
+    assert_eq!(slots, [2, 3, 4, 5]);
+    let err = vm
+        .plug_block(&BlockDevice {
+            path: rw_image.clone(),
+            read_only: false,
+        })
+        .await
+        .unwrap_err();
+    println!("fifth read-write plug: {err}");
+    assert!(matches!(err, SandboxError::Hypervisor(_)), "{err:?}");
+    let err = err.to_string();
+    assert!(
+        err.contains("no free slot for") && err.contains("all 4 read-write block slots"),
+        "{err}"
+    );
+    let err = vm
+        .plug_block(&BlockDevice {
+            path: scratch.path().join("absent.img"),
+            read_only: true,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("absent.img as a block device: no such file or device"),
+        "{err}"
+    );
+    let sizes = extras
+        .iter()
+        .map(|p| format!("cat /sys/block/{}/size", name(&p.guest_device)))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    let out = run_container(agent, &socket, "sizes", &["sh", "-c", &sizes], vec![]).await;
+    assert_eq!(out.stdout, "2048\n4096\n6144\n8192\n", "{out:?}");
+    for plugged in &extras {
+        vm.unplug_block(plugged.slot).await.expect("unplugging");
+    }
+    let listed = run_container(agent, &socket, "after", &["sh", "-c", LIST_DISKS], vec![]).await;
+    assert_eq!(
+        listed.stdout, "",
+        "no disk is left in the guest: {listed:?}"
+    );
+    let held = open_files(qemu);
+    assert!(
+        !held
+            .iter()
+            .any(|f| f.extension().is_some_and(|ext| ext == "img")),
+        "QEMU holds no image: {held:?}"
+    );
+
+    let shutdown = vm.shutdown().await;
+    assert!(!shutdown.forced, "{shutdown:?}");
+    drop(loop_device);
+    let log = fs::read_to_string(&console).unwrap();
+    assert!(!log.contains("panicked"), "console log:\n{log}");
+    assert_nothing_left(
+        scratch.path(),
+        &pids,
+        &[
+            "console.log",
+            "initramfs.cpio.gz",
+            "content/file",
+            "rw.img",
+            "loop.img",
+            "extra1.img",
+            "extra2.img",
+            "extra3.img",
+            "extra4.img",
+        ],
+    );
+}
