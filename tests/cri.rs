@@ -13,13 +13,15 @@ use std::{
 use k8s_cri::v1::{
     ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatsRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, VersionRequest,
 };
 use runv_tests::{
     containerd::{mounts_under, Containerd, BUSYBOX_IMAGE},
     cri::{build_pause_image, CriClient, RUNTIME_HANDLER},
+    disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
     processes_mentioning,
 };
 
@@ -199,15 +201,23 @@ async fn pod_runs_in_one_vm() {
     expected.sort();
     assert_eq!(listed, expected);
 
+    remove_pod(&containerd, &mut cri, &pod_id).await;
+    containerd.stop();
+}
+
+/// A host-network pod (CNI networking is not this test's subject).
+/// Stops and removes the pod, then requires that no shim, VM or helper of
+/// it runs and nothing stays mounted.
+async fn remove_pod(containerd: &Containerd, cri: &mut CriClient, pod_id: &str) {
     cri.runtime
         .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
+            pod_sandbox_id: pod_id.into(),
         })
         .await
         .expect("StopPodSandbox");
     cri.runtime
         .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
+            pod_sandbox_id: pod_id.into(),
         })
         .await
         .expect("RemovePodSandbox");
@@ -215,7 +225,7 @@ async fn pod_runs_in_one_vm() {
     let runv_processes = || {
         [SHIM, HYPERVISOR, VIRTIOFSD]
             .iter()
-            .flat_map(|program| pod_processes(&containerd, program))
+            .flat_map(|program| pod_processes(containerd, program))
             .collect::<Vec<_>>()
     };
     while !runv_processes().is_empty() && Instant::now() < deadline {
@@ -223,10 +233,149 @@ async fn pod_runs_in_one_vm() {
     }
     assert_eq!(runv_processes(), Vec::<String>::new(), "left after removal");
     assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
+}
+
+/// A block device given to a container of a running pod (a CRI mount of a
+/// host block device) is hot-plugged into the pod VM, mounted, readable
+/// and writable; when that container is removed the disk leaves the guest
+/// and the hypervisor lets go of it, while the pod runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn block_volume_hot_plugs_into_a_running_pod() {
+    if let Some(why) = disks::unavailable() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let contents = scratch.path().join("contents");
+    fs::create_dir(&contents).unwrap();
+    fs::write(contents.join("hello"), "on the disk\n").unwrap();
+    let image = scratch.path().join("volume.img");
+    ext4_image(&image, 32, Some(&contents));
+    let disk = LoopDevice::attach(&image);
+
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let pod_config = pod_config(&log_dir);
+    let pod_id = cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: RUNTIME_HANDLER.into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
+    let guest_disks = || async {
+        let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+        let partitions = exec_sync(&mut cri, &keeper, &["cat", "/proc/partitions"]).await;
+        assert_eq!(partitions.exit_code, 0, "reading the guest's partitions");
+        String::from_utf8_lossy(&partitions.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(3))
+            .filter(|name| name.starts_with("vd"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(guest_disks().await, Vec::<String>::new(), "no disk yet");
+
+    let mut config = app_config("disk-user");
+    config.mounts = vec![Mount {
+        container_path: "/vol".into(),
+        host_path: disk.path_str().into(),
+        ..Default::default()
+    }];
+    let user = start_app(&mut cri, &pod_id, &pod_config, config).await;
+    let script = "cat /vol/hello; echo from-cri > /vol/out; sync; grep ' /vol ' /proc/mounts";
+    let used = exec_sync(&mut cri, &user, &["sh", "-c", script]).await;
+    let used = String::from_utf8_lossy(&used.stdout);
+    let mut lines = used.lines();
+    assert_eq!(lines.next(), Some("on the disk"));
+    let mount = lines.next().unwrap_or_default();
+    assert!(
+        mount.starts_with("/dev/vd") && mount.contains(" /vol ext4 rw"),
+        "/vol is the plugged disk: {mount}"
+    );
+    let plugged = guest_disks().await;
+    assert_eq!(plugged.len(), 1, "one disk in the guest: {plugged:?}");
+    let holders = processes_holding(disk.path());
+    assert!(
+        holders.iter().any(|h| h.contains(HYPERVISOR)),
+        "the hypervisor holds the disk: {holders:?}"
+    );
+
+    cri.runtime
+        .stop_container(StopContainerRequest {
+            container_id: user.clone(),
+            timeout: 5,
+        })
+        .await
+        .expect("StopContainer");
+    cri.runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: user.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+    assert_eq!(
+        guest_disks().await,
+        Vec::<String>::new(),
+        "unplugged in the guest"
+    );
+    assert_eq!(
+        processes_holding(disk.path()),
+        Vec::<String>::new(),
+        "nothing on the host holds the disk"
+    );
+    assert_eq!(
+        read_ext4_file(disk.path(), "/out").as_deref(),
+        Some("from-cri\n")
+    );
+    let alive = exec_sync(&mut cri, &keeper, &["echo", "still here"]).await;
+    assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
+    remove_pod(&containerd, &mut cri, &pod_id).await;
     containerd.stop();
 }
 
-/// A host-network pod (CNI networking is not this test's subject).
+/// Creates and starts an app container in the pod; returns its ID.
+async fn start_app(
+    cri: &mut CriClient,
+    pod_id: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = cri
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
 fn pod_config(log_dir: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
