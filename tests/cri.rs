@@ -57,16 +57,7 @@ async fn pod_runs_in_one_vm() {
     fs::create_dir_all(&log_dir).unwrap();
     let pod_config = pod_config(&log_dir);
     let started = Instant::now();
-    let pod_id = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: RUNTIME_HANDLER.into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut cri, &pod_config).await;
     let sandbox_ran = started.elapsed();
     let mut apps = Vec::new();
     let mut first_app_parts = None;
@@ -262,16 +253,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
     let pod_config = pod_config(&log_dir);
-    let pod_id = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: RUNTIME_HANDLER.into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
     let guest_disks = || async {
         let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
@@ -342,6 +324,19 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
     remove_pod(&containerd, &mut cri, &pod_id).await;
     containerd.stop();
+}
+
+/// Runs a pod sandbox with the runv handler; returns its ID.
+async fn run_pod(cri: &mut CriClient, config: &PodSandboxConfig) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: RUNTIME_HANDLER.into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
 }
 
 /// Creates and starts an app container in the pod; returns its ID.
