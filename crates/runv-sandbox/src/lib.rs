@@ -6,7 +6,9 @@
 mod timeline;
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -70,14 +72,38 @@ async fn abandon(hypervisor: &mut dyn Hypervisor, console: &Path) -> String {
     process::tail(console, CONSOLE_TAIL_LINES)
 }
 
-/// Unbinds each of `slots` in the guest.
+/// Unbinds each of `slots` in the guest, all at once: each unbind tears
+/// down a disk in the guest, and one after the other they take a quarter
+/// of a second under TCG.
 async fn unbind_standby_slots(agent: &AgentClient, slots: &[u32]) -> Result<(), AgentError> {
     if slots.is_empty() {
         return Ok(());
     }
     let began = Instant::now();
-    for &slot in slots {
-        agent.unplug_virtio_mmio(slot).await?;
+    let mut pending: Vec<_> = slots
+        .iter()
+        .map(|&slot| Box::pin(agent.unplug_virtio_mmio(slot)))
+        .collect();
+    let mut first_error = None;
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|unbind| match unbind.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+                false
+            }
+            Poll::Pending => true,
+        });
+        if pending.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    if let Some(e) = first_error {
+        return Err(e);
     }
     tracing::debug!(?slots, took = ?began.elapsed(), "standby slots unbound in the guest");
     Ok(())
