@@ -7,7 +7,8 @@
 use std::{fs, os::unix::fs::PermissionsExt};
 
 use runv_tests::{
-    containerd::{build_busybox_rootfs, Containerd},
+    busybox::build_busybox_rootfs,
+    containerd::Containerd,
     disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
 };
 

@@ -18,27 +18,36 @@ use tokio::{io::AsyncReadExt, net::UnixStream};
 pub const ROOTFS: &str = "/srv/busybox";
 pub const PATH_ENV: &str = "PATH=/bin";
 
-/// The agent's initramfs followed by a second archive holding a busybox
-/// root file system at [`ROOTFS`]: the kernel unpacks both. Written to
-/// `dir/initramfs.cpio.gz`.
-pub fn initramfs_with_busybox_rootfs(dir: &Path, agent_initramfs: &Path) -> PathBuf {
+/// A root file system at `root`: Debian's static busybox with its applet
+/// links, and a root user.
+pub fn build_busybox_rootfs(root: &Path) {
     let busybox = Path::new("/bin/busybox");
     assert!(
         busybox.is_file(),
         "/bin/busybox not found: install Debian's busybox-static (scripts/install.sh does)"
     );
-    let stage = tempfile::tempdir_in(dir).unwrap();
-    let rootfs = stage.path().join(ROOTFS.trim_start_matches('/'));
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "host"] {
-        fs::create_dir_all(rootfs.join(sub)).unwrap();
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(root.join(sub)).unwrap();
     }
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    fs::copy(busybox, root.join("bin/busybox")).unwrap();
     let applets = Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8(applets.stdout).unwrap().lines() {
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
         if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
     }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+/// The agent's initramfs followed by a second archive holding a busybox
+/// root file system at [`ROOTFS`]: the kernel unpacks both. Written to
+/// `dir/initramfs.cpio.gz`.
+pub fn initramfs_with_busybox_rootfs(dir: &Path, agent_initramfs: &Path) -> PathBuf {
+    let stage = tempfile::tempdir_in(dir).unwrap();
+    let rootfs = stage.path().join(ROOTFS.trim_start_matches('/'));
+    build_busybox_rootfs(&rootfs);
+    fs::create_dir(rootfs.join("host")).unwrap();
     let image = dir.join("initramfs.cpio.gz");
     fs::copy(agent_initramfs, &image).unwrap();
     let status = Command::new("sh")

@@ -11,7 +11,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{cri, processes_mentioning, test_config};
+use crate::{busybox::build_busybox_rootfs, cri, processes_mentioning, test_config};
 
 /// The image every containerd test runs.
 pub const BUSYBOX_IMAGE: &str = "docker.io/runv/busybox:test";
@@ -523,28 +523,6 @@ fn write_runv_config(dir: &Path) {
 /// links, named [`BUSYBOX_IMAGE`].
 pub fn build_busybox_image(dir: &Path) -> PathBuf {
     build_busybox_based_image(dir, BUSYBOX_IMAGE, &[], &["sh"])
-}
-
-/// A root file system at `root`: Debian's static busybox with its applet
-/// links, and a root user.
-pub fn build_busybox_rootfs(root: &Path) {
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox not found: install Debian's busybox-static"
-    );
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let applets = Command::new(busybox).arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
 }
 
 /// An OCI image layout archive `dir/<name's tag>-oci.tar` of busybox (see
