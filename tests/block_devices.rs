@@ -4,9 +4,11 @@
 //! (the agent has no "exec on the VM") reads the host's file on both,
 //! writes on one and is refused on the other. After unmount and unplug the
 //! host finds the guest's write in the image, QEMU holds no descriptor of
-//! either, and the guest has no block device left. Slots are reused, each
-//! plug shows the new device's size, and one plug more than there are
-//! slots says why it cannot be.
+//! either, and the guest has no block device left. QEMU opens volumes
+//! with O_DIRECT, buffered where the file system refuses it (ramfs); read-
+//! only ones read-only. Slots are reused, each plug shows the new device's
+//! size, and one plug more than there are slots says why it cannot be.
+//! Needs root (loop devices, a ramfs mount).
 
 use std::{fs, path::PathBuf};
 
@@ -25,12 +27,55 @@ const GUEST_RO: &str = "/run/runv/disks/ro";
 const HOST_FILE: &str = "hello from the host\n";
 const GUEST_FILE: &str = "written by the guest\n";
 
+/// A ramfs mounted on a directory, unmounted when dropped.
+struct Ramfs(PathBuf);
+
+impl Ramfs {
+    fn mount(dir: &std::path::Path) -> Ramfs {
+        fs::create_dir(dir).unwrap();
+        nix::mount::mount(
+            Some("ramfs"),
+            dir,
+            Some("ramfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting a ramfs");
+        Ramfs(dir.to_owned())
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// What `pid`'s file descriptors point at.
 fn open_files(pid: u32) -> Vec<PathBuf> {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("reading QEMU's descriptors")
         .flatten()
         .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .collect()
+}
+
+/// The open flags of `pid`'s descriptors of `path`, and whether they are
+/// read-only and O_DIRECT, from /proc/<pid>/fdinfo.
+fn open_modes(pid: u32, path: &std::path::Path) -> Vec<(bool, bool)> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading QEMU's descriptors")
+        .flatten()
+        .filter(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        .filter_map(|fd| {
+            let info =
+                fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_str()?))
+                    .ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?.trim();
+            let flags = u32::from_str_radix(flags, 8).ok()?;
+            let read_only = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+            Some((read_only, flags & libc::O_DIRECT as u32 != 0))
+        })
         .collect()
 }
 
@@ -101,6 +146,9 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
     let held = open_files(qemu);
     assert!(held.contains(&rw_image), "QEMU holds the image: {held:?}");
     assert!(held.contains(&loop_path), "QEMU holds the loop: {held:?}");
+    // Writable with O_DIRECT; the read-only device only for reading.
+    assert_eq!(open_modes(qemu, &rw_image), [(false, true)]);
+    assert_eq!(open_modes(qemu, &loop_path), [(true, true)]);
 
     agent
         .mount(&rw.guest_device, "ext4", &[], GUEST_RW)
@@ -162,15 +210,11 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
 
     // Slots are reused, each plug shows its own device's size, and one
     // more than there are read-write slots is refused, saying why.
-    // The first on tmpfs, which refuses O_DIRECT: QEMU opens it buffered.
-    let tmpfs = tempfile::tempdir_in("/dev/shm").unwrap();
+    // The first on ramfs, which refuses O_DIRECT: QEMU opens it buffered.
+    let ramfs = Ramfs::mount(&scratch.path().join("ramfs"));
     let mut extras = Vec::new();
     for mib in 1..=4u64 {
-        let dir = if mib == 1 {
-            tmpfs.path()
-        } else {
-            scratch.path()
-        };
+        let dir = if mib == 1 { &ramfs.0 } else { scratch.path() };
         let path = dir.join(format!("extra{mib}.img"));
         fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
         let plugged = vm
@@ -217,6 +261,16 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
         .join(" && ");
     let out = run_container(agent, &socket, "sizes", &["sh", "-c", &sizes], vec![]).await;
     assert_eq!(out.stdout, "2048\n4096\n6144\n8192\n", "{out:?}");
+    assert_eq!(
+        open_modes(qemu, &ramfs.0.join("extra1.img")),
+        [(false, false)],
+        "buffered on ramfs"
+    );
+    assert_eq!(
+        open_modes(qemu, &scratch.path().join("extra2.img")),
+        [(false, true)],
+        "O_DIRECT on the scratch file system"
+    );
     for plugged in &extras {
         vm.unplug_block(plugged.slot).await.expect("unplugging");
     }
@@ -226,6 +280,7 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
         "no disk is left in the guest: {listed:?}"
     );
     let held = open_files(qemu);
+    drop(ramfs);
     assert!(
         !held
             .iter()
