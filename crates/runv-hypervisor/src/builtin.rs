@@ -23,7 +23,7 @@ use runv_vmm::{
 use tokio::sync::watch;
 
 use crate::{
-    check_boot_files,
+    check_boot_files, ensure_running,
     host::{builtin_usable, KvmSupport},
     run_dir::RunDir,
     Accel, BlockDevice, ExitWatch, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec,
@@ -260,16 +260,9 @@ impl Hypervisor for BuiltinVm {
 impl BuiltinVm {
     /// The running VM, or why there is none.
     fn running(&self) -> Result<&Running, HypervisorError> {
-        let running = self.running.as_ref().ok_or_else(|| {
-            HypervisorError::NotRunning(match &self.ended {
-                Some(exit) => exit.to_string(),
-                None => "it has not been started".into(),
-            })
-        })?;
-        if let Some(exit) = running.exit.0.borrow().as_ref() {
-            return Err(HypervisorError::NotRunning(exit.to_string()));
-        }
-        Ok(running)
+        let exit = self.running.as_ref().map(|running| &running.exit);
+        ensure_running(exit, self.ended.as_ref())?;
+        Ok(self.running.as_ref().expect("checked above"))
     }
 }
 

@@ -249,6 +249,21 @@ pub fn create(config: &Config, spec: VmSpec) -> Box<dyn Hypervisor> {
     }
 }
 
+/// Ok if a VM whose exit watch is `exit` (None: never started) still
+/// runs; else why not, from how it ended (`ended`, once stopped).
+fn ensure_running(exit: Option<&ExitWatch>, ended: Option<&VmExit>) -> Result<(), HypervisorError> {
+    let Some(exit) = exit else {
+        return Err(HypervisorError::NotRunning(match ended {
+            Some(exit) => exit.to_string(),
+            None => "it has not been started".into(),
+        }));
+    };
+    match exit.0.borrow().as_ref() {
+        Some(exit) => Err(HypervisorError::NotRunning(exit.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Checks that the guest kernel and initramfs exist, naming the fix.
 fn check_boot_files(spec: &VmSpec) -> Result<(), HypervisorError> {
     if !spec.kernel.is_file() {

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use crate::{
-    check_boot_files,
+    check_boot_files, ensure_running,
     host::{choose_accel, Accel, KvmSupport},
     process::{find_executable, path_arg, spawn_logged, tail, LOG_TAIL_LINES},
     qmp::Qmp,
@@ -306,16 +306,9 @@ impl QemuVm {
 
     /// The running VM, or why there is none.
     fn running(&self) -> Result<&Running, HypervisorError> {
-        let running = self.running.as_ref().ok_or_else(|| {
-            HypervisorError::NotRunning(match &self.ended {
-                Some(exit) => exit.to_string(),
-                None => "it has not been started".into(),
-            })
-        })?;
-        if let Some(exit) = running.exit.0.borrow().as_ref() {
-            return Err(HypervisorError::NotRunning(exit.to_string()));
-        }
-        Ok(running)
+        let exit = self.running.as_ref().map(|running| &running.exit);
+        ensure_running(exit, self.ended.as_ref())?;
+        Ok(self.running.as_ref().expect("checked above"))
     }
 }
 
