@@ -11,7 +11,12 @@ pub mod qmp;
 mod run_dir;
 mod vhost_user;
 
-use std::{os::unix::fs::FileTypeExt, path::PathBuf, time::Duration};
+use std::{
+    os::{fd::OwnedFd, unix::fs::FileTypeExt},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use runv_config::{Config, HypervisorKind};
@@ -50,6 +55,20 @@ pub struct VmSpec {
     /// tag `runv_protocol::SHARED_FS_TAG`: container root file systems and
     /// volumes. The caller owns the directory.
     pub shared_dir: Option<PathBuf>,
+    /// The guest's network interfaces, in order (the guest's eth0 first).
+    pub net_devices: Vec<NetDevice>,
+}
+
+/// A guest network interface (virtio-net) backed by a host tap device.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    /// The tap, opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: frames
+    /// travel with a `virtio_net_hdr` in front. Shared: the caller keeps
+    /// the tap (it made it in the pod's network namespace) and the backend
+    /// hands it to the device.
+    pub tap: Arc<OwnedFd>,
+    /// The guest interface's MAC address.
+    pub mac: [u8; 6],
 }
 
 impl VmSpec {

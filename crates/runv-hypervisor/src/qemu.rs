@@ -784,6 +784,7 @@ mod tests {
             run_dir: dir.to_owned(),
             console_log: dir.join("console,log"),
             shared_dir: None,
+            net_devices: Vec::new(),
         }
     }
 

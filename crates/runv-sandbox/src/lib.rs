@@ -156,6 +156,7 @@ impl PodVm {
             run_dir: config.run_dir.clone(),
             console_log,
             shared_dir: None,
+            net_devices: Vec::new(),
         }
     }
 
