@@ -363,6 +363,27 @@ impl AgentClient {
             })
     }
 
+    /// Has the guest configure the pod's network once after boot: each
+    /// NIC, found by MAC address (the agent waits up to 5 s for them), is
+    /// renamed, given its MTU and addresses and brought up, then the
+    /// routes are added in order and the permanent neighbour entries last.
+    /// A malformed request fails with [`Code::INVALID_ARGUMENT`] before
+    /// anything changes, a NIC that never appears with
+    /// [`Code::NOT_FOUND`]. Sending the same request again is harmless.
+    pub async fn configure_network(
+        &self,
+        request: &agent::ConfigureNetworkRequest,
+    ) -> Result<(), AgentError> {
+        self.client
+            .configure_network(call_context(), request)
+            .await
+            .map(drop)
+            .map_err(|source| AgentError::Call {
+                method: "ConfigureNetwork",
+                source,
+            })
+    }
+
     /// Asks the guest to power off. The VM ends shortly after the reply.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.client
