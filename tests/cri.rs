@@ -4,35 +4,27 @@
 //! listing work, and stopping and removing the pod leaves nothing behind.
 
 use std::{
-    collections::HashMap,
     fs,
     path::Path,
     time::{Duration, Instant},
 };
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatsRequest,
-    CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, Mount,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    ContainerFilter, ContainerState, ContainerStatsRequest, CreateContainerRequest,
+    ListContainersRequest, Mount, NamespaceMode, RemoveContainerRequest, StartContainerRequest,
+    StopContainerRequest, VersionRequest,
 };
 use runv_tests::{
-    containerd::{mounts_under, Containerd, BUSYBOX_IMAGE},
-    cri::{build_pause_image, CriClient, RUNTIME_HANDLER},
+    containerd::Containerd,
+    cri::{
+        app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pod, run_pod,
+        start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
+    },
     disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
-    processes_mentioning,
 };
 
-/// The host processes runv runs for a pod.
-const SHIM: &str = "containerd-shim-runv-v2";
-const HYPERVISOR: &str = "qemu-system-x86_64";
-const VIRTIOFSD: &str = "virtiofsd";
+/// The vsock backend runv runs beside QEMU for a pod.
 const VSOCK_DEVICE: &str = "vhost-device-vsock";
-
-/// A nameserver only this test's pod uses, to recognise CRI's resolv.conf.
-const POD_NAMESERVER: &str = "192.0.2.53";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_runs_in_one_vm() {
@@ -55,7 +47,7 @@ async fn pod_runs_in_one_vm() {
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config(&log_dir);
+    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
     let started = Instant::now();
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let sandbox_ran = started.elapsed();
@@ -196,36 +188,6 @@ async fn pod_runs_in_one_vm() {
     containerd.stop();
 }
 
-/// A host-network pod (CNI networking is not this test's subject).
-/// Stops and removes the pod, then requires that no shim, VM or helper of
-/// it runs and nothing stays mounted.
-async fn remove_pod(containerd: &Containerd, cri: &mut CriClient, pod_id: &str) {
-    cri.runtime
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.into(),
-        })
-        .await
-        .expect("StopPodSandbox");
-    cri.runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.into(),
-        })
-        .await
-        .expect("RemovePodSandbox");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let runv_processes = || {
-        [SHIM, HYPERVISOR, VIRTIOFSD]
-            .iter()
-            .flat_map(|program| pod_processes(containerd, program))
-            .collect::<Vec<_>>()
-    };
-    while !runv_processes().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(runv_processes(), Vec::<String>::new(), "left after removal");
-    assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
-}
-
 /// A block device given to a container of a running pod (a CRI mount of a
 /// host block device) is hot-plugged into the pod VM, mounted, readable
 /// and writable; when that container is removed the disk leaves the guest
@@ -252,7 +214,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config(&log_dir);
+    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
     let guest_disks = || async {
@@ -324,138 +286,6 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
     remove_pod(&containerd, &mut cri, &pod_id).await;
     containerd.stop();
-}
-
-/// Runs a pod sandbox with the runv handler; returns its ID.
-async fn run_pod(cri: &mut CriClient, config: &PodSandboxConfig) -> String {
-    cri.runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: RUNTIME_HANDLER.into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id
-}
-
-/// Creates and starts an app container in the pod; returns its ID.
-async fn start_app(
-    cri: &mut CriClient,
-    pod_id: &str,
-    pod_config: &PodSandboxConfig,
-    config: ContainerConfig,
-) -> String {
-    let name = config
-        .metadata
-        .as_ref()
-        .map(|m| m.name.clone())
-        .unwrap_or_default();
-    let id = cri
-        .runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod_id.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-        .into_inner()
-        .container_id;
-    cri.runtime
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-    id
-}
-
-fn pod_config(log_dir: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "runv-pod".into(),
-            uid: format!("uid-{}", std::process::id()),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "runv-pod".into(),
-        log_directory: log_dir.to_string_lossy().into_owned(),
-        dns_config: Some(DnsConfig {
-            servers: vec![POD_NAMESERVER.into()],
-            searches: vec!["runv.test".into()],
-            options: vec![],
-        }),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: "/kubepods/besteffort/pod-runv-test".into(),
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        labels: HashMap::from([("app".into(), "runv-test".into())]),
-        ..Default::default()
-    }
-}
-
-/// A long-running busybox container that says it started on stdout.
-fn app_config(name: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: BUSYBOX_IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![format!(
-            "echo started {name}; trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
-        )],
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
-}
-
-async fn exec_sync(cri: &mut CriClient, id: &str, cmd: &[&str]) -> ExecSyncResponse {
-    let response = cri
-        .runtime
-        .exec_sync(ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|arg| arg.to_string()).collect(),
-            timeout: 60,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
-        .into_inner();
-    eprintln!(
-        "ExecSync {cmd:?} in {id}: exit {}, stdout {:?}, stderr {:?}",
-        response.exit_code,
-        String::from_utf8_lossy(&response.stdout),
-        String::from_utf8_lossy(&response.stderr)
-    );
-    response
-}
-
-/// The host processes of `program` that serve this containerd's pods.
-fn pod_processes(containerd: &Containerd, program: &str) -> Vec<String> {
-    processes_mentioning(containerd.dir())
-        .into_iter()
-        .filter(|process| {
-            let command = process.split_once(": ").map_or("", |(_, command)| command);
-            let argv0 = command.split(' ').next().unwrap_or_default();
-            Path::new(argv0)
-                .file_name()
-                .is_some_and(|name| name == program)
-        })
-        .collect()
 }
 
 /// Prints the proportional set size (PSS) of every host process runv runs

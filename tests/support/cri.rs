@@ -3,21 +3,40 @@
 //! image built from busybox (no registry is reachable), and a CRI v1
 //! client over containerd's socket.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, DnsConfig, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::containerd::build_busybox_based_image;
+use crate::{
+    containerd::{build_busybox_based_image, mounts_under, Containerd, BUSYBOX_IMAGE},
+    processes_mentioning,
+};
 
 /// The containerd namespace the CRI plugin keeps its containers in.
 pub const NAMESPACE: &str = "k8s.io";
 
 /// The runtime handler that selects runv (a RuntimeClass's `handler`).
 pub const RUNTIME_HANDLER: &str = "runv";
+
+/// The host programs runv runs for a pod on the qemu hypervisor.
+pub const SHIM: &str = "containerd-shim-runv-v2";
+pub const HYPERVISOR: &str = "qemu-system-x86_64";
+pub const VIRTIOFSD: &str = "virtiofsd";
+
+/// A nameserver only the tests' pods use, to recognise CRI's resolv.conf.
+pub const POD_NAMESERVER: &str = "192.0.2.53";
 
 /// The sandbox ("pause") image, built locally.
 pub const PAUSE_IMAGE: &str = "docker.io/runv/pause:test";
@@ -87,4 +106,168 @@ impl CriClient {
             images: ImageServiceClient::new(channel),
         }
     }
+}
+
+/// Stops and removes the pod, then requires that no shim, VM or helper of
+/// it runs and nothing stays mounted.
+pub async fn remove_pod(containerd: &Containerd, cri: &mut CriClient, pod_id: &str) {
+    cri.runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.into(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    cri.runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.into(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let runv_processes = || {
+        [SHIM, HYPERVISOR, VIRTIOFSD]
+            .iter()
+            .flat_map(|program| pod_processes(containerd, program))
+            .collect::<Vec<_>>()
+    };
+    while !runv_processes().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runv_processes(), Vec::<String>::new(), "left after removal");
+    assert_eq!(mounts_under(containerd.dir()), Vec::<String>::new());
+}
+
+/// Runs a pod sandbox with the runv handler; returns its ID.
+pub async fn run_pod(cri: &mut CriClient, config: &PodSandboxConfig) -> String {
+    cri.runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: RUNTIME_HANDLER.into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
+}
+
+/// Creates and starts an app container in the pod; returns its ID.
+pub async fn start_app(
+    cri: &mut CriClient,
+    pod_id: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = cri
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
+/// A pod named `name` whose logs go to `log_dir`, in the network namespace
+/// mode `network` (Node: host network; Pod: CNI's), with its own PID
+/// namespace and a resolv.conf naming [`POD_NAMESERVER`].
+pub fn pod_config(name: &str, log_dir: &Path, network: NamespaceMode) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        dns_config: Some(DnsConfig {
+            servers: vec![POD_NAMESERVER.into()],
+            searches: vec!["runv.test".into()],
+            options: vec![],
+        }),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: "/kubepods/besteffort/pod-runv-test".into(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: network as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        labels: HashMap::from([("app".into(), "runv-test".into())]),
+        ..Default::default()
+    }
+}
+
+/// A long-running busybox container that says it started on stdout.
+pub fn app_config(name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX_IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into()],
+        args: vec![format!(
+            "echo started {name}; trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+        )],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+pub async fn exec_sync(cri: &mut CriClient, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    let response = cri
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|arg| arg.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+        .into_inner();
+    eprintln!(
+        "ExecSync {cmd:?} in {id}: exit {}, stdout {:?}, stderr {:?}",
+        response.exit_code,
+        String::from_utf8_lossy(&response.stdout),
+        String::from_utf8_lossy(&response.stderr)
+    );
+    response
+}
+
+/// The host processes of `program` that serve this containerd's pods.
+pub fn pod_processes(containerd: &Containerd, program: &str) -> Vec<String> {
+    processes_mentioning(containerd.dir())
+        .into_iter()
+        .filter(|process| {
+            let command = process.split_once(": ").map_or("", |(_, command)| command);
+            let argv0 = command.split(' ').next().unwrap_or_default();
+            Path::new(argv0)
+                .file_name()
+                .is_some_and(|name| name == program)
+        })
+        .collect()
 }
