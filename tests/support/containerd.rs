@@ -534,10 +534,30 @@ pub fn build_busybox_based_image(
     entrypoint: &[&str],
     cmd: &[&str],
 ) -> PathBuf {
+    build_busybox_image_with_files(dir, name, entrypoint, cmd, &[])
+}
+
+/// Like [`build_busybox_based_image`], with copies of the host's `files`
+/// (absolute paths) at the same paths in the image: a symbolic link is
+/// copied as the file it points to. For a dynamically linked host program,
+/// pass it with the libraries and the loader `ldd` names.
+pub fn build_busybox_image_with_files(
+    dir: &Path,
+    name: &str,
+    entrypoint: &[&str],
+    cmd: &[&str],
+    files: &[PathBuf],
+) -> PathBuf {
     let stem = name.rsplit('/').next().unwrap().replace(':', "-");
     let work = dir.join(format!("image-{stem}"));
     let root = work.join("rootfs");
     build_busybox_rootfs(&root);
+    for file in files {
+        let inside = root.join(file.strip_prefix("/").expect("an absolute path"));
+        fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        fs::copy(file, &inside)
+            .unwrap_or_else(|e| panic!("copying {} into the image: {e}", file.display()));
+    }
     let layout = work.join("layout");
     let blobs = layout.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
