@@ -152,16 +152,13 @@ fn main() {
     ));
     let blk_mount = format!("type=ext4,src={},dst=/blk,options=rw", disk.path_str());
     let fs_mount = format!("type=bind,src={},dst=/fs,options=rbind:rw", share.display());
-    let mut args = containerd.runv_run_args(
+    containerd.ctr_ok(&containerd.runv_run_image_args(
         "-d",
         &["--mount", &blk_mount, "--mount", &fs_mount],
+        IMAGE,
         CONTAINER,
         &["sleep", "3600"],
-    );
-    // runv_run_args names the busybox image; this one has fio too.
-    let image_arg = args.len() - 4;
-    args[image_arg] = IMAGE;
-    containerd.ctr_ok(&args);
+    ));
 
     let accel = qemu_accel(&containerd);
     let guest_kernel = guest(&containerd, "uname", &["uname", "-r"])

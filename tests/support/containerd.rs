@@ -281,12 +281,25 @@ impl Containerd {
         );
     }
 
-    /// The arguments of `ctr run` on runv with the test's runv config:
-    /// `mode` is `--rm` or `-d`, `options` come before the image.
+    /// The arguments of `ctr run` of the busybox image on runv with the
+    /// test's runv config: `mode` is `--rm` or `-d`, `options` come before
+    /// the image.
     pub fn runv_run_args<'a>(
         &self,
         mode: &'a str,
         options: &[&'a str],
+        id: &'a str,
+        args: &[&'a str],
+    ) -> Vec<&'a str> {
+        self.runv_run_image_args(mode, options, BUSYBOX_IMAGE, id, args)
+    }
+
+    /// The same for another image.
+    pub fn runv_run_image_args<'a>(
+        &self,
+        mode: &'a str,
+        options: &[&'a str],
+        image: &'a str,
         id: &'a str,
         args: &[&'a str],
     ) -> Vec<&'a str> {
@@ -301,7 +314,7 @@ impl Containerd {
             Box::leak(config.into_boxed_str()),
         ];
         full.extend_from_slice(options);
-        full.extend_from_slice(&[BUSYBOX_IMAGE, id]);
+        full.extend_from_slice(&[image, id]);
         full.extend_from_slice(args);
         full
     }
