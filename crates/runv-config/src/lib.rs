@@ -67,6 +67,37 @@ pub enum AccelMode {
     Tcg,
 }
 
+/// How a pod's network namespace is joined to the VM's NICs
+/// (docs/networking.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkInterconnect {
+    /// A tap per CNI interface, joined to it by tc mirred redirects.
+    #[default]
+    TcMirred,
+    /// A macvtap on the CNI interface (not supported yet).
+    Macvtap,
+    /// A bridge holding the CNI interface and a tap (not supported yet).
+    Bridge,
+}
+
+impl fmt::Display for NetworkInterconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetworkInterconnect::TcMirred => "tc-mirred",
+            NetworkInterconnect::Macvtap => "macvtap",
+            NetworkInterconnect::Bridge => "bridge",
+        })
+    }
+}
+
+/// Pod networking settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    pub interconnect: NetworkInterconnect,
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,6 +111,7 @@ pub struct Config {
     pub vm: VmConfig,
     pub builtin: BuiltinConfig,
     pub qemu: QemuConfig,
+    pub network: NetworkConfig,
 }
 
 /// The pod VM's shape and boot files.
@@ -132,6 +164,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             builtin: BuiltinConfig::default(),
             qemu: QemuConfig::default(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -280,6 +313,7 @@ mod tests {
         assert_eq!(config.qemu.accel, AccelMode::Auto);
         assert_eq!(config.qemu.virtiofsd_binary, Path::new("virtiofsd"));
         assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
+        assert_eq!(config.network.interconnect, NetworkInterconnect::TcMirred);
     }
 
     #[test]
@@ -318,6 +352,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pvm_guest_kernel"), "{err}");
+        let err = parse("[network]\ninterconnect = \"ovs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `ovs`"), "{err}");
         let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `hvf`"), "{err}");
         let err = parse("[qemu]\nvirtiofsd_binary = \"\"\n")

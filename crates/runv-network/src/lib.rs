@@ -1,0 +1,913 @@
+//! The host side of pod networking: the interfaces CNI made in a pod's
+//! network namespace, each joined to a tap that the VM's virtio-net device
+//! uses, and the configuration the guest gives its own interfaces.
+//!
+//! The join is tc's mirred action (docs/networking.md): an ingress qdisc
+//! on the CNI interface and on the tap, and on each a match-all u32 filter
+//! that redirects every frame to the other's egress. Nothing is added to
+//! the host's own namespace, the guest NIC keeps the CNI interface's MAC,
+//! and frames keep their offload metadata (the tap has a `virtio_net_hdr`).
+//!
+//! All netlink work runs on a short-lived thread that enters the pod's
+//! namespace with `setns` (which changes only that thread): the netlink
+//! socket and the tap fd opened there belong to that namespace.
+
+mod netns;
+mod tap;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    fs::File,
+    io,
+    net::IpAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use futures_util::stream::TryStreamExt;
+use rtnetlink::{
+    packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_REQUEST},
+    packet_route::{
+        address::{AddressAttribute, AddressScope},
+        link::{LinkAttribute, LinkFlags},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType},
+        tc::{TcHandle, TcMessage},
+        AddressFamily, RouteNetlinkMessage,
+    },
+    Handle, LinkUnspec, RouteMessageBuilder,
+};
+pub use runv_config::NetworkInterconnect as Interconnect;
+
+/// Every tap runv makes is named `tap<N>_runv`; an interface whose name
+/// ends so is never taken for one of CNI's.
+pub const TAP_SUFFIX: &str = "_runv";
+/// The preference of runv's tc filters.
+const FILTER_PRIORITY: u16 = 0xc000;
+/// The ingress qdisc's handle, `ffff:`, which is its filters' parent.
+const INGRESS_PARENT: u32 = 0xffff_0000;
+/// `RT_TABLE_MAIN`.
+const MAIN_TABLE: u32 = 254;
+
+/// An error, naming the namespace, the interface where there is one, the
+/// operation, the system's reason (with its errno) and the fix where there
+/// is one.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("pod network namespace {netns}: cannot {operation}: {detail}")]
+    Namespace {
+        netns: PathBuf,
+        operation: String,
+        detail: String,
+    },
+    #[error("pod network namespace {netns}, interface {interface}: cannot {operation}: {detail}")]
+    Interface {
+        netns: PathBuf,
+        interface: String,
+        operation: String,
+        detail: String,
+    },
+    #[error(
+        "network interconnect `{0}` is not supported yet; set network.interconnect = \
+         \"tc-mirred\" in the runv config (docs/networking.md)"
+    )]
+    Unsupported(Interconnect),
+}
+
+/// An IP address with its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IpAddress {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for IpAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+/// One guest interface, as the guest agent's `ConfigureNetworkRequest`
+/// takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    /// The CNI interface's MAC, which the guest NIC gets (so that peers'
+    /// ARP/NDP entries stay valid); the guest finds its NIC by it.
+    pub mac: [u8; 6],
+    /// The CNI interface's name, which the guest gives its NIC.
+    pub name: String,
+    pub mtu: u32,
+    /// IPv4 and global IPv6 addresses; IPv6 link-local ones are left to
+    /// the guest, which derives the same from the same MAC.
+    pub addresses: Vec<IpAddress>,
+}
+
+/// A route of the pod's namespace through one of its interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// None: the default route.
+    pub destination: Option<IpAddress>,
+    pub gateway: Option<IpAddr>,
+    /// The interface's name.
+    pub device: String,
+    /// The preferred source address.
+    pub source: Option<IpAddr>,
+    /// `RT_SCOPE_*`: 0 universe, 253 link, 254 host.
+    pub scope: u8,
+    pub family: IpFamily,
+}
+
+impl RouteConfig {
+    /// The destination as CIDR text, empty for the default route.
+    pub fn destination_cidr(&self) -> String {
+        self.destination.map(|d| d.to_string()).unwrap_or_default()
+    }
+}
+
+/// A permanent or reachable ARP/NDP entry of the pod's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighborConfig {
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+    /// The interface's name.
+    pub device: String,
+}
+
+/// What the guest needs to configure its network, in the shape of the
+/// guest agent's `ConfigureNetworkRequest`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestNetworkConfig {
+    pub interfaces: Vec<InterfaceConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub neighbors: Vec<NeighborConfig>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A CNI interface joined to its tap.
+#[derive(Debug)]
+pub struct PodInterface {
+    /// What the guest gives the NIC backed by `tap`.
+    pub config: InterfaceConfig,
+    /// The tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), for the VM's
+    /// virtio-net device. The tap lives while any copy of the fd does.
+    pub tap: Arc<OwnedFd>,
+    pub tap_name: String,
+    index: u32,
+    tap_index: u32,
+    /// Whether runv added the CNI interface's ingress qdisc (else it was
+    /// there already, and only runv's filter is removed).
+    own_qdisc: bool,
+}
+
+impl PodInterface {
+    /// The MAC to give the guest NIC: the CNI interface's.
+    pub fn mac(&self) -> [u8; 6] {
+        self.config.mac
+    }
+}
+
+/// A pod's network, joined to taps; undone by [`PodNetwork::teardown`] or
+/// on drop.
+#[derive(Debug)]
+pub struct PodNetwork {
+    netns: Option<PathBuf>,
+    /// Kept open so that teardown works in the same namespace, even once
+    /// its path is unmounted.
+    ns: Option<File>,
+    interfaces: Vec<PodInterface>,
+    routes: Vec<RouteConfig>,
+    neighbors: Vec<NeighborConfig>,
+    done: bool,
+}
+
+impl PodNetwork {
+    /// No network: a host-network pod, or a namespace with only `lo`.
+    pub fn empty() -> PodNetwork {
+        PodNetwork {
+            netns: None,
+            ns: None,
+            interfaces: Vec::new(),
+            routes: Vec::new(),
+            neighbors: Vec::new(),
+            done: true,
+        }
+    }
+
+    /// Joins every interface CNI made in the network namespace at
+    /// `netns_path` to a new tap, with tc mirred. Blocks for a few
+    /// milliseconds (a thread in the namespace does the work): call it
+    /// from a blocking context. On error nothing is left behind.
+    pub fn setup(netns_path: &Path) -> Result<PodNetwork, NetworkError> {
+        Self::setup_with(netns_path, Interconnect::TcMirred)
+    }
+
+    /// [`PodNetwork::setup`] with the interconnect `mode`.
+    pub fn setup_with(netns_path: &Path, mode: Interconnect) -> Result<PodNetwork, NetworkError> {
+        if mode != Interconnect::TcMirred {
+            return Err(NetworkError::Unsupported(mode));
+        }
+        let netns = netns_path.to_owned();
+        let ns = File::open(netns_path).map_err(|e| NetworkError::Namespace {
+            netns: netns.clone(),
+            operation: "open the namespace".into(),
+            detail: io_detail(&e),
+        })?;
+        let path = netns.clone();
+        let (interfaces, routes, neighbors) =
+            netns::run(&netns, &ns, move |handle| setup_in_netns(handle, path))?;
+        let done = interfaces.is_empty();
+        Ok(PodNetwork {
+            netns: Some(netns),
+            ns: (!done).then_some(ns),
+            interfaces,
+            routes,
+            neighbors,
+            done,
+        })
+    }
+
+    /// The joined interfaces, in the guest's order (its first NIC first).
+    pub fn interfaces(&self) -> &[PodInterface] {
+        &self.interfaces
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.interfaces.is_empty()
+    }
+
+    /// The namespace, None for [`PodNetwork::empty`].
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
+    }
+
+    /// The configuration the guest agent applies.
+    pub fn guest_config(&self) -> GuestNetworkConfig {
+        GuestNetworkConfig {
+            interfaces: self.interfaces.iter().map(|i| i.config.clone()).collect(),
+            routes: self.routes.clone(),
+            neighbors: self.neighbors.clone(),
+        }
+    }
+
+    /// Removes the taps, and the qdiscs and filters runv added to the CNI
+    /// interfaces. An interface or namespace that is already gone is fine.
+    /// Copies of a tap fd held elsewhere (a hypervisor that still runs) do
+    /// not keep the tap: it is deleted all the same.
+    pub fn teardown(mut self) -> Result<(), NetworkError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), NetworkError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let (Some(netns), Some(ns)) = (self.netns.clone(), self.ns.take()) else {
+            return Ok(());
+        };
+        let joined: Vec<Joined> = self.interfaces.iter().map(Joined::of).collect();
+        // runv's copies of the fds first: a tap whose last fd closes goes.
+        self.interfaces.clear();
+        let path = netns.clone();
+        netns::run(&netns, &ns, move |handle| async move {
+            let mut first_error = None;
+            for joined in &joined {
+                if let Err(e) = unjoin(&handle, &path, joined).await {
+                    tracing::warn!(error = %e, "pod network teardown");
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e, "cannot tear the pod network down");
+        }
+    }
+}
+
+/// What teardown needs of a joined interface.
+struct Joined {
+    name: String,
+    index: u32,
+    tap_name: String,
+    tap_index: u32,
+    own_qdisc: bool,
+}
+
+impl Joined {
+    fn of(interface: &PodInterface) -> Joined {
+        Joined {
+            name: interface.config.name.clone(),
+            index: interface.index,
+            tap_name: interface.tap_name.clone(),
+            tap_index: interface.tap_index,
+            own_qdisc: interface.own_qdisc,
+        }
+    }
+}
+
+/// A CNI interface as found in the namespace.
+struct Found {
+    index: u32,
+    name: String,
+    mac: [u8; 6],
+    mtu: u32,
+    up: bool,
+    addresses: Vec<IpAddress>,
+}
+
+type Inspected = (Vec<PodInterface>, Vec<RouteConfig>, Vec<NeighborConfig>);
+
+async fn setup_in_netns(handle: Handle, netns: PathBuf) -> Result<Inspected, NetworkError> {
+    let ns_error = |operation: &str, e: rtnetlink::Error| NetworkError::Namespace {
+        netns: netns.clone(),
+        operation: operation.into(),
+        detail: netlink_detail(&e),
+    };
+    let mut found = BTreeMap::new();
+    let mut links = handle.link().get().execute();
+    while let Some(link) = links
+        .try_next()
+        .await
+        .map_err(|e| ns_error("list the interfaces", e))?
+    {
+        if link.header.flags.contains(LinkFlags::Loopback) {
+            continue;
+        }
+        let mut name = None;
+        let mut mac = None;
+        let mut mtu = 1500;
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                _ => {}
+            }
+        }
+        let Some(name) = name else { continue };
+        if name.ends_with(TAP_SUFFIX) {
+            continue;
+        }
+        let Some(mac) = mac else {
+            tracing::debug!(netns = %netns.display(), interface = %name,
+                "skipping an interface without an Ethernet address");
+            continue;
+        };
+        let index = link.header.index;
+        let up = link.header.flags.contains(LinkFlags::Up);
+        found.insert(
+            index,
+            Found {
+                index,
+                name,
+                mac,
+                mtu,
+                up,
+                addresses: Vec::new(),
+            },
+        );
+    }
+    let mut addresses = handle.address().get().execute();
+    while let Some(message) = addresses
+        .try_next()
+        .await
+        .map_err(|e| ns_error("list the addresses", e))?
+    {
+        let Some(interface) = found.get_mut(&message.header.index) else {
+            continue;
+        };
+        // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
+        // peer's on a point-to-point link); IPv6 has only IFA_ADDRESS.
+        let local = message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = local.or_else(|| {
+            message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        });
+        let Some(address) = address else { continue };
+        if message.header.family == AddressFamily::Inet6
+            && message.header.scope == AddressScope::Link
+        {
+            continue;
+        }
+        interface.addresses.push(IpAddress {
+            address,
+            prefix_len: message.header.prefix_len,
+        });
+    }
+    // Interfaces that are up or have an address; lo is already out.
+    found.retain(|_, f| f.up || !f.addresses.is_empty());
+    if found.is_empty() {
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
+    }
+    let routes = list_routes(&handle, &found)
+        .await
+        .map_err(|e| ns_error("list the routes", e))?;
+    let neighbors = list_neighbors(&handle, &found)
+        .await
+        .map_err(|e| ns_error("list the neighbours", e))?;
+    let mut interfaces = Vec::new();
+    for (n, found) in found.into_values().enumerate() {
+        match join(&handle, &netns, n, found).await {
+            Ok(interface) => interfaces.push(interface),
+            Err(e) => {
+                for done in &interfaces {
+                    if let Err(undo) = unjoin(&handle, &netns, &Joined::of(done)).await {
+                        tracing::warn!(error = %undo, "cannot undo a partial pod network setup");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((interfaces, routes, neighbors))
+}
+
+/// The main table's unicast routes through the interfaces, less those the
+/// kernel made for an address (the guest's kernel makes them too when the
+/// address is added).
+async fn list_routes(
+    handle: &Handle,
+    found: &BTreeMap<u32, Found>,
+) -> Result<Vec<RouteConfig>, rtnetlink::Error> {
+    let mut routes = Vec::new();
+    let requests = [
+        (
+            IpFamily::V4,
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        ),
+        (
+            IpFamily::V6,
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ),
+    ];
+    for (family, request) in requests {
+        let mut stream = handle.route().get(request).execute();
+        while let Some(route) = stream.try_next().await? {
+            let table = route
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(route.header.table));
+            if table != MAIN_TABLE
+                || route.header.kind != RouteType::Unicast
+                || route.header.protocol == RouteProtocol::Kernel
+            {
+                continue;
+            }
+            let mut oif = None;
+            let mut destination = None;
+            let mut gateway = None;
+            let mut source = None;
+            for attribute in &route.attributes {
+                match attribute {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(a) => destination = route_ip(a),
+                    RouteAttribute::Gateway(a) => gateway = route_ip(a),
+                    RouteAttribute::PrefSource(a) => source = route_ip(a),
+                    RouteAttribute::MultiPath(_) => {
+                        tracing::warn!(?route, "skipping a multipath route");
+                    }
+                    _ => {}
+                }
+            }
+            let Some(device) = oif.and_then(|i| found.get(&i)) else {
+                continue;
+            };
+            let prefix_len = route.header.destination_prefix_length;
+            routes.push(RouteConfig {
+                destination: destination
+                    .filter(|_| prefix_len > 0)
+                    .map(|address| IpAddress {
+                        address,
+                        prefix_len,
+                    }),
+                gateway,
+                device: device.name.clone(),
+                source,
+                scope: u8::from(route.header.scope),
+                family,
+            });
+        }
+    }
+    Ok(routes)
+}
+
+fn route_ip(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+/// Permanent and reachable ARP/NDP entries on the interfaces.
+async fn list_neighbors(
+    handle: &Handle,
+    found: &BTreeMap<u32, Found>,
+) -> Result<Vec<NeighborConfig>, rtnetlink::Error> {
+    let mut neighbors = Vec::new();
+    let mut stream = handle.neighbours().get().execute();
+    while let Some(entry) = stream.try_next().await? {
+        if !matches!(
+            entry.header.state,
+            NeighbourState::Permanent | NeighbourState::Reachable
+        ) {
+            continue;
+        }
+        let Some(device) = found.get(&entry.header.ifindex) else {
+            continue;
+        };
+        let mut ip = None;
+        let mut mac = None;
+        for attribute in &entry.attributes {
+            match attribute {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    ip = Some(IpAddr::V4(*a))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    ip = Some(IpAddr::V6(*a))
+                }
+                NeighbourAttribute::LinkLayerAddress(a) => {
+                    mac = <[u8; 6]>::try_from(a.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        if let (Some(ip), Some(mac)) = (ip, mac) {
+            neighbors.push(NeighborConfig {
+                ip,
+                mac,
+                device: device.name.clone(),
+            });
+        }
+    }
+    Ok(neighbors)
+}
+
+/// Makes tap `tap<n>_runv` and joins it to `found` with tc mirred; on
+/// error undoes what it did.
+async fn join(
+    handle: &Handle,
+    netns: &Path,
+    n: usize,
+    found: Found,
+) -> Result<PodInterface, NetworkError> {
+    let tap_name = format!("tap{n}{TAP_SUFFIX}");
+    let error = |interface: &str, operation: String, detail: String| NetworkError::Interface {
+        netns: netns.to_owned(),
+        interface: interface.to_owned(),
+        operation,
+        detail,
+    };
+    let tap = tap::create(&tap_name).map_err(|e| match e {
+        tap::TapError::Open(e) => error(
+            &tap_name,
+            format!("open {}", tap::TUN_DEVICE),
+            match e.kind() {
+                io::ErrorKind::NotFound => format!(
+                    "{}; load the tun module (`modprobe tun`) on the host",
+                    io_detail(&e)
+                ),
+                _ => io_detail(&e),
+            },
+        ),
+        tap::TapError::SetIff(e) => error(
+            &tap_name,
+            "create the tap (TUNSETIFF)".into(),
+            match e.raw_os_error() {
+                Some(libc::EBUSY) => format!(
+                    "{}; a tap of that name is still in use (another runv VM of this pod?)",
+                    io_detail(&e)
+                ),
+                _ => io_detail(&e),
+            },
+        ),
+    })?;
+    let mut interface = PodInterface {
+        config: InterfaceConfig {
+            mac: found.mac,
+            name: found.name.clone(),
+            mtu: found.mtu,
+            addresses: found.addresses,
+        },
+        tap: Arc::new(tap),
+        tap_name: tap_name.clone(),
+        index: found.index,
+        tap_index: 0,
+        own_qdisc: false,
+    };
+    let result = async {
+        let tap_link = handle
+            .link()
+            .get()
+            .match_name(tap_name.clone())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| error(&tap_name, "find the new tap".into(), netlink_detail(&e)))?
+            .ok_or_else(|| {
+                error(
+                    &tap_name,
+                    "find the new tap".into(),
+                    "it is not there".into(),
+                )
+            })?;
+        interface.tap_index = tap_link.header.index;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(interface.tap_index)
+                    .mtu(found.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| {
+                error(
+                    &tap_name,
+                    format!("set MTU {} and bring the tap up", found.mtu),
+                    netlink_detail(&e),
+                )
+            })?;
+        match add_ingress_qdisc(handle, found.index).await {
+            Ok(()) => interface.own_qdisc = true,
+            Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
+                tracing::info!(interface = %found.name,
+                    "the interface has an ingress qdisc already; adding runv's filter to it");
+            }
+            Err(e) => {
+                return Err(error(
+                    &found.name,
+                    "add an ingress qdisc".into(),
+                    netlink_detail(&e),
+                ))
+            }
+        }
+        add_ingress_qdisc(handle, interface.tap_index)
+            .await
+            .map_err(|e| error(&tap_name, "add an ingress qdisc".into(), netlink_detail(&e)))?;
+        add_redirect(handle, found.index, interface.tap_index)
+            .await
+            .map_err(|e| {
+                error(
+                    &found.name,
+                    format!("add a tc filter redirecting to {tap_name}"),
+                    netlink_detail(&e),
+                )
+            })?;
+        add_redirect(handle, interface.tap_index, found.index)
+            .await
+            .map_err(|e| {
+                error(
+                    &tap_name,
+                    format!("add a tc filter redirecting to {}", found.name),
+                    netlink_detail(&e),
+                )
+            })?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(interface),
+        Err(e) => {
+            let joined = Joined::of(&interface);
+            drop(interface);
+            if let Err(undo) = unjoin(handle, netns, &joined).await {
+                tracing::warn!(error = %undo, "cannot undo a partial join");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn add_ingress_qdisc(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    handle.qdisc().add(index as i32).ingress().execute().await
+}
+
+/// `tc filter add dev <from> parent ffff: prio 49152 protocol all u32
+/// match u8 0 0 action mirred egress redirect dev <to>`.
+async fn add_redirect(handle: &Handle, from: u32, to: u32) -> Result<(), rtnetlink::Error> {
+    handle
+        .traffic_filter(from as i32)
+        .add()
+        .parent(INGRESS_PARENT)
+        .priority(FILTER_PRIORITY)
+        .protocol(eth_p_all())
+        .redirect(to)?
+        .execute()
+        .await
+}
+
+/// `ETH_P_ALL` as tc's protocol field holds it: in network byte order.
+fn eth_p_all() -> u16 {
+    (libc::ETH_P_ALL as u16).to_be()
+}
+
+/// Removes what [`join`] added; what is already gone is fine.
+async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), NetworkError> {
+    let gone = |e: &rtnetlink::Error| {
+        matches!(
+            netlink_errno(e),
+            Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+        )
+    };
+    let error = |interface: &str, operation: &str, e: &rtnetlink::Error| NetworkError::Interface {
+        netns: netns.to_owned(),
+        interface: interface.to_owned(),
+        operation: operation.into(),
+        detail: netlink_detail(e),
+    };
+    // The CNI interface: only if it is still the one runv joined (an index
+    // can be reused once the interface is deleted).
+    if link_name(handle, joined.index).await.as_deref() == Some(joined.name.as_str()) {
+        let result = if joined.own_qdisc {
+            // Its filters go with it.
+            let mut request = handle.qdisc().del(joined.index as i32);
+            request.message_mut().header.parent = TcHandle::INGRESS;
+            request.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
+            request.execute().await
+        } else {
+            delete_filter(handle, joined.index).await
+        };
+        match result {
+            Err(e) if !gone(&e) => {
+                return Err(error(
+                    &joined.name,
+                    "remove runv's ingress qdisc and filter",
+                    &e,
+                ))
+            }
+            _ => {}
+        }
+    }
+    if joined.tap_index != 0
+        && link_name(handle, joined.tap_index).await.as_deref() == Some(joined.tap_name.as_str())
+    {
+        match handle.link().del(joined.tap_index).execute().await {
+            Err(e) if !gone(&e) && netlink_errno(&e) != Some(libc::EOPNOTSUPP) => {
+                return Err(error(&joined.tap_name, "delete the tap", &e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The name of the link with index `index`, None if there is none.
+async fn link_name(handle: &Handle, index: u32) -> Option<String> {
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .ok()??;
+    link.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name),
+        _ => None,
+    })
+}
+
+/// `tc filter del dev <index> parent ffff: prio 49152 protocol all`.
+async fn delete_filter(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    let mut message = TcMessage::with_index(index as i32);
+    message.header.parent = TcHandle::from(INGRESS_PARENT);
+    message.header.info = (u32::from(FILTER_PRIORITY) << 16) | u32::from(eth_p_all());
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(message));
+    request.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut response = handle.clone().request(request)?;
+    while let Some(message) = futures_util::StreamExt::next(&mut response).await {
+        if let rtnetlink::packet_core::NetlinkPayload::Error(e) = message.payload {
+            if e.code.is_some() {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The errno of a netlink error.
+fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// A netlink error in words, with its errno.
+fn netlink_detail(e: &rtnetlink::Error) -> String {
+    match netlink_errno(e) {
+        Some(errno) => {
+            let mut detail = io_detail(&io::Error::from_raw_os_error(errno));
+            if errno == libc::EPERM {
+                detail.push_str("; runv needs CAP_NET_ADMIN");
+            } else if errno == libc::ENOENT || errno == libc::EOPNOTSUPP {
+                detail.push_str(
+                    "; the host kernel may lack tc's ingress qdisc, u32 filter or mirred action \
+                     (modprobe sch_ingress cls_u32 act_mirred)",
+                );
+            }
+            detail
+        }
+        None => e.to_string(),
+    }
+}
+
+/// An I/O error with its errno name: "No such file or directory (ENOENT, os error 2)".
+fn io_detail(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => format!(
+            "{} ({:?}, os error {errno})",
+            nix::errno::Errno::from_raw(errno).desc(),
+            nix::errno::Errno::from_raw(errno)
+        ),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(
+            format_mac(&[0x02, 0x42, 0xac, 0x11, 0, 0x0a]),
+            "02:42:ac:11:00:0a"
+        );
+        let route = RouteConfig {
+            destination: None,
+            gateway: Some("10.1.0.1".parse().unwrap()),
+            device: "eth0".into(),
+            source: None,
+            scope: 0,
+            family: IpFamily::V4,
+        };
+        assert_eq!(route.destination_cidr(), "");
+        let route = RouteConfig {
+            destination: Some(IpAddress {
+                address: "10.2.0.0".parse().unwrap(),
+                prefix_len: 16,
+            }),
+            ..route
+        };
+        assert_eq!(route.destination_cidr(), "10.2.0.0/16");
+        assert_eq!(eth_p_all(), 0x0300);
+        let detail = io_detail(&io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(detail, "No such file or directory (ENOENT, os error 2)");
+    }
+
+    #[test]
+    fn other_modes_are_refused_not_replaced() {
+        for mode in [Interconnect::Macvtap, Interconnect::Bridge] {
+            let err = PodNetwork::setup_with(Path::new("/nonexistent"), mode)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not supported yet"), "{err}");
+            assert!(err.contains("tc-mirred"), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_namespace_is_named() {
+        let err = PodNetwork::setup(Path::new("/nonexistent/netns"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "pod network namespace /nonexistent/netns: cannot open the namespace: No such file \
+             or directory (ENOENT, os error 2)"
+        );
+    }
+}

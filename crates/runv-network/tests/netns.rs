@@ -1,0 +1,398 @@
+//! PodNetwork against real network namespaces: needs root and /dev/net/tun
+//! (and `ip`/`tc` to build the test namespace and look at it); prints
+//! `SKIPPED: <reason>` otherwise.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use runv_network::{format_mac, IpAddress, IpFamily, NeighborConfig, PodNetwork, RouteConfig};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun (modprobe tun)".into());
+    }
+    for tool in ["ip", "tc"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!(
+                "no `{tool}` (iproute2) to build the test namespace"
+            ));
+        }
+    }
+    None
+}
+
+macro_rules! skip_unless_able {
+    () => {
+        if let Some(reason) = skip_reason() {
+            println!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+/// Runs a command, panicking with its stderr on failure; returns stdout.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A network namespace with a veth pair: `eth0` inside (as CNI makes
+/// it), `host` outside; both removed on drop, even after a failure.
+struct TestNetns {
+    name: String,
+    host: String,
+}
+
+impl TestNetns {
+    /// Only `lo`, down.
+    fn bare() -> TestNetns {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let ns = TestNetns {
+            name: format!("runv-test-{pid}-{n}"),
+            host: format!("rvh{pid}x{n}"),
+        };
+        run("ip", &["netns", "add", &ns.name]);
+        ns
+    }
+
+    /// `eth0` with MTU 1400, 10.77.0.2/24, a default route via 10.77.0.1,
+    /// a route to 10.78.0.0/16 via 10.77.0.254 and a permanent neighbour.
+    fn with_eth0() -> TestNetns {
+        let ns = TestNetns::bare();
+        let peer = format!("{}p", ns.host);
+        run(
+            "ip",
+            &[
+                "link", "add", &ns.host, "type", "veth", "peer", "name", &peer,
+            ],
+        );
+        run("ip", &["link", "set", &peer, "netns", &ns.name]);
+        ns.ip(&["link", "set", &peer, "name", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "mtu", "1400", "up"]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.78.0.0/16",
+            "via",
+            "10.77.0.254",
+            "dev",
+            "eth0",
+        ]);
+        ns.ip(&[
+            "neigh",
+            "add",
+            "10.77.0.1",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        run("ip", &["link", "set", &ns.host, "mtu", "1400", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    fn tc(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("tc", &all)
+    }
+
+    fn links(&self) -> String {
+        self.ip(&["-o", "link", "show"])
+    }
+
+    fn mac(&self, interface: &str) -> String {
+        let line = self.ip(&["-o", "link", "show", interface]);
+        let after = line.split("link/ether ").nth(1).unwrap();
+        after.split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn host_index(&self) -> i32 {
+        std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", self.host))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host])
+            .output();
+    }
+}
+
+/// An AF_PACKET socket on a host interface.
+fn packet_socket(ifindex: i32) -> OwnedFd {
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket calls on a new fd with a zeroed sockaddr_ll.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol),
+        );
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut address: libc::sockaddr_ll = std::mem::zeroed();
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = protocol;
+        address.sll_ifindex = ifindex;
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            &address as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+        fd
+    }
+}
+
+/// Reads frames from `fd` until `wanted` accepts one, for at most 5 s.
+fn read_until(fd: RawFd, skip: usize, wanted: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut poll, 1, 200) };
+        if ready <= 0 {
+            continue;
+        }
+        let mut buffer = vec![0u8; 65536];
+        // SAFETY: the buffer is valid for its length.
+        let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+        assert!(n >= 0, "read: {}", io::Error::last_os_error());
+        let frame = buffer[skip.min(n as usize)..n as usize].to_vec();
+        if wanted(&frame) {
+            return frame;
+        }
+        seen.push(frame.len());
+    }
+    panic!("the frame never came (saw frames of lengths {seen:?})");
+}
+
+fn write_all(fd: RawFd, bytes: &[u8]) {
+    // SAFETY: the buffer is valid for its length.
+    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "write: {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// An ARP request "who has 10.77.0.2" from `sender`.
+fn arp_request(sender: [u8; 6]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&sender);
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&sender);
+    frame.extend_from_slice(&[10, 77, 0, 1]);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&[10, 77, 0, 2]);
+    frame.resize(60, 0);
+    frame
+}
+
+/// The size of `struct virtio_net_hdr` in front of every tap frame.
+const VNET_HDR: usize = 10;
+
+#[test]
+fn joins_the_cni_interface_to_a_tap_and_tears_it_down() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    let network = PodNetwork::setup(&ns.path()).unwrap();
+    let config = network.guest_config();
+
+    // Exactly what the namespace has.
+    assert_eq!(config.interfaces.len(), 1, "{config:?}");
+    let eth0 = &config.interfaces[0];
+    assert_eq!(eth0.name, "eth0");
+    assert_eq!(eth0.mtu, 1400);
+    assert_eq!(format_mac(&eth0.mac), ns.mac("eth0"));
+    assert_eq!(network.interfaces()[0].mac(), eth0.mac);
+    assert_eq!(
+        eth0.addresses,
+        vec![IpAddress {
+            address: "10.77.0.2".parse().unwrap(),
+            prefix_len: 24
+        }]
+    );
+    let route = |destination: Option<(&str, u8)>, gateway: &str| RouteConfig {
+        destination: destination.map(|(address, prefix_len)| IpAddress {
+            address: address.parse().unwrap(),
+            prefix_len,
+        }),
+        gateway: Some(gateway.parse().unwrap()),
+        device: "eth0".into(),
+        source: None,
+        scope: 0,
+        family: IpFamily::V4,
+    };
+    let mut routes = config.routes.clone();
+    routes.sort_by_key(|r| r.destination_cidr());
+    assert_eq!(
+        routes,
+        vec![
+            route(None, "10.77.0.1"),
+            route(Some(("10.78.0.0", 16)), "10.77.0.254")
+        ]
+    );
+    assert_eq!(routes[1].destination_cidr(), "10.78.0.0/16");
+    assert_eq!(
+        config.neighbors,
+        vec![NeighborConfig {
+            ip: "10.77.0.1".parse().unwrap(),
+            mac: [2, 0, 0, 0, 0, 1],
+            device: "eth0".into(),
+        }]
+    );
+
+    // The tap, up with the interface's MTU, and the tc plumbing.
+    let tap = &network.interfaces()[0];
+    assert_eq!(tap.tap_name, "tap0_runv");
+    let tap_link = ns.ip(&["-o", "link", "show", "tap0_runv"]);
+    assert!(tap_link.contains("mtu 1400"), "{tap_link}");
+    assert!(tap_link.contains(",UP"), "{tap_link}");
+    for (from, to) in [("eth0", "tap0_runv"), ("tap0_runv", "eth0")] {
+        let qdiscs = ns.tc(&["qdisc", "show", "dev", from, "ingress"]);
+        assert!(qdiscs.contains("qdisc ingress ffff:"), "{from}: {qdiscs}");
+        let filters = ns.tc(&["filter", "show", "dev", from, "ingress"]);
+        assert!(
+            filters.contains("protocol all pref 49152 u32"),
+            "{from}: {filters}"
+        );
+        assert!(
+            filters.contains(&format!("Egress Redirect to device {to}")),
+            "{from}: {filters}"
+        );
+    }
+
+    // Host → pod: an ARP request sent to the pod's address comes out of
+    // the tap, behind its virtio_net_hdr.
+    let host = packet_socket(ns.host_index());
+    let sender = [0x02, 0x52, 0x55, 0x4e, 0x56, 0x01];
+    let request = arp_request(sender);
+    write_all(host.as_raw_fd(), &request);
+    let tap_fd = tap.tap.as_raw_fd();
+    // SAFETY: fcntl on an open fd.
+    unsafe { libc::fcntl(tap_fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let frame = read_until(tap_fd, VNET_HDR, |f| f.len() >= 42 && f[6..12] == sender);
+    assert_eq!(&frame[..42], &request[..42]);
+
+    // Pod → host: a frame written to the tap (as the guest sends it) comes
+    // out of the host end of the veth.
+    let mut out = vec![0u8; VNET_HDR];
+    let marker = b"runv-network tap to eth0";
+    out.extend_from_slice(&sender); // to the host end
+    out.extend_from_slice(&eth0.mac);
+    out.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    out.extend_from_slice(marker);
+    out.resize(VNET_HDR + 64, 0);
+    write_all(tap_fd, &out);
+    let frame = read_until(host.as_raw_fd(), 0, |f| {
+        f.len() >= 14 + marker.len() && &f[14..14 + marker.len()] == marker
+    });
+    assert_eq!(&frame[6..12], &eth0.mac);
+
+    // Teardown leaves the interface as CNI made it.
+    network.teardown().unwrap();
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
+    let qdiscs = ns.tc(&["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    let filters = ns.tc(&["filter", "show", "dev", "eth0", "ingress"]);
+    assert!(filters.trim().is_empty(), "{filters}");
+    assert!(ns
+        .ip(&["-o", "addr", "show", "eth0"])
+        .contains("10.77.0.2/24"));
+}
+
+#[test]
+fn namespace_with_only_lo_gives_an_empty_network() {
+    skip_unless_able!();
+    let ns = TestNetns::bare();
+    let network = PodNetwork::setup(&ns.path()).unwrap();
+    assert!(network.is_empty());
+    assert_eq!(network.guest_config(), Default::default());
+    network.teardown().unwrap();
+    assert!(!ns.links().contains("_runv"));
+}
+
+/// CNI may delete the interface or the namespace's path before runv tears
+/// down; dropping without teardown tears down too.
+#[test]
+fn teardown_after_cni_cleaned_up_and_on_drop() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    let network = PodNetwork::setup(&ns.path()).unwrap();
+    ns.ip(&["link", "del", "eth0"]);
+    run("ip", &["netns", "del", &ns.name]);
+    network.teardown().unwrap();
+
+    let ns = TestNetns::with_eth0();
+    let network = PodNetwork::setup(&ns.path()).unwrap();
+    assert!(ns.links().contains("tap0_runv"));
+    drop(network);
+    assert!(!ns.links().contains("_runv"));
+    let qdiscs = ns.tc(&["qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+}
+
+/// A tap fd still held elsewhere (a hypervisor) does not keep the tap.
+#[test]
+fn teardown_deletes_a_tap_still_open_elsewhere() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    let network = PodNetwork::setup(&ns.path()).unwrap();
+    let held = network.interfaces()[0].tap.clone();
+    network.teardown().unwrap();
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
+    drop(held);
+}
