@@ -24,7 +24,7 @@ use runv_protocol::{agent, stdio::StreamHeader};
 use ttrpc::Code;
 
 use crate::{
-    cgroup_stats,
+    cgroup_stats, network,
     oci_runtime::{ChildStdio, OciRuntime},
     process_io::{ChildPipes, Connection, ProcessIo, Streams},
     reaper::{Exit, ExitWatch, Reaper},
@@ -611,7 +611,11 @@ impl Containers {
             &format!("reading the statistics of container {container_id}"),
             move |runtime| {
                 let dir = runtime.cgroup_dir(&id)?;
-                cgroup_stats::read(&dir).map_err(|e| e.to_string())
+                let mut stats = cgroup_stats::read(&dir).map_err(|e| e.to_string())?;
+                // The VM's interfaces, which every container shares.
+                stats.network = network::pod_interface_stats()
+                    .map_err(|e| format!("reading the network statistics: {e}"))?;
+                Ok(stats)
             },
         )
         .await

@@ -8,6 +8,7 @@ mod cgroup_stats;
 mod containers;
 mod hotplug;
 mod init;
+mod network;
 mod oci_runtime;
 mod process_io;
 mod process_spec;

@@ -19,7 +19,7 @@ use crate::{
     boot_clock,
     containers::{Containers, Failure},
     hotplug::{HotplugError, PlatformBus, PLUG_TIMEOUT},
-    init,
+    init, network,
 };
 
 /// How long the power-off reply has to leave the guest before it resets.
@@ -72,6 +72,10 @@ fn hotplug_status(e: HotplugError) -> ttrpc::Error {
         }
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+fn network_status(e: network::NetworkError) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
 }
 
 /// Runs a sysfs operation off the runtime's only thread: a bind runs the
@@ -375,6 +379,26 @@ impl agent_ttrpc::Agent for AgentService {
             .stats(&request.container_id)
             .await
             .map_err(container_status)
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        request: agent::ConfigureNetworkRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let plan = network::plan(&request).map_err(network_status)?;
+        if !self.is_init {
+            // Outside a VM it would reconfigure the machine it runs on.
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "runv-agent is not PID 1 of a VM: it leaves this machine's network alone",
+            )));
+        }
+        tokio::task::spawn_blocking(move || network::configure(&plan, network::NIC_WAIT))
+            .await
+            .map_err(|e| internal("network task", e))?
+            .map_err(network_status)?;
+        Ok(agent::Empty::new())
     }
 
     async fn remove_container(
