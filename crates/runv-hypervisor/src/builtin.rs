@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use runv_config::BuiltinConfig;
 use runv_protocol::SHARED_FS_TAG;
 use runv_vmm::{
-    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, VmEnd, VmmError,
-    VsockConfig,
+    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VmEnd,
+    VmmError, VsockConfig,
 };
 use tokio::sync::watch;
 
@@ -79,6 +79,21 @@ impl BuiltinVm {
                 spec.vcpus
             ))
         })?;
+        // The caller keeps its tap; the device gets a descriptor of its
+        // own (which shares the open file: the device makes it
+        // non-blocking and sets its header size and offloads).
+        let net_devices = spec
+            .net_devices
+            .iter()
+            .enumerate()
+            .map(|(index, net)| {
+                let tap = net.tap.try_clone().map_err(|source| HypervisorError::Io {
+                    context: format!("cannot duplicate the tap of network interface {index}"),
+                    source,
+                })?;
+                Ok(NetConfig { tap, mac: net.mac })
+            })
+            .collect::<Result<Vec<_>, HypervisorError>>()?;
         Ok(MicroVmConfig {
             name: spec.id.clone(),
             kernel: spec.kernel.clone(),
@@ -93,6 +108,9 @@ impl BuiltinVm {
                 guest_cid: GUEST_CID,
                 uds_path: self.spec.vsock_socket(),
             }),
+            // In the slots right after the vsock's, in order: the guest's
+            // eth0 is the first.
+            net_devices,
             // The in-process FUSE server runs in this process's mount
             // namespace: whatever is mounted under the directory later
             // (container root file systems) is seen at once.

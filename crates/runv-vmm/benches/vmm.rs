@@ -59,6 +59,7 @@ fn start_vm(dir: &Path, index: usize) -> (MicroVm, Duration) {
             guest_cid: 3,
             uds_path: dir.join(format!("vsock-{index}.sock")),
         }),
+        net_devices: Vec::new(),
         filesystems: Vec::new(),
     };
     let started = Instant::now();

@@ -21,7 +21,7 @@ pub mod vm;
 pub use bus::{Bus, BusDevice};
 pub use machine::{MicroVm, MicroVmConfig, OnEnd, VmEnd, VsockConfig, THREAD_NAME_PREFIX};
 pub use vcpu::{Vcpu, VcpuStop};
-pub use virtio::{block::BlockConfig, fs::FsConfig};
+pub use virtio::{block::BlockConfig, fs::FsConfig, net::NetConfig};
 pub use vm::{Vm, VmControl};
 
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,7 @@ use crate::{
     virtio::{
         block::{Block, BlockConfig},
         fs::{Fs, FsConfig},
+        net::{Net, NetConfig},
         vsock::Vsock,
         VirtioDevice,
     },
@@ -59,6 +60,9 @@ pub struct MicroVmConfig {
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
     pub vsock: Option<VsockConfig>,
+    /// Network interfaces on taps, in the slots right after the vsock's
+    /// and in this order: the guest's eth0 first.
+    pub net_devices: Vec<NetConfig>,
     /// Host directories shared through virtio-fs from boot on, found by
     /// the guest's first probe of their slots (no agent call needed).
     pub filesystems: Vec<FsConfig>,
@@ -115,6 +119,10 @@ impl MicroVm {
         if let Some(vsock) = config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path)?;
             let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
+            subscribers.insert(slot, id);
+        }
+        for net in config.net_devices {
+            let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
             subscribers.insert(slot, id);
         }
         for fs in config.filesystems {
@@ -191,6 +199,12 @@ impl MicroVm {
     /// Hot-plugs a virtio-fs device into a free slot.
     pub fn attach_fs(&self, config: FsConfig) -> Result<SlotIndex, VmmError> {
         self.attach_on_loop(Fs::new(config)?)
+    }
+
+    /// Hot-plugs a virtio-net device on a tap into a free slot; the guest
+    /// agent then binds the slot, as for a block device.
+    pub fn attach_net(&self, config: NetConfig) -> Result<SlotIndex, VmmError> {
+        self.attach_on_loop(Net::new(config)?)
     }
 
     fn attach_on_loop<D>(&self, device: Arc<Mutex<D>>) -> Result<SlotIndex, VmmError>

@@ -62,6 +62,7 @@ fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
             guest_cid: 3,
             uds_path: guest.vsock.clone(),
         }),
+        net_devices: Vec::new(),
         // A shared directory from boot on, as a pod VM has.
         filesystems: vec![FsConfig {
             tag: "shared".into(),

@@ -4,6 +4,7 @@ pub mod block;
 pub mod fs;
 mod loop_queues;
 pub mod mmio;
+pub mod net;
 pub mod queue_device;
 #[cfg(test)]
 mod test_driver;

@@ -154,6 +154,18 @@ pub(crate) fn activate_directly(
     ring_bases: &[u64],
     irq: &EventFd,
 ) -> (Vec<Ring>, Vec<EventFd>) {
+    let features = device.features() | 1 << VIRTIO_F_VERSION_1;
+    activate_with_features(device, memory, ring_bases, irq, features)
+}
+
+/// [`activate_directly`] with the driver accepting `features` only.
+pub(crate) fn activate_with_features(
+    device: &mut dyn VirtioDevice,
+    memory: &GuestMemory,
+    ring_bases: &[u64],
+    irq: &EventFd,
+    features: u64,
+) -> (Vec<Ring>, Vec<EventFd>) {
     let (rings, queues): (Vec<Ring>, Vec<Queue>) = ring_bases
         .iter()
         .map(|&base| Ring::new(memory, base))
@@ -166,7 +178,7 @@ pub(crate) fn activate_directly(
         memory: memory.clone(),
         queues,
         queue_events: kicks.iter().map(|e| e.try_clone().unwrap()).collect(),
-        features: device.features() | 1 << VIRTIO_F_VERSION_1,
+        features,
         interrupt: Interrupt {
             status: Arc::new(AtomicU32::new(0)),
             irq: Arc::new(irq.try_clone().unwrap()),
