@@ -435,6 +435,124 @@ mod tests {
         assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
     }
 
+    /// A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in a network namespace
+    /// of its own, gone with its descriptor; or why there is none.
+    fn namespaced_tap(name: &'static str) -> Result<std::os::fd::OwnedFd, String> {
+        use nix::libc;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        std::thread::spawn(move || {
+            // SAFETY: unshare moves this thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "unshare(CLONE_NEWNET): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: a plain open of a C string.
+            let fd =
+                unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+            }
+            // SAFETY: a new descriptor of our own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: an all-zero ifreq is valid.
+            let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (dst, &src) in ifreq.ifr_name.iter_mut().zip(name.as_bytes()) {
+                *dst = src as libc::c_char;
+            }
+            ifreq.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+            // SAFETY: TUNSETIFF reads and updates the ifreq.
+            if unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::TUNSETIFF,
+                    &mut ifreq,
+                )
+            } < 0
+            {
+                return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+            }
+            Ok(fd)
+        })
+        .join()
+        .expect("the namespace thread")
+    }
+
+    /// The guest finds its network interfaces in the slots after the
+    /// vsock's, in the spec's order, each a virtio-net device (ID 1) with
+    /// its MAC in the configuration space: the payload prints slot 1's and
+    /// slot 2's device ID and MAC bytes 1 to 5, read through MMIO.
+    #[tokio::test]
+    async fn network_interfaces_are_cold_plugged_in_order() {
+        let slot_base = |slot: u32| 0xd000_0000u32 + slot * 0x1000;
+        let mut code = Vec::new();
+        for slot in [1, 2] {
+            let base = slot_base(slot);
+            // mov eax, [base + DEVICE_ID]; add al, '0'; mov dx, 0x3f8; out dx, al
+            code.push(0xa1);
+            code.extend_from_slice(&(base + 8).to_le_bytes());
+            code.extend_from_slice(&[0x04, b'0', 0x66, 0xba, 0xf8, 0x03, 0xee]);
+            for byte in 1..6u32 {
+                // mov al, [base + CONFIG + byte]; out dx, al
+                code.push(0xa0);
+                code.extend_from_slice(&(base + 0x100 + byte).to_le_bytes());
+                code.push(0xee);
+            }
+            code.extend_from_slice(&print(b" "));
+        }
+        code.extend_from_slice(&print(b"\n"));
+        code.extend_from_slice(&RESET);
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(mut vm) = payload_vm(tmp.path(), &code) else {
+            return;
+        };
+        let (eth0, eth1) = match (namespaced_tap("runvtest0"), namespaced_tap("runvtest1")) {
+            (Ok(eth0), Ok(eth1)) => (eth0, eth1),
+            (Err(why), _) | (_, Err(why)) => {
+                println!("SKIPPED: no tap: {why}");
+                return;
+            }
+        };
+        let eth0 = std::sync::Arc::new(eth0);
+        vm.spec.net_devices = vec![
+            crate::NetDevice {
+                tap: eth0.clone(),
+                mac: [0x02, b'e', b't', b'h', b'_', b'0'],
+            },
+            crate::NetDevice {
+                tap: std::sync::Arc::new(eth1),
+                mac: [0x02, b'e', b't', b'h', b'_', b'1'],
+            },
+        ];
+        vm.start().await.expect("the VM starts");
+        let mut exit = vm.exit_watch().unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), exit.wait())
+            .await
+            .expect("the guest ends the VM");
+        assert_eq!(ended, VmExit::GuestShutdown);
+        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::GuestShutdown);
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("console.log")).unwrap(),
+            "1eth_0 1eth_1 \n"
+        );
+        // The caller's descriptor is still open, on the same open file
+        // the device had (which it made non-blocking).
+        // SAFETY: F_GETFL on a descriptor the Arc keeps open.
+        let flags = unsafe {
+            nix::libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&*eth0), nix::libc::F_GETFL)
+        };
+        assert!(
+            flags >= 0 && flags & nix::libc::O_NONBLOCK != 0,
+            "{flags:#x}"
+        );
+    }
+
     /// Block devices go into free slots while the guest runs and come out
     /// again; errors name the path, the slot or the limit.
     #[tokio::test]

@@ -198,10 +198,22 @@ impl Net {
                         break;
                     }
                     match self.backend.read_frame(&mut self.rx_frame) {
+                        // End of file: not from a tap, which has no end;
+                        // treated like an error.
+                        Ok(0) => {
+                            tracing::warn!("the virtio-net backend is closed");
+                            watch = false;
+                            break;
+                        }
                         Ok(len) => len,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
+                            // A tap whose interface is gone reports an
+                            // error on every poll: stop watching it until
+                            // the driver's next receive kick rather than
+                            // spin.
                             tracing::warn!(error = %e, "cannot read from the virtio-net tap");
+                            watch = false;
                             break;
                         }
                     }

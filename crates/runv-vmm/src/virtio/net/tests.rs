@@ -677,6 +677,27 @@ fn a_reset_stops_the_traffic_and_a_new_activation_starts_it() {
 }
 
 #[test]
+fn a_backend_that_fails_is_not_spun_on() {
+    let (mut guest, host, reads, _offloads) = Guest::mock();
+    // The host end gone: the device's end is readable for good, and each
+    // read ends at once.
+    drop(host);
+    guest.post_rx(&[2048]);
+    std::thread::sleep(SETTLE);
+    let attempts = reads.attempts();
+    assert!(attempts <= 2, "{attempts} reads of a closed backend");
+    // Each receive kick tries once more, no more.
+    guest.post_rx(&[2048]);
+    std::thread::sleep(SETTLE);
+    assert!(
+        reads.attempts() <= attempts + 1,
+        "{} reads",
+        reads.attempts()
+    );
+    assert_eq!(guest.rx.ring.take_used(&guest.rx.memory), vec![]);
+}
+
+#[test]
 fn a_descriptor_that_is_not_a_tap_is_refused() {
     let event = EventFd::new(0).unwrap();
     // SAFETY: a fresh descriptor of our own.
