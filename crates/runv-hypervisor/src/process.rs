@@ -3,12 +3,16 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
+    os::{
+        fd::{BorrowedFd, RawFd},
+        unix::fs::PermissionsExt,
+    },
     path::{Path, PathBuf},
     process::Stdio,
 };
 
 use nix::{
+    fcntl::{fcntl, FcntlArg, FdFlag},
     sys::{prctl, signal::Signal},
     unistd::{getpid, getppid},
 };
@@ -62,13 +66,42 @@ pub fn spawn_logged(
     log: &Path,
     what: &'static str,
 ) -> Result<tokio::process::Child, crate::HypervisorError> {
+    spawn_logged_with_fds(program, args, log, what, Vec::new())
+}
+
+/// [`spawn_logged`], with the open fds `inherit` passed on to the program
+/// under their own numbers. Only the child clears their close-on-exec flag,
+/// so no other process spawned meanwhile inherits them; the caller keeps
+/// them open until the spawn returns.
+pub fn spawn_logged_with_fds(
+    program: &Path,
+    args: impl IntoIterator<Item = String>,
+    log: &Path,
+    what: &'static str,
+    inherit: Vec<RawFd>,
+) -> Result<tokio::process::Child, crate::HypervisorError> {
     let io_error = |source| crate::HypervisorError::Io {
         context: format!("cannot start {what}"),
         source,
     };
     let log_file = fs::File::create(log).map_err(io_error)?;
     let log_copy = log_file.try_clone().map_err(io_error)?;
-    command_dying_with_parent(program)
+    let mut command = command_dying_with_parent(program);
+    if !inherit.is_empty() {
+        // SAFETY: the closure runs in the forked child before exec and
+        // only calls fcntl, which is async-signal-safe, on fds the caller
+        // keeps open.
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &inherit {
+                    let fd = BorrowedFd::borrow_raw(fd);
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                }
+                Ok(())
+            });
+        }
+    }
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(log_file)

@@ -8,9 +8,14 @@
 //! boot: a virtio-blk device on each spare virtio-mmio transport, backed by
 //! an empty node that QMP swaps for the host's file or device and back
 //! (docs/hotplug.md).
+//!
+//! Each network interface is a virtio-net device on a tap that QEMU
+//! inherits (`-netdev tap,fd=N`); NICs take the top transports, which the
+//! read-only block slots otherwise hold (docs/networking.md).
 
 use std::{
     ops::RangeInclusive,
+    os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -29,7 +34,7 @@ use tokio::{
 use crate::{
     check_boot_files, ensure_running,
     host::{choose_accel, Accel, KvmSupport},
-    process::{find_executable, path_arg, spawn_logged, tail, LOG_TAIL_LINES},
+    process::{find_executable, path_arg, spawn_logged_with_fds, tail, LOG_TAIL_LINES},
     qmp::Qmp,
     run_dir::RunDir,
     vhost_user::{self, Backend},
@@ -72,9 +77,31 @@ const FS_SLOT: u32 = 1;
 /// Block slots whose device is realized writable, and read-only ones. The
 /// split is fixed at boot: QEMU sets a virtio-blk device's read-only
 /// feature when it realizes the device, and cannot reopen a writable node
-/// read-only under a writer.
+/// read-only under a writer. Network interfaces take the top transports,
+/// so the read-only slots are those below them: see [`ro_block_slots`].
 const RW_BLOCK_SLOTS: RangeInclusive<u32> = 2..=5;
-const RO_BLOCK_SLOTS: RangeInclusive<u32> = 6..=7;
+/// The first read-only block slot, and the first transport a NIC may take.
+const FIRST_RO_BLOCK_SLOT: u32 = 6;
+/// Network interfaces a qemu VM can have: the transports above the
+/// read-write block slots.
+pub(crate) const MAX_NICS: usize = (MMIO_TRANSPORTS - FIRST_RO_BLOCK_SLOT) as usize;
+
+/// The read-only block slots of a VM with `nics` network interfaces: the
+/// transports between the read-write slots and the NICs' (none with two).
+fn ro_block_slots(nics: usize) -> RangeInclusive<u32> {
+    FIRST_RO_BLOCK_SLOT..=MMIO_TRANSPORTS - 1 - nics as u32
+}
+
+/// Every block slot of a VM with `nics` network interfaces.
+fn block_slots(nics: usize) -> impl Iterator<Item = u32> {
+    RW_BLOCK_SLOTS.chain(ro_block_slots(nics))
+}
+
+/// The transport of network interface `index` of `nics`: the NICs take the
+/// top ones, in order.
+fn nic_bus(nics: usize, index: usize) -> u32 {
+    MMIO_TRANSPORTS - nics as u32 + index as u32
+}
 
 /// The programs a VM runs, found before any of them starts.
 struct Programs {
@@ -127,6 +154,7 @@ impl QemuVm {
     /// Everything that can be checked before a process starts.
     fn check_inputs(&self) -> Result<Programs, HypervisorError> {
         check_boot_files(&self.spec)?;
+        check_nic_count(self.spec.net_devices.len())?;
         let qemu = find_executable(&self.config.binary).ok_or_else(|| {
             HypervisorError::MissingProgram {
                 what: "QEMU binary",
@@ -300,8 +328,32 @@ impl QemuVm {
                 ),
             ]);
         }
-        args.extend(block_slot_args());
+        let nics = spec.net_devices.len();
+        for (index, device) in spec.net_devices.iter().enumerate() {
+            // QEMU inherits the tap's fd under the same number
+            // (spawn_logged_with_fds) and sets the vnet header up itself.
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=net{index},fd={},vhost=off", device.tap.as_raw_fd()),
+                "-device".into(),
+                format!(
+                    "virtio-net-device,netdev=net{index},mac={},bus=virtio-mmio-bus.{}",
+                    format_mac(&device.mac),
+                    nic_bus(nics, index)
+                ),
+            ]);
+        }
+        args.extend(block_slot_args(nics));
         args
+    }
+
+    /// The tap fds QEMU inherits.
+    fn inherited_fds(&self) -> Vec<RawFd> {
+        self.spec
+            .net_devices
+            .iter()
+            .map(|device| device.tap.as_raw_fd())
+            .collect()
     }
 
     /// The running VM, or why there is none.
@@ -325,11 +377,12 @@ impl Hypervisor for QemuVm {
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
         let dir = RunDir::for_vm(&self.spec)?;
         let mut backends = Self::start_backends(&programs, &dir, &self.spec.vsock_socket()).await?;
-        let qemu = match spawn_logged(
+        let qemu = match spawn_logged_with_fds(
             &programs.qemu,
             self.qemu_args(accel, &dir),
             &dir.join(QEMU_LOG),
             "qemu",
+            self.inherited_fds(),
         ) {
             Ok(qemu) => qemu,
             Err(e) => {
@@ -350,7 +403,10 @@ impl Hypervisor for QemuVm {
             exit_tx,
             dir.join(QEMU_LOG),
         ));
-        let blocks = Mutex::new(BlockSlots::new(dir.join(QMP_SOCKET)));
+        let blocks = Mutex::new(BlockSlots::new(
+            dir.join(QMP_SOCKET),
+            self.spec.net_devices.len(),
+        ));
         self.running = Some(Running {
             dir,
             control,
@@ -399,7 +455,7 @@ impl Hypervisor for QemuVm {
 
     /// Every block slot: the guest probed each placeholder at boot.
     fn standby_slots(&self) -> Vec<u32> {
-        RW_BLOCK_SLOTS.chain(RO_BLOCK_SLOTS).collect()
+        block_slots(self.spec.net_devices.len()).collect()
     }
 
     async fn stop(&mut self, grace: Duration) -> VmExit {
@@ -517,12 +573,40 @@ fn empty_node(slot: u32) -> String {
     format!("slot{slot}-empty")
 }
 
-/// The block slots: on each, an empty node under a raw node, and a
-/// virtio-blk device on the slot's transport.
-fn block_slot_args() -> Vec<String> {
-    let read_only = |slot: &u32| RO_BLOCK_SLOTS.contains(slot);
-    RW_BLOCK_SLOTS
-        .chain(RO_BLOCK_SLOTS)
+/// Refuses more network interfaces than there are transports for, naming
+/// the way out.
+fn check_nic_count(nics: usize) -> Result<(), HypervisorError> {
+    if nics <= MAX_NICS {
+        return Ok(());
+    }
+    Err(HypervisorError::StartFailed {
+        what: "qemu",
+        detail: format!(
+            "the pod has {nics} network interfaces, and a qemu VM takes at most {MAX_NICS}: \
+             QEMU's microvm has {MMIO_TRANSPORTS} virtio-mmio transports, of which vsock, \
+             virtio-fs and the {} read-write block slots take {} (docs/networking.md); \
+             use the builtin hypervisor (hypervisor = \"builtin\" in the runv config) \
+             for pods with more",
+            RW_BLOCK_SLOTS.count(),
+            FIRST_RO_BLOCK_SLOT,
+        ),
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The block slots of a VM with `nics` network interfaces: on each, an
+/// empty node under a raw node, and a virtio-blk device on the slot's
+/// transport.
+fn block_slot_args(nics: usize) -> Vec<String> {
+    let read_only = |slot: &u32| ro_block_slots(nics).contains(slot);
+    block_slots(nics)
         .flat_map(|slot| {
             let ro = if read_only(&slot) {
                 ",read-only=on"
@@ -556,6 +640,9 @@ fn block_slot_args() -> Vec<String> {
 /// empties them.
 struct BlockSlots {
     qmp_socket: PathBuf,
+    /// The VM's network interfaces, which take transports from the
+    /// read-only slots.
+    nics: usize,
     /// Connected at the first attach.
     qmp: Option<Qmp>,
     slots: Vec<BlockSlot>,
@@ -576,7 +663,7 @@ struct Volume {
 }
 
 impl BlockSlots {
-    fn new(qmp_socket: PathBuf) -> BlockSlots {
+    fn new(qmp_socket: PathBuf, nics: usize) -> BlockSlots {
         let slot = |read_only| {
             move |index| BlockSlot {
                 index,
@@ -586,10 +673,11 @@ impl BlockSlots {
         };
         BlockSlots {
             qmp_socket,
+            nics,
             qmp: None,
             slots: RW_BLOCK_SLOTS
                 .map(slot(false))
-                .chain(RO_BLOCK_SLOTS.map(slot(true)))
+                .chain(ro_block_slots(nics).map(slot(true)))
                 .collect(),
             volumes_added: 0,
         }
@@ -688,8 +776,21 @@ impl BlockSlots {
 
     /// The error for a device that finds every slot of its kind taken.
     fn no_free_slot(&self, device: &BlockDevice) -> HypervisorError {
+        let ro_slots = ro_block_slots(self.nics);
+        if device.read_only && ro_slots.is_empty() {
+            return HypervisorError::NoFreeSlot {
+                path: device.path.clone(),
+                reason: format!(
+                    "this qemu VM has no read-only block slot: its {} network interfaces take \
+                     the transports that hold them (QEMU's microvm has {MMIO_TRANSPORTS}, see \
+                     docs/networking.md); attach the volume read-write, or use the builtin \
+                     hypervisor",
+                    self.nics
+                ),
+            };
+        }
         let (kind, range) = match device.read_only {
-            true => ("read-only", &RO_BLOCK_SLOTS),
+            true => ("read-only", &ro_slots),
             false => ("read-write", &RW_BLOCK_SLOTS),
         };
         let taken = self
@@ -713,7 +814,7 @@ impl BlockSlots {
                 range.start(),
                 range.end(),
                 RW_BLOCK_SLOTS.count(),
-                RO_BLOCK_SLOTS.count(),
+                ro_slots.clone().count(),
             ),
         }
     }
@@ -723,9 +824,9 @@ impl BlockSlots {
             return Err(HypervisorError::NoBlockInSlot {
                 slot,
                 reason: format!(
-                    "the block slots of a qemu VM are {}-{}",
+                    "the block slots of this qemu VM are {}-{}",
                     RW_BLOCK_SLOTS.start(),
-                    RO_BLOCK_SLOTS.end()
+                    block_slots(self.nics).last().expect("read-write slots")
                 ),
             });
         };
@@ -771,7 +872,10 @@ fn qemu_path(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::NetDevice;
 
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
@@ -891,7 +995,7 @@ mod tests {
     /// a slot that is not a block slot, or empty, says so.
     #[test]
     fn slot_errors_are_clear() {
-        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"));
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"), 0);
         for slot in &mut blocks.slots {
             slot.volume = Some(Volume {
                 node: format!("volume{}", slot.index),
@@ -915,14 +1019,145 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"));
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"), 0);
         let err = runtime.block_on(blocks.detach(0)).unwrap_err().to_string();
         assert_eq!(
             err,
-            "slot 0 holds no attached block device: the block slots of a qemu VM are 2-7"
+            "slot 0 holds no attached block device: the block slots of this qemu VM are 2-7"
         );
         let err = runtime.block_on(blocks.detach(3)).unwrap_err().to_string();
         assert_eq!(err, "slot 3 holds no attached block device: it is empty");
+    }
+
+    /// A spec with `nics` network interfaces, on fds that stand for taps.
+    fn spec_with_nics(dir: &Path, nics: u8) -> VmSpec {
+        let mut spec = spec(dir);
+        spec.net_devices = (0..nics)
+            .map(|n| NetDevice {
+                tap: Arc::new(std::fs::File::open("/dev/null").unwrap().into()),
+                mac: [0x02, 0, 0, 0, 0, n],
+            })
+            .collect();
+        spec
+    }
+
+    /// NICs take the top transports, in order, each on its tap's fd, and
+    /// the read-only block slots shrink to the transports below them.
+    #[test]
+    fn network_interfaces_take_the_top_transports() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = RunDir::create(tmp.path(), "vm").unwrap();
+        let vm = QemuVm::new(spec_with_nics(tmp.path(), 1), QemuConfig::default());
+        let fd = vm.spec.net_devices[0].tap.as_raw_fd();
+        assert_eq!(vm.inherited_fds(), vec![fd]);
+        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        assert!(
+            args.contains(&format!(
+                "-netdev tap,id=net0,fd={fd},vhost=off -device virtio-net-device,netdev=net0,\
+                 mac=02:00:00:00:00:00,bus=virtio-mmio-bus.7"
+            )),
+            "{args}"
+        );
+        assert!(
+            !args.contains("virtio-blk-device,bus=virtio-mmio-bus.7"),
+            "{args}"
+        );
+        assert!(
+            args.contains("virtio-blk-device,bus=virtio-mmio-bus.6"),
+            "{args}"
+        );
+        assert_eq!(args.matches("virtio-blk-device").count(), 5);
+        assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5, 6]);
+
+        let vm = QemuVm::new(spec_with_nics(tmp.path(), 2), QemuConfig::default());
+        let fds = vm.inherited_fds();
+        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        for (n, bus) in [(0, 6), (1, 7)] {
+            assert!(
+                args.contains(&format!(
+                    "-netdev tap,id=net{n},fd={},vhost=off -device virtio-net-device,\
+                     netdev=net{n},mac=02:00:00:00:00:0{n},bus=virtio-mmio-bus.{bus}",
+                    fds[n]
+                )),
+                "{args}"
+            );
+        }
+        assert_eq!(args.matches("virtio-blk-device").count(), 4);
+        assert!(!args.contains("read-only=on"), "{args}");
+        assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5]);
+
+        let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
+        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        assert!(!args.contains("-netdev"), "{args}");
+        assert!(vm.inherited_fds().is_empty());
+    }
+
+    /// With NICs, the slot errors count the slots that are left.
+    #[test]
+    fn slot_errors_count_the_slots_nics_leave() {
+        let blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"), 2);
+        let device = BlockDevice {
+            path: "/images/ro.img".into(),
+            read_only: true,
+        };
+        let err = blocks.no_free_slot(&device).to_string();
+        assert!(
+            err.starts_with(
+                "no free slot for /images/ro.img: this qemu VM has no read-only block slot: \
+                 its 2 network interfaces take the transports that hold them"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("builtin hypervisor"), "{err}");
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"), 1);
+        for slot in &mut blocks.slots {
+            slot.volume = Some(Volume {
+                node: format!("volume{}", slot.index),
+                path: PathBuf::from(format!("/dev/loop{}", slot.index)),
+            });
+        }
+        let err = blocks.no_free_slot(&device).to_string();
+        assert!(
+            err.contains(
+                "all 1 read-only block slots of this qemu VM (6-6) are taken (/dev/loop6 in \
+                 slot 6); QEMU's microvm cannot hot-plug, so runv creates 4 read-write and 1 \
+                 read-only"
+            ),
+            "{err}"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut blocks = BlockSlots::new(PathBuf::from("/nonexistent/qmp.sock"), 2);
+        let err = runtime.block_on(blocks.detach(6)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "slot 6 holds no attached block device: the block slots of this qemu VM are 2-5"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_network_interfaces_are_refused_before_anything_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
+        std::fs::write(tmp.path().join("initrd"), "").unwrap();
+        let config = QemuConfig {
+            binary: "sh".into(),
+            vhost_vsock_binary: "sh".into(),
+            ..QemuConfig::default()
+        };
+        let mut vm = QemuVm::new(spec_with_nics(tmp.path(), 3), config);
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "qemu failed to start: the pod has 3 network interfaces, and a qemu VM takes \
+                 at most 2"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("hypervisor = \"builtin\""), "{err}");
+        assert!(!tmp.path().join("vm,1").exists(), "no VM directory is left");
     }
 
     #[tokio::test]
