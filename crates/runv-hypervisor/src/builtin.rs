@@ -108,8 +108,8 @@ impl BuiltinVm {
                 guest_cid: GUEST_CID,
                 uds_path: self.spec.vsock_socket(),
             }),
-            // In the slots right after the vsock's, in order: the guest's
-            // eth0 is the first.
+            // In the slots after the vsock's and the shared directory's,
+            // in order: the guest's eth0 is the first.
             net_devices,
             // The in-process FUSE server runs in this process's mount
             // namespace: whatever is mounted under the directory later
@@ -485,7 +485,7 @@ mod tests {
     }
 
     /// The guest finds its network interfaces in the slots after the
-    /// vsock's, in the spec's order, each a virtio-net device (ID 1) with
+    /// vsock's (no shared directory here), in the spec's order, each a virtio-net device (ID 1) with
     /// its MAC in the configuration space: the payload prints slot 1's and
     /// slot 2's device ID and MAC bytes 1 to 5, read through MMIO.
     #[tokio::test]

@@ -60,8 +60,8 @@ pub struct MicroVmConfig {
     /// Where the serial console goes.
     pub console: Box<dyn Write + Send>,
     pub vsock: Option<VsockConfig>,
-    /// Network interfaces on taps, in the slots right after the vsock's
-    /// and in this order: the guest's eth0 first.
+    /// Network interfaces on taps, in the slots after the vsock's and the
+    /// file systems', in this order: the guest's eth0 first.
     pub net_devices: Vec<NetConfig>,
     /// Host directories shared through virtio-fs from boot on, found by
     /// the guest's first probe of their slots (no agent call needed).
@@ -121,12 +121,12 @@ impl MicroVm {
             let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
             subscribers.insert(slot, id);
         }
-        for net in config.net_devices {
-            let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
-            subscribers.insert(slot, id);
-        }
         for fs in config.filesystems {
             let (slot, id) = plug(&vm, &devices, &event_loop, Fs::new(fs)?)?;
+            subscribers.insert(slot, id);
+        }
+        for net in config.net_devices {
+            let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
             subscribers.insert(slot, id);
         }
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));

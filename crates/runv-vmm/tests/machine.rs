@@ -7,6 +7,7 @@
 mod common;
 
 use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::mpsc,
     time::Duration,
@@ -16,7 +17,7 @@ use common::Console;
 use runv_vmm::{
     device_manager::SlotIndex,
     testing::{print, pvh_image, RESET, SPIN},
-    BlockConfig, FsConfig, MicroVm, MicroVmConfig, VmEnd, VmmError, VsockConfig,
+    BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VmEnd, VmmError, VsockConfig,
     THREAD_NAME_PREFIX,
 };
 
@@ -109,6 +110,7 @@ fn microvm_lifecycle() {
     the_owner_ends_a_guest_that_never_stops();
     a_bad_kernel_is_refused_and_leaves_nothing();
     devices_are_plugged_and_unplugged_while_the_guest_runs();
+    network_interfaces_are_plugged_at_boot_and_while_the_guest_runs();
 }
 
 fn the_guest_prints_and_ends_the_vm() {
@@ -242,6 +244,107 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
         open_descriptors_on(&image),
         0,
         "dropping the VM drops its devices"
+    );
+    assert_gone(&guest.vsock);
+}
+
+/// A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) named `name` in a network
+/// namespace of its own, gone with its last descriptor; or why not.
+fn namespaced_tap(name: &'static str) -> Result<OwnedFd, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    std::thread::spawn(move || {
+        // SAFETY: unshare moves this thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a plain open of a C string.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor of our own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, &src) in ifreq.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifreq.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and updates the ifreq.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifreq) } < 0 {
+            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+        }
+        Ok(fd)
+    })
+    .join()
+    .expect("the namespace thread")
+}
+
+/// How many of this process's descriptors are open on the tun device.
+fn open_taps() -> usize {
+    open_descriptors_on(Path::new("/dev/net/tun"))
+}
+
+/// A tap-backed network interface cold-plugged at boot takes the slot
+/// after the shared directory's; one hot-plugged takes the next free slot
+/// and runs on the VM's event loop; detaching it closes the device's
+/// descriptor of the tap, and the owner's stays open.
+fn network_interfaces_are_plugged_at_boot_and_while_the_guest_runs() {
+    let Some(guest) = guest(&SPIN) else { return };
+    let (boot_tap, hot_tap) = match (namespaced_tap("runvboot0"), namespaced_tap("runvhot0")) {
+        (Ok(boot), Ok(hot)) => (boot, hot),
+        (Err(why), _) | (_, Err(why)) => {
+            println!("SKIPPED: no tap: {why}");
+            return;
+        }
+    };
+    let taps_before = open_taps();
+    let mut config = config(&guest, 1, &Console::default());
+    config.net_devices = vec![NetConfig {
+        tap: boot_tap,
+        mac: [0x02, 0, 0, 0, 0, 1],
+    }];
+    let (vm, end) = start(config);
+    let net = NetConfig {
+        tap: hot_tap.try_clone().unwrap(),
+        mac: [0x02, 0, 0, 0, 0, 2],
+    };
+    assert_eq!(
+        vm.attach_net(net).unwrap(),
+        SlotIndex(3),
+        "vsock 0, shared directory 1, the boot interface 2"
+    );
+    assert_eq!(open_taps(), taps_before + 1, "the device holds its tap");
+    let threads = vmm_threads();
+    let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
+    assert!(
+        threads.iter().all(|t| own_threads.contains(t)),
+        "the device runs on the VM's event loop: {threads:?}"
+    );
+    vm.detach(SlotIndex(3)).unwrap();
+    assert_eq!(open_taps(), taps_before, "the device's tap is closed");
+    // SAFETY: F_GETFD on a descriptor we hold.
+    assert!(unsafe { libc::fcntl(hot_tap.as_raw_fd(), libc::F_GETFD) } >= 0);
+    let not_a_tap = NetConfig {
+        tap: std::fs::File::open(&guest.kernel).unwrap().into(),
+        mac: [0x02, 0, 0, 0, 0, 3],
+    };
+    let err = vm.attach_net(not_a_tap).unwrap_err().to_string();
+    assert!(err.contains("not a tap"), "{err}");
+    assert!(end.try_recv().is_err(), "the guest still runs");
+    vm.shutdown();
+    drop(vm);
+    assert_eq!(
+        open_taps(),
+        taps_before - 1,
+        "the boot interface's tap is closed"
     );
     assert_gone(&guest.vsock);
 }
