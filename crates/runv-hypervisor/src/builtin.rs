@@ -485,9 +485,10 @@ mod tests {
     }
 
     /// The guest finds its network interfaces in the slots after the
-    /// vsock's (no shared directory here), in the spec's order, each a virtio-net device (ID 1) with
-    /// its MAC in the configuration space: the payload prints slot 1's and
-    /// slot 2's device ID and MAC bytes 1 to 5, read through MMIO.
+    /// vsock's (no shared directory here), in the spec's order, each a
+    /// virtio-net device (ID 1) with its MAC in the configuration space:
+    /// the payload prints slot 1's and slot 2's device ID and MAC bytes 1
+    /// to 5, read through MMIO.
     #[tokio::test]
     async fn network_interfaces_are_cold_plugged_in_order() {
         let slot_base = |slot: u32| 0xd000_0000u32 + slot * 0x1000;
