@@ -6,6 +6,7 @@ mod disks;
 mod error;
 mod events;
 mod mounts;
+mod network;
 mod oom;
 mod options;
 mod pod;

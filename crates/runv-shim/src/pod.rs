@@ -1,5 +1,5 @@
-//! The pod: the VM this shim holds, its shared directory, its disks and
-//! its containers. The VM boots with the first container and powers off when
+//! The pod: the VM this shim holds, its network, its shared directory,
+//! its disks and its containers. The VM boots with the first container and powers off when
 //! the last one is deleted.
 
 use std::{
@@ -12,6 +12,7 @@ use std::{
 
 use runv_agent_client::{AgentClient, ConnectOptions};
 use runv_config::Config;
+use runv_network::PodNetwork;
 use runv_sandbox::PodVm;
 
 use crate::{
@@ -19,6 +20,7 @@ use crate::{
     disks::PodDisks,
     error::{Result, ShimError},
     mounts::SharedDir,
+    network,
 };
 
 /// The file in a container's bundle that names its pod's shared
@@ -35,13 +37,20 @@ pub struct Pod {
     dir: PathBuf,
     pub containers: HashMap<String, Container>,
     pub disks: PodDisks,
+    network: PodNetwork,
 }
 
 impl Pod {
     /// Boots the pod VM of `pod_id` with the runv configuration at
-    /// `config_path` (the default file when none). On error nothing is
-    /// left: no VM, no mount, no directory.
-    pub async fn boot(config_path: Option<&Path>, namespace: &str, pod_id: &str) -> Result<Pod> {
+    /// `config_path` (the default file when none), with a NIC for each
+    /// interface CNI made in the network namespace `netns` (none: no NIC).
+    /// On error nothing is left: no VM, tap, mount or directory.
+    pub async fn boot(
+        config_path: Option<&Path>,
+        namespace: &str,
+        pod_id: &str,
+        netns: Option<PathBuf>,
+    ) -> Result<Pod> {
         let config = Config::load_or_default(config_path).map_err(|e| {
             ShimError::InvalidArgument(format!(
                 "{e} (runv reads {} unless the runtime options name another file: \
@@ -49,18 +58,29 @@ impl Pod {
                 runv_config::DEFAULT_CONFIG_PATH
             ))
         })?;
+        let network = network::setup(netns).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
-        let shared = SharedDir::create(dir.join("shared")).map_err(|e| {
-            ShimError::Internal(format!(
-                "cannot prepare the pod's shared directory under {} (run_dir in the runv config): {e}",
-                dir.display()
-            ))
-        })?;
+        let shared = match SharedDir::create(dir.join("shared")) {
+            Ok(shared) => shared,
+            Err(e) => {
+                network::teardown(network).await;
+                return Err(ShimError::Internal(format!(
+                    "cannot prepare the pod's shared directory under {} (run_dir in the runv \
+                     config): {e}",
+                    dir.display()
+                )));
+            }
+        };
         let mut spec = PodVm::spec(&config, &vm_id, dir.join("console.log"));
         spec.shared_dir = Some(shared.path().to_owned());
+        spec.net_devices = network::net_devices(&network);
         let connect = ConnectOptions::new(config.vm.agent_timeout());
-        match PodVm::boot(&config, spec, &connect).await {
+        let booted = match PodVm::boot(&config, spec, &connect).await {
+            Ok(vm) => configure_guest_network(vm, &network).await,
+            Err(e) => Err(ShimError::Internal(format!("cannot boot the pod VM: {e}"))),
+        };
+        match booted {
             Ok(vm) => Ok(Pod {
                 vsock: vm.vsock_socket(),
                 vm: Arc::new(vm),
@@ -68,11 +88,13 @@ impl Pod {
                 dir,
                 containers: HashMap::new(),
                 disks: PodDisks::default(),
+                network,
             }),
             Err(e) => {
                 shared.remove();
                 remove_pod_dir(&dir);
-                Err(ShimError::Internal(format!("cannot boot the pod VM: {e}")))
+                network::teardown(network).await;
+                Err(e)
             }
         }
     }
@@ -126,6 +148,7 @@ impl Pod {
             shared,
             dir,
             containers,
+            network,
             ..
         } = self;
         // Dropping the processes ends their exit watchers, which hold the VM.
@@ -152,6 +175,25 @@ impl Pod {
         }
         shared.remove();
         remove_pod_dir(&dir);
+        network::teardown(network).await;
+    }
+}
+
+/// Gives the guest's NICs their addresses, routes and neighbours; a VM
+/// whose network cannot be configured is shut down.
+async fn configure_guest_network(vm: PodVm, network: &PodNetwork) -> Result<PodVm> {
+    if network.is_empty() {
+        return Ok(vm);
+    }
+    let request = network::guest_request(&network.guest_config());
+    match vm.agent().configure_network(&request).await {
+        Ok(()) => Ok(vm),
+        Err(e) => {
+            vm.shutdown().await;
+            Err(ShimError::Internal(format!(
+                "cannot configure the pod VM's network: {e}"
+            )))
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use crate::{
     container::{Container, HostMounts},
     error::{Result, ShimError},
     events::Events,
-    options,
+    network, options,
     pod::Pod,
     process::{self, Process},
     spec, stats,
@@ -66,7 +66,8 @@ impl TaskService {
                 options::config_path(req.options.as_ref()).map_err(ShimError::InvalidArgument)?;
             let host_spec = spec::read(&bundle).map_err(ShimError::InvalidArgument)?;
             let pod_id = spec::pod_id(&host_spec, &req.id);
-            *slot = Some(Pod::boot(config_path.as_deref(), &self.namespace, &pod_id).await?);
+            let netns = network::netns_path(&host_spec);
+            *slot = Some(Pod::boot(config_path.as_deref(), &self.namespace, &pod_id, netns).await?);
         }
         let pod = slot.as_mut().expect("booted above");
         let created = self.create_container(pod, &req).await;

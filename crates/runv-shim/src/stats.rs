@@ -11,7 +11,7 @@ use containerd_shim::{
     protos::{
         cgroups::metrics::{
             BlkIOEntry, BlkIOStat, CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat,
-            Metrics, PidsStat, Throttle,
+            Metrics, NetworkStat, PidsStat, Throttle,
         },
         protobuf::{well_known_types::any::Any, MessageField},
     },
@@ -245,6 +245,24 @@ fn v1_metrics(stats: &ContainerStats) -> Metrics {
     if let Some(io) = stats.io.as_ref() {
         metrics.blkio = MessageField::some(v1_blkio(&io.devices));
     }
+    // The pod's interfaces: like runc's containers, every container of the
+    // pod shares them. v2 Metrics has no place for them.
+    metrics.network = stats
+        .network
+        .iter()
+        .map(|interface| NetworkStat {
+            name: interface.name.clone(),
+            rx_bytes: interface.rx_bytes,
+            rx_packets: interface.rx_packets,
+            rx_errors: interface.rx_errors,
+            rx_dropped: interface.rx_dropped,
+            tx_bytes: interface.tx_bytes,
+            tx_packets: interface.tx_packets,
+            tx_errors: interface.tx_errors,
+            tx_dropped: interface.tx_dropped,
+            ..Default::default()
+        })
+        .collect();
     metrics
 }
 
@@ -276,7 +294,7 @@ fn v1_blkio(devices: &[IoDeviceStats]) -> BlkIOStat {
 #[cfg(test)]
 mod tests {
     use containerd_shim::protos::protobuf::Message;
-    use runv_protocol::agent::{CpuStats, IoStats, MemoryStats, PidsStats};
+    use runv_protocol::agent::{CpuStats, IoStats, MemoryStats, NetworkInterfaceStats, PidsStats};
 
     use super::*;
 
@@ -318,6 +336,12 @@ mod tests {
                 ..Default::default()
             })
             .into(),
+            network: vec![NetworkInterfaceStats {
+                name: "eth0".into(),
+                rx_bytes: 1500,
+                tx_packets: 3,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -350,6 +374,11 @@ mod tests {
             ]
         );
         assert_eq!(metrics.blkio.io_serviced_recursive[1].value, 1);
+        let eth0 = &metrics.network[0];
+        assert_eq!(
+            (eth0.name.as_str(), eth0.rx_bytes, eth0.tx_packets),
+            ("eth0", 1500, 3)
+        );
     }
 
     #[test]
