@@ -77,7 +77,8 @@ pub enum NetworkInterconnect {
     TcMirred,
     /// A macvtap on the CNI interface (not supported yet).
     Macvtap,
-    /// A bridge holding the CNI interface and a tap (not supported yet).
+    /// A bridge holding the CNI interface (given a MAC of its own) and a
+    /// tap.
     Bridge,
 }
 

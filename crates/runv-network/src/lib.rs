@@ -7,6 +7,8 @@
 //! that redirects every frame to the other's egress. Nothing is added to
 //! the host's own namespace, the guest NIC keeps the CNI interface's MAC,
 //! and frames keep their offload metadata (the tap has a `virtio_net_hdr`).
+//! The `bridge` mode puts the interface and the tap in a bridge of their
+//! own instead; `macvtap` is refused as not supported yet.
 //!
 //! All netlink work runs on a short-lived thread that enters the pod's
 //! namespace with `setns` (which changes only that thread): the netlink
@@ -37,7 +39,7 @@ use rtnetlink::{
         tc::{TcHandle, TcMessage},
         AddressFamily, RouteNetlinkMessage,
     },
-    Handle, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkBridge, LinkUnspec, RouteMessageBuilder,
 };
 pub use runv_config::NetworkInterconnect as Interconnect;
 
@@ -71,7 +73,7 @@ pub enum NetworkError {
     },
     #[error(
         "network interconnect `{0}` is not supported yet; set network.interconnect = \
-         \"tc-mirred\" in the runv config (docs/networking.md)"
+         \"tc-mirred\" (or \"bridge\") in the runv config (docs/networking.md)"
     )]
     Unsupported(Interconnect),
 }
@@ -169,9 +171,23 @@ pub struct PodInterface {
     pub tap_name: String,
     index: u32,
     tap_index: u32,
-    /// Whether runv added the CNI interface's ingress qdisc (else it was
-    /// there already, and only runv's filter is removed).
-    own_qdisc: bool,
+    joint: Joint,
+}
+
+/// How a CNI interface and its tap are joined, as teardown undoes it.
+#[derive(Debug, Clone)]
+enum Joint {
+    /// tc mirred redirects. `own_qdisc`: runv added the CNI interface's
+    /// ingress qdisc (else it was there already, and only runv's filter
+    /// is removed).
+    Mirred { own_qdisc: bool },
+    /// A bridge holding both; the CNI interface got a new MAC (its own is
+    /// the guest's), put back at teardown.
+    Bridge {
+        name: String,
+        index: u32,
+        mac_changed: bool,
+    },
 }
 
 impl PodInterface {
@@ -216,9 +232,10 @@ impl PodNetwork {
         Self::setup_with(netns_path, Interconnect::TcMirred)
     }
 
-    /// [`PodNetwork::setup`] with the interconnect `mode`.
+    /// [`PodNetwork::setup`] with the interconnect `mode`: tc mirred, or
+    /// a bridge per interface; macvtap is refused as not supported yet.
     pub fn setup_with(netns_path: &Path, mode: Interconnect) -> Result<PodNetwork, NetworkError> {
-        if mode != Interconnect::TcMirred {
+        if mode == Interconnect::Macvtap {
             return Err(NetworkError::Unsupported(mode));
         }
         let netns = netns_path.to_owned();
@@ -228,8 +245,9 @@ impl PodNetwork {
             detail: io_detail(&e),
         })?;
         let path = netns.clone();
-        let (interfaces, routes, neighbors) =
-            netns::run(&netns, &ns, move |handle| setup_in_netns(handle, path))?;
+        let (interfaces, routes, neighbors) = netns::run(&netns, &ns, move |handle| {
+            setup_in_netns(handle, path, mode)
+        })?;
         let done = interfaces.is_empty();
         Ok(PodNetwork {
             netns: Some(netns),
@@ -311,7 +329,9 @@ struct Joined {
     index: u32,
     tap_name: String,
     tap_index: u32,
-    own_qdisc: bool,
+    joint: Joint,
+    /// The CNI interface's own MAC.
+    mac: [u8; 6],
 }
 
 impl Joined {
@@ -321,7 +341,8 @@ impl Joined {
             index: interface.index,
             tap_name: interface.tap_name.clone(),
             tap_index: interface.tap_index,
-            own_qdisc: interface.own_qdisc,
+            joint: interface.joint.clone(),
+            mac: interface.config.mac,
         }
     }
 }
@@ -338,7 +359,11 @@ struct Found {
 
 type Inspected = (Vec<PodInterface>, Vec<RouteConfig>, Vec<NeighborConfig>);
 
-async fn setup_in_netns(handle: Handle, netns: PathBuf) -> Result<Inspected, NetworkError> {
+async fn setup_in_netns(
+    handle: Handle,
+    netns: PathBuf,
+    mode: Interconnect,
+) -> Result<Inspected, NetworkError> {
     let ns_error = |operation: &str, e: rtnetlink::Error| NetworkError::Namespace {
         netns: netns.clone(),
         operation: operation.into(),
@@ -433,7 +458,7 @@ async fn setup_in_netns(handle: Handle, netns: PathBuf) -> Result<Inspected, Net
         .map_err(|e| ns_error("list the neighbours", e))?;
     let mut interfaces = Vec::new();
     for (n, found) in found.into_values().enumerate() {
-        match join(&handle, &netns, n, found).await {
+        match join(&handle, &netns, mode, n, found).await {
             Ok(interface) => interfaces.push(interface),
             Err(e) => {
                 for done in &interfaces {
@@ -573,11 +598,12 @@ async fn list_neighbors(
     Ok(neighbors)
 }
 
-/// Makes tap `tap<n>_runv` and joins it to `found` with tc mirred; on
+/// Makes tap `tap<n>_runv` and joins it to `found` as `mode` says; on
 /// error undoes what it did.
 async fn join(
     handle: &Handle,
     netns: &Path,
+    mode: Interconnect,
     n: usize,
     found: Found,
 ) -> Result<PodInterface, NetworkError> {
@@ -617,13 +643,13 @@ async fn join(
             mac: found.mac,
             name: found.name.clone(),
             mtu: found.mtu,
-            addresses: found.addresses,
+            addresses: found.addresses.clone(),
         },
         tap: Arc::new(tap),
         tap_name: tap_name.clone(),
         index: found.index,
         tap_index: 0,
-        own_qdisc: false,
+        joint: Joint::Mirred { own_qdisc: false },
     };
     let result = async {
         let tap_link = handle
@@ -659,8 +685,11 @@ async fn join(
                     netlink_detail(&e),
                 )
             })?;
+        if mode == Interconnect::Bridge {
+            return bridge(handle, n, &found, &mut interface, &error).await;
+        }
         match add_ingress_qdisc(handle, found.index).await {
-            Ok(()) => interface.own_qdisc = true,
+            Ok(()) => interface.joint = Joint::Mirred { own_qdisc: true },
             Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
                 tracing::info!(interface = %found.name,
                     "the interface has an ingress qdisc already; adding runv's filter to it");
@@ -710,6 +739,100 @@ async fn join(
     }
 }
 
+/// Joins `found` and its tap with bridge `br<n>_runv`. The CNI interface
+/// gets a new random MAC: its own is the guest's now, and a bridge keeps
+/// its ports' MACs for itself.
+async fn bridge(
+    handle: &Handle,
+    n: usize,
+    found: &Found,
+    interface: &mut PodInterface,
+    error: &impl Fn(&str, String, String) -> NetworkError,
+) -> Result<(), NetworkError> {
+    let name = format!("br{n}{TAP_SUFFIX}");
+    handle
+        .link()
+        .add(LinkBridge::new(&name).mtu(found.mtu).build())
+        .execute()
+        .await
+        .map_err(|e| error(&name, "create the bridge".into(), netlink_detail(&e)))?;
+    let index = handle
+        .link()
+        .get()
+        .match_name(name.clone())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| error(&name, "find the new bridge".into(), netlink_detail(&e)))?
+        .ok_or_else(|| {
+            error(
+                &name,
+                "find the new bridge".into(),
+                "it is not there".into(),
+            )
+        })?
+        .header
+        .index;
+    interface.joint = Joint::Bridge {
+        name: name.clone(),
+        index,
+        mac_changed: false,
+    };
+    let mac =
+        random_mac().map_err(|e| error(&found.name, "make a MAC address".into(), io_detail(&e)))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(found.index)
+                .address(mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| {
+            error(
+                &found.name,
+                format!("change the MAC address to {}", format_mac(&mac)),
+                netlink_detail(&e),
+            )
+        })?;
+    interface.joint = Joint::Bridge {
+        name: name.clone(),
+        index,
+        mac_changed: true,
+    };
+    for (port, port_index) in [
+        (&found.name, found.index),
+        (&interface.tap_name, interface.tap_index),
+    ] {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(port_index)
+                    .controller(index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| error(port, format!("add it to bridge {name}"), netlink_detail(&e)))?;
+    }
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| error(&name, "bring the bridge up".into(), netlink_detail(&e)))?;
+    Ok(())
+}
+
+/// A random locally administered unicast MAC.
+fn random_mac() -> io::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut mac)?;
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Ok(mac)
+}
+
 async fn add_ingress_qdisc(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
     handle.qdisc().add(index as i32).ingress().execute().await
 }
@@ -749,8 +872,38 @@ async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), Ne
     };
     // The CNI interface: only if it is still the one runv joined (an index
     // can be reused once the interface is deleted).
-    if link_name(handle, joined.index).await.as_deref() == Some(joined.name.as_str()) {
-        let result = if joined.own_qdisc {
+    let cni_there = link_name(handle, joined.index).await.as_deref() == Some(joined.name.as_str());
+    if let Joint::Bridge {
+        name,
+        index,
+        mac_changed,
+    } = &joined.joint
+    {
+        if cni_there {
+            let mut link = LinkUnspec::new_with_index(joined.index).nocontroller();
+            if *mac_changed {
+                link = link.address(joined.mac.to_vec());
+            }
+            match handle.link().set(link.build()).execute().await {
+                Err(e) if !gone(&e) => {
+                    return Err(error(
+                        &joined.name,
+                        "take it out of runv's bridge and give its MAC back",
+                        &e,
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if link_name(handle, *index).await.as_deref() == Some(name.as_str()) {
+            match handle.link().del(*index).execute().await {
+                Err(e) if !gone(&e) => return Err(error(name, "delete the bridge", &e)),
+                _ => {}
+            }
+        }
+    }
+    if let (true, Joint::Mirred { own_qdisc }) = (cni_there, &joined.joint) {
+        let result = if *own_qdisc {
             // Its filters go with it.
             let mut request = handle.qdisc().del(joined.index as i32);
             request.message_mut().header.parent = TcHandle::INGRESS;
@@ -889,14 +1042,15 @@ mod tests {
     }
 
     #[test]
-    fn other_modes_are_refused_not_replaced() {
-        for mode in [Interconnect::Macvtap, Interconnect::Bridge] {
-            let err = PodNetwork::setup_with(Path::new("/nonexistent"), mode)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("is not supported yet"), "{err}");
-            assert!(err.contains("tc-mirred"), "{err}");
-        }
+    fn macvtap_is_refused_not_replaced() {
+        let err = PodNetwork::setup_with(Path::new("/nonexistent"), Interconnect::Macvtap)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "network interconnect `macvtap` is not supported yet; set network.interconnect = \
+             \"tc-mirred\" (or \"bridge\") in the runv config (docs/networking.md)"
+        );
     }
 
     #[test]

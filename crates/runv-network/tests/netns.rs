@@ -12,7 +12,9 @@ use std::{
 
 use common::{run, TestNetns};
 
-use runv_network::{format_mac, IpAddress, IpFamily, NeighborConfig, PodNetwork, RouteConfig};
+use runv_network::{
+    format_mac, Interconnect, IpAddress, IpFamily, NeighborConfig, PodNetwork, RouteConfig,
+};
 
 /// An AF_PACKET socket on a host interface.
 fn packet_socket(ifindex: i32) -> OwnedFd {
@@ -95,6 +97,36 @@ fn arp_request(sender: [u8; 6]) -> Vec<u8> {
 /// The size of `struct virtio_net_hdr` in front of every tap frame.
 const VNET_HDR: usize = 10;
 
+/// Host → pod: an ARP request sent to the pod's address comes out of the
+/// tap, behind its virtio_net_hdr. Pod → host: a frame written to the tap
+/// (as the guest sends it) comes out of the host end of the veth.
+fn assert_traffic_passes(ns: &TestNetns, network: &PodNetwork) {
+    let tap = &network.interfaces()[0];
+    let guest_mac = tap.mac();
+    let host = packet_socket(ns.host_index());
+    let sender = [0x02, 0x52, 0x55, 0x4e, 0x56, 0x01];
+    let request = arp_request(sender);
+    write_all(host.as_raw_fd(), &request);
+    let tap_fd = tap.tap.as_raw_fd();
+    // SAFETY: fcntl on an open fd.
+    unsafe { libc::fcntl(tap_fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let frame = read_until(tap_fd, VNET_HDR, |f| f.len() >= 42 && f[6..12] == sender);
+    assert_eq!(&frame[..42], &request[..42]);
+
+    let mut out = vec![0u8; VNET_HDR];
+    let marker = b"runv-network tap to eth0";
+    out.extend_from_slice(&sender); // to the host end
+    out.extend_from_slice(&guest_mac);
+    out.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    out.extend_from_slice(marker);
+    out.resize(VNET_HDR + 64, 0);
+    write_all(tap_fd, &out);
+    let frame = read_until(host.as_raw_fd(), 0, |f| {
+        f.len() >= 14 + marker.len() && &f[14..14 + marker.len()] == marker
+    });
+    assert_eq!(&frame[6..12], &guest_mac);
+}
+
 #[test]
 fn joins_the_cni_interface_to_a_tap_and_tears_it_down() {
     skip_unless_able!();
@@ -111,10 +143,16 @@ fn joins_the_cni_interface_to_a_tap_and_tears_it_down() {
     assert_eq!(network.interfaces()[0].mac(), eth0.mac);
     assert_eq!(
         eth0.addresses,
-        vec![IpAddress {
-            address: "10.77.0.2".parse().unwrap(),
-            prefix_len: 24
-        }]
+        vec![
+            IpAddress {
+                address: "10.77.0.2".parse().unwrap(),
+                prefix_len: 24
+            },
+            IpAddress {
+                address: "fd00:77::2".parse().unwrap(),
+                prefix_len: 64
+            }
+        ]
     );
     let route = |destination: Option<(&str, u8)>, gateway: &str| RouteConfig {
         destination: destination.map(|(address, prefix_len)| IpAddress {
@@ -128,12 +166,16 @@ fn joins_the_cni_interface_to_a_tap_and_tears_it_down() {
         family: IpFamily::V4,
     };
     let mut routes = config.routes.clone();
-    routes.sort_by_key(|r| r.destination_cidr());
+    routes.sort_by_key(|r| (r.family == IpFamily::V6, r.destination_cidr()));
     assert_eq!(
         routes,
         vec![
             route(None, "10.77.0.1"),
-            route(Some(("10.78.0.0", 16)), "10.77.0.254")
+            route(Some(("10.78.0.0", 16)), "10.77.0.254"),
+            RouteConfig {
+                family: IpFamily::V6,
+                ..route(None, "fd00:77::1")
+            }
         ]
     );
     assert_eq!(routes[1].destination_cidr(), "10.78.0.0/16");
@@ -166,32 +208,7 @@ fn joins_the_cni_interface_to_a_tap_and_tears_it_down() {
         );
     }
 
-    // Host → pod: an ARP request sent to the pod's address comes out of
-    // the tap, behind its virtio_net_hdr.
-    let host = packet_socket(ns.host_index());
-    let sender = [0x02, 0x52, 0x55, 0x4e, 0x56, 0x01];
-    let request = arp_request(sender);
-    write_all(host.as_raw_fd(), &request);
-    let tap_fd = tap.tap.as_raw_fd();
-    // SAFETY: fcntl on an open fd.
-    unsafe { libc::fcntl(tap_fd, libc::F_SETFL, libc::O_NONBLOCK) };
-    let frame = read_until(tap_fd, VNET_HDR, |f| f.len() >= 42 && f[6..12] == sender);
-    assert_eq!(&frame[..42], &request[..42]);
-
-    // Pod → host: a frame written to the tap (as the guest sends it) comes
-    // out of the host end of the veth.
-    let mut out = vec![0u8; VNET_HDR];
-    let marker = b"runv-network tap to eth0";
-    out.extend_from_slice(&sender); // to the host end
-    out.extend_from_slice(&eth0.mac);
-    out.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
-    out.extend_from_slice(marker);
-    out.resize(VNET_HDR + 64, 0);
-    write_all(tap_fd, &out);
-    let frame = read_until(host.as_raw_fd(), 0, |f| {
-        f.len() >= 14 + marker.len() && &f[14..14 + marker.len()] == marker
-    });
-    assert_eq!(&frame[6..12], &eth0.mac);
+    assert_traffic_passes(&ns, &network);
 
     // Teardown leaves the interface as CNI made it.
     network.teardown().unwrap();
@@ -248,4 +265,43 @@ fn teardown_deletes_a_tap_still_open_elsewhere() {
     let links = ns.links();
     assert!(!links.contains("_runv"), "{links}");
     drop(held);
+}
+
+/// The bridge mode: a bridge holds the CNI interface (with a new MAC: the
+/// guest has its own) and the tap; teardown puts everything back.
+#[test]
+fn bridge_mode_joins_through_a_bridge_and_puts_everything_back() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    let cni_mac = ns.mac("eth0");
+    let network = PodNetwork::setup_with(&ns.path(), Interconnect::Bridge).unwrap();
+    let config = network.guest_config();
+    assert_eq!(config.interfaces.len(), 1, "{config:?}");
+    assert_eq!(format_mac(&config.interfaces[0].mac), cni_mac);
+    assert_eq!(config.interfaces[0].mtu, 1400);
+    assert_eq!(config.routes.len(), 3, "{config:?}");
+    let eth0 = ns.ip(&["-o", "link", "show", "eth0"]);
+    assert!(eth0.contains("master br0_runv"), "{eth0}");
+    assert_ne!(
+        ns.mac("eth0"),
+        cni_mac,
+        "the bridge port has a MAC of its own"
+    );
+    let tap = ns.ip(&["-o", "link", "show", "tap0_runv"]);
+    assert!(
+        tap.contains("master br0_runv") && tap.contains("mtu 1400"),
+        "{tap}"
+    );
+    let bridge = ns.ip(&["-o", "link", "show", "br0_runv"]);
+    assert!(bridge.contains(",UP"), "{bridge}");
+    assert!(!ns.tc(&["qdisc", "show", "dev", "eth0"]).contains("ingress"));
+
+    assert_traffic_passes(&ns, &network);
+
+    network.teardown().unwrap();
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
+    let eth0 = ns.ip(&["-o", "link", "show", "eth0"]);
+    assert!(!eth0.contains("master"), "{eth0}");
+    assert_eq!(ns.mac("eth0"), cni_mac);
 }

@@ -70,7 +70,8 @@ impl TestNetns {
     }
 
     /// `eth0` with MTU 1400, 10.77.0.2/24, a default route via 10.77.0.1,
-    /// a route to 10.78.0.0/16 via 10.77.0.254 and a permanent neighbour.
+    /// a route to 10.78.0.0/16 via 10.77.0.254, fd00:77::2/64 with a
+    /// default route via fd00:77::1, and a permanent neighbour.
     pub fn with_eth0() -> TestNetns {
         let ns = TestNetns::bare();
         let peer = format!("{}p", ns.host);
@@ -86,6 +87,8 @@ impl TestNetns {
         ns.ip(&["link", "set", "lo", "up"]);
         ns.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+        ns.ip(&["addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"]);
+        ns.ip(&["-6", "route", "add", "default", "via", "fd00:77::1"]);
         ns.ip(&[
             "route",
             "add",
