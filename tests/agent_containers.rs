@@ -3,16 +3,17 @@
 //! file system appended to the agent's initramfs (no virtio-fs needed).
 //! One boot carries every check: processes, exit statuses, exec, terminal,
 //! stats, pause, large output, bad requests, the error paths of block
-//! Mount and Unmount, and that removal leaves nothing in the guest.
+//! Mount and Unmount, ConfigureNetwork without a NIC, and that removal
+//! leaves nothing in the guest.
 
 use std::{
     fs,
     path::PathBuf,
     process::{Command, Stdio as HostStdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use runv_agent_client::{stdio::open_stream, AgentClient, Code};
 use runv_protocol::{agent, stdio::StdioStream};
 use runv_sandbox::PodVm;
@@ -55,6 +56,7 @@ async fn runs_containers_in_a_pod_vm() {
         .await;
     pod.bad_requests_get_clear_errors().await;
     pod.block_mount_errors_are_clear().await;
+    pod.network_without_nics().await;
     pod.removal_leaves_nothing().await;
 
     let shutdown = vm.shutdown().await;
@@ -292,6 +294,8 @@ impl Pod<'_> {
         assert!(!memory.stat.is_empty(), "{stats:?}");
         assert!(stats.pids.current >= 1, "{stats:?}");
         assert!(stats.io.is_some(), "{stats:?}");
+        // The VM has no NIC: lo is not reported.
+        assert!(stats.network.is_empty(), "{stats:?}");
         self.agent
             .update_container("main", br#"{"pids": {"limit": 64}}"#.to_vec())
             .await
@@ -443,6 +447,93 @@ impl Pod<'_> {
         // The guest still works after all that: a container runs.
         self.echo_prints_hello().await;
         println!("block Mount/Unmount errors are clear; unmounting nothing is a no-op");
+    }
+
+    /// ConfigureNetwork in a VM without a NIC: a malformed request is
+    /// refused at once, a NIC that is not there is named after the 5 s
+    /// wait, and an empty request brings lo up, as a container that shares
+    /// the VM's network namespace (as the shim's containers do) sees.
+    async fn network_without_nics(&self) {
+        let request = |mac: &str| agent::ConfigureNetworkRequest {
+            interfaces: vec![agent::NetworkInterface {
+                mac: mac.into(),
+                name: "eth0".into(),
+                mtu: 1500,
+                addresses: vec![agent::IpAddress {
+                    address: "10.88.0.5".into(),
+                    prefix_len: 16,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let err = self
+            .agent
+            .configure_network(&request("0a:58:0a:58:00"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status_code(), Some(Code::INVALID_ARGUMENT), "{err}");
+        assert!(
+            err.to_string()
+                .contains("\"0a:58:0a:58:00\" is not a MAC address"),
+            "{err}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(2), "{err}");
+
+        let start = Instant::now();
+        let err = self
+            .agent
+            .configure_network(&request("0a:58:0a:58:00:05"))
+            .await
+            .unwrap_err();
+        let waited = start.elapsed();
+        assert_eq!(err.status_code(), Some(Code::NOT_FOUND), "{err}");
+        assert!(
+            err.to_string().contains(
+                "no NIC with MAC address 0a:58:0a:58:00:05 (the guest has no Ethernet NIC) after 5"
+            ),
+            "{err}"
+        );
+        assert!(
+            (Duration::from_secs(5)..Duration::from_secs(9)).contains(&waited),
+            "answered after {waited:?}"
+        );
+        println!("ConfigureNetwork of a missing NIC after {waited:?}: {err}");
+
+        self.agent
+            .configure_network(&agent::ConfigureNetworkRequest::new())
+            .await
+            .unwrap();
+        let mut spec: Spec = serde_json::from_slice(&container_spec(
+            &["cat", "/sys/class/net/lo/flags"],
+            Vec::new(),
+        ))
+        .unwrap();
+        let mut linux = spec.linux().clone().unwrap();
+        let namespaces = linux.namespaces().clone().unwrap_or_default();
+        linux.set_namespaces(Some(
+            namespaces
+                .into_iter()
+                .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+                .collect(),
+        ));
+        spec.set_linux(Some(linux));
+        let stdio = stdio(false, false, true, true);
+        self.agent
+            .create_container("net", serde_json::to_vec(&spec).unwrap(), stdio.clone())
+            .await
+            .unwrap();
+        let mut streams = self.attach("net", "", &stdio).await;
+        self.agent.start_process("net", "").await.unwrap();
+        let out = String::from_utf8(read_all(streams.stdout.as_mut().unwrap()).await).unwrap();
+        let err = String::from_utf8(read_all(streams.stderr.as_mut().unwrap()).await).unwrap();
+        assert_eq!(self.wait("net", "").await, 0, "{err}");
+        // IFF_LOOPBACK | IFF_UP
+        assert_eq!(out, "0x9\n", "{err}");
+        self.agent.remove_container("net").await.unwrap();
+        println!("ConfigureNetwork: malformed refused, missing NIC named, lo up");
     }
 
     /// After every removal, the guest has no container cgroup, runtime

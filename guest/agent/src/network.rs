@@ -399,14 +399,14 @@ fn match_nics<'a>(
     }
     let seen: Vec<String> = links
         .iter()
-        .filter(|link| link.name != "lo")
+        .filter(|link| link.name != "lo" && link.mac.len() == 6)
         .map(|link| format!("{} ({})", link.name, format_mac(&link.mac)))
         .collect();
     Err(format!(
         "no NIC with MAC address {} (the guest has {})",
         missing.join(", "),
         if seen.is_empty() {
-            "no NIC but lo".to_owned()
+            "no Ethernet NIC".to_owned()
         } else {
             seen.join(", ")
         }
@@ -796,22 +796,22 @@ fn io_errno(e: io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// The counters of the pod's interfaces: every interface of the guest but
-/// lo. Containers share the VM's network namespace, as runc's containers
-/// share the pod's.
+/// The counters of the pod's interfaces: the guest's NICs. Containers
+/// share the VM's network namespace, as runc's containers share the pod's.
 pub fn pod_interface_stats() -> io::Result<Vec<agent::NetworkInterfaceStats>> {
     interface_stats(Path::new("/sys/class/net"))
 }
 
-/// The counters of every interface but lo under `sys_class_net`
-/// (/sys/class/net), sorted by name. An interface that goes away while
-/// being read is left out.
+/// The counters of the NICs under `sys_class_net` (/sys/class/net), sorted
+/// by name: the interfaces backed by a device (`device` link), which
+/// leaves out lo and the kernel's virtual ones such as sit0. An interface
+/// that goes away while being read is left out.
 pub fn interface_stats(sys_class_net: &Path) -> io::Result<Vec<agent::NetworkInterfaceStats>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(sys_class_net)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name != "lo" {
-            names.push(name);
+        let entry = entry?;
+        if entry.path().join("device").exists() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
     names.sort();
@@ -1144,15 +1144,18 @@ mod tests {
             "no NIC with MAC address 0a:58:0a:58:00:05 (the guest has eth0 (0a:58:0a:58:00:06))"
         );
         let e = match_nics(&plan.interfaces, &links[..1]).unwrap_err();
-        assert!(e.ends_with("(the guest has no NIC but lo)"), "{e}");
+        assert!(e.ends_with("(the guest has no Ethernet NIC)"), "{e}");
     }
 
     #[test]
-    fn reads_interface_counters_but_not_lo() {
+    fn reads_the_counters_of_nics_only() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, base) in [("lo", 100), ("eth1", 20), ("eth0", 10)] {
+        for (name, base) in [("lo", 100), ("sit0", 200), ("eth1", 20), ("eth0", 10)] {
             let statistics = dir.path().join(name).join("statistics");
             fs::create_dir_all(&statistics).unwrap();
+            if name.starts_with("eth") {
+                fs::create_dir(dir.path().join(name).join("device")).unwrap();
+            }
             for (i, file) in [
                 "rx_bytes",
                 "rx_packets",
@@ -1170,7 +1173,7 @@ mod tests {
             }
         }
         // Gone while listed: left out.
-        fs::create_dir(dir.path().join("eth2")).unwrap();
+        fs::create_dir_all(dir.path().join("eth2/device")).unwrap();
         let stats = interface_stats(dir.path()).unwrap();
         let names: Vec<_> = stats.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["eth0", "eth1"]);
