@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use runv_config::NetworkInterconnect;
 use runv_network::{format_mac, GuestNetworkConfig, IpFamily, PodNetwork};
 use runv_protocol::agent::{ConfigureNetworkRequest, IpAddress, Neighbor, NetworkInterface, Route};
 use runv_sandbox::NetDevice;
@@ -31,13 +32,16 @@ pub fn netns_path(spec: &Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Joins the interfaces of `netns` to taps, off the async runtime (it
-/// enters the namespace on a thread of its own).
-pub async fn setup(netns: Option<PathBuf>) -> Result<PodNetwork> {
+/// Joins the interfaces of `netns` to taps the way `interconnect` says,
+/// off the async runtime (it enters the namespace on a thread of its own).
+pub async fn setup(
+    netns: Option<PathBuf>,
+    interconnect: NetworkInterconnect,
+) -> Result<PodNetwork> {
     let Some(netns) = netns else {
         return Ok(PodNetwork::empty());
     };
-    tokio::task::spawn_blocking(move || PodNetwork::setup(&netns))
+    tokio::task::spawn_blocking(move || PodNetwork::setup_with(&netns, interconnect))
         .await
         .map_err(|e| ShimError::Internal(format!("the network setup thread failed: {e}")))?
         .map_err(|e| ShimError::Internal(format!("cannot set up the pod's network: {e}")))

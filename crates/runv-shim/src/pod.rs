@@ -58,7 +58,7 @@ impl Pod {
                 runv_config::DEFAULT_CONFIG_PATH
             ))
         })?;
-        let network = network::setup(netns).await?;
+        let network = network::setup(netns, config.network.interconnect).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
         let shared = match SharedDir::create(dir.join("shared")) {
