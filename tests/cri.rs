@@ -17,7 +17,7 @@ use k8s_cri::v1::{
 use runv_tests::{
     containerd::Containerd,
     cri::{
-        app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pod, run_pod,
+        app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
         start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
     },
     disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
@@ -184,7 +184,7 @@ async fn pod_runs_in_one_vm() {
     expected.sort();
     assert_eq!(listed, expected);
 
-    remove_pod(&containerd, &mut cri, &pod_id).await;
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
     containerd.stop();
 }
 
@@ -284,7 +284,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     );
     let alive = exec_sync(&mut cri, &keeper, &["echo", "still here"]).await;
     assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
-    remove_pod(&containerd, &mut cri, &pod_id).await;
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
     containerd.stop();
 }
 

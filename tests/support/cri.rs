@@ -108,21 +108,23 @@ impl CriClient {
     }
 }
 
-/// Stops and removes the pod, then requires that no shim, VM or helper of
-/// it runs and nothing stays mounted.
-pub async fn remove_pod(containerd: &Containerd, cri: &mut CriClient, pod_id: &str) {
-    cri.runtime
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.into(),
-        })
-        .await
-        .expect("StopPodSandbox");
-    cri.runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.into(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+/// Stops and removes the pods, then requires that no shim, VM or helper
+/// of this containerd runs and nothing stays mounted.
+pub async fn remove_pods(containerd: &Containerd, cri: &mut CriClient, pod_ids: &[&str]) {
+    for pod_id in pod_ids {
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.to_string(),
+            })
+            .await
+            .expect("StopPodSandbox");
+        cri.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.to_string(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let runv_processes = || {
         [SHIM, HYPERVISOR, VIRTIOFSD]
