@@ -4,17 +4,22 @@
 //! One boot carries every check: processes, exit statuses, exec, terminal,
 //! stats, pause, large output, bad requests, the error paths of block
 //! Mount and Unmount, ConfigureNetwork without a NIC, and that removal
-//! leaves nothing in the guest.
+//! leaves nothing in the guest. A second VM gets two NICs on taps of a
+//! network namespace of the test's own and has the agent configure them.
 
 use std::{
     fs,
+    fs::File,
+    os::fd::{FromRawFd, OwnedFd},
     path::PathBuf,
-    process::{Command, Stdio as HostStdio},
+    process::{Command, Output, Stdio as HostStdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use runv_agent_client::{stdio::open_stream, AgentClient, Code};
+use runv_hypervisor::NetDevice;
 use runv_protocol::{agent, stdio::StdioStream};
 use runv_sandbox::PodVm;
 use runv_tests::{
@@ -64,6 +69,282 @@ async fn runs_containers_in_a_pod_vm() {
     let log = fs::read_to_string(&console).unwrap();
     assert!(!log.contains("panicked"), "console log:\n{log}");
     assert_nothing_left(scratch.path(), &pids, &["console.log", "initramfs.cpio.gz"]);
+}
+
+/// The guest MACs of the NIC test: the VM's first NIC, which the request
+/// names eth1, and its second, named eth0 (they swap names).
+const FIRST_MAC: &str = "0a:58:0a:7b:00:02";
+const SECOND_MAC: &str = "0a:58:0a:7c:00:02";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configures_nics_in_a_pod_vm() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = test_config(scratch.path());
+    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let host = HostNetns::new();
+    let first = host.tap("rvtest0");
+    let second = host.tap("rvtest1");
+    host.ip(&["addr", "add", "10.123.0.1/24", "dev", "rvtest0"]);
+    host.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:123::1/64",
+        "dev",
+        "rvtest0",
+        "nodad",
+    ]);
+    host.ip(&["link", "set", "rvtest0", "up"]);
+    host.ip(&["link", "set", "rvtest1", "up"]);
+
+    let console = scratch.path().join("console.log");
+    let mut spec = PodVm::spec(&config, "nics", console.clone());
+    spec.net_devices = vec![
+        NetDevice {
+            tap: Arc::new(first),
+            mac: mac(FIRST_MAC),
+        },
+        NetDevice {
+            tap: Arc::new(second),
+            mac: mac(SECOND_MAC),
+        },
+    ];
+    let connect = runv_agent_client::ConnectOptions::new(config.vm.agent_timeout());
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let pids = vm.pids();
+    let pod = Pod {
+        agent: vm.agent(),
+        socket: vm.vsock_socket(),
+    };
+
+    let request = agent::ConfigureNetworkRequest {
+        interfaces: vec![
+            nic(
+                FIRST_MAC,
+                "eth1",
+                1400,
+                &[("10.123.0.2", 24), ("fd00:123::2", 64)],
+            ),
+            nic(SECOND_MAC, "eth0", 0, &[("10.124.0.2", 24)]),
+        ],
+        routes: vec![
+            // On-link first, then the gateway it reaches.
+            route("10.125.0.0/24", "", "eth1", 253),
+            route("", "10.125.0.1", "eth1", 0),
+            route("fd00:200::/64", "fd00:123::1", "eth1", 0),
+        ],
+        neighbors: vec![agent::Neighbor {
+            ip: "10.123.0.9".into(),
+            mac: "0a:58:00:00:00:09".into(),
+            device: "eth1".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // Twice: the second call finds everything done.
+    for _ in 0..2 {
+        let start = Instant::now();
+        pod.agent.configure_network(&request).await.unwrap();
+        println!("ConfigureNetwork of two NICs: {:?}", start.elapsed());
+    }
+
+    // A container in the VM's network namespace, as the shim's are.
+    pod.agent
+        .create_container(
+            "net",
+            vm_netns_spec(&["sleep", "600"]),
+            agent::Stdio::default(),
+        )
+        .await
+        .unwrap();
+    pod.agent.start_process("net", "").await.unwrap();
+    let stdio = stdio(false, false, true, true);
+    let show = "cat /sys/class/net/eth1/address /sys/class/net/eth1/mtu \
+                /sys/class/net/eth0/address && ip addr && ip route && ip -6 route && ip neigh";
+    let (_, mut streams) = pod
+        .exec("net", "show", &["sh", "-c", show], stdio.clone())
+        .await;
+    let out = String::from_utf8(read_all(streams.stdout.as_mut().unwrap()).await).unwrap();
+    let err = String::from_utf8(read_all(streams.stderr.as_mut().unwrap()).await).unwrap();
+    assert_eq!(pod.wait("net", "show").await, 0, "{err}");
+    println!("the guest's network:\n{out}");
+    assert!(
+        out.starts_with(&format!("{FIRST_MAC}\n1400\n{SECOND_MAC}\n")),
+        "{out}"
+    );
+    for expected in [
+        "inet 10.123.0.2/24",
+        "inet6 fd00:123::2/64",
+        "inet 10.124.0.2/24",
+        "default via 10.125.0.1 dev eth1",
+        "10.125.0.0/24 dev eth1 scope link",
+        "fd00:200::/64 via fd00:123::1 dev eth1",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    }
+    assert!(
+        out.lines().any(|line| {
+            line.starts_with("10.123.0.9 dev eth1 lladdr 0a:58:00:00:00:09 ")
+                && line.trim_end().ends_with("PERMANENT")
+        }),
+        "no permanent neighbour 10.123.0.9 in:\n{out}"
+    );
+
+    // The host reaches the guest over both families, through the tap.
+    for address in ["10.123.0.2", "fd00:123::2"] {
+        let ping = host.run("busybox", &["ping", "-c", "2", "-W", "5", address]);
+        assert!(ping.status.success(), "ping {address}: {ping:?}");
+    }
+    let stats = pod.agent.container_stats("net").await.unwrap();
+    let names: Vec<_> = stats.network.iter().map(|nic| nic.name.as_str()).collect();
+    assert_eq!(names, ["eth0", "eth1"], "{stats:?}");
+    let eth1 = &stats.network[1];
+    assert!(
+        eth1.rx_packets >= 4 && eth1.tx_packets >= 4 && eth1.rx_bytes > 0 && eth1.tx_bytes > 0,
+        "{eth1:?}"
+    );
+    println!("eth1 after the pings: {eth1:?}");
+
+    pod.agent
+        .signal_process("net", "", SIGKILL, false)
+        .await
+        .unwrap();
+    assert_eq!(pod.wait("net", "").await, 128 + SIGKILL);
+    pod.agent.remove_container("net").await.unwrap();
+    let shutdown = vm.shutdown().await;
+    assert!(!shutdown.forced, "{shutdown:?}");
+    let log = fs::read_to_string(&console).unwrap();
+    assert!(!log.contains("panicked"), "console log:\n{log}");
+    assert_nothing_left(scratch.path(), &pids, &["console.log", "initramfs.cpio.gz"]);
+}
+
+fn mac(text: &str) -> [u8; 6] {
+    let octets: Vec<u8> = text
+        .split(':')
+        .map(|octet| u8::from_str_radix(octet, 16).unwrap())
+        .collect();
+    octets.try_into().unwrap()
+}
+
+fn nic(mac: &str, name: &str, mtu: u32, addresses: &[(&str, u32)]) -> agent::NetworkInterface {
+    agent::NetworkInterface {
+        mac: mac.into(),
+        name: name.into(),
+        mtu,
+        addresses: addresses
+            .iter()
+            .map(|&(address, prefix_len)| agent::IpAddress {
+                address: address.into(),
+                prefix_len,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn route(destination: &str, gateway: &str, device: &str, scope: u32) -> agent::Route {
+    agent::Route {
+        destination: destination.into(),
+        gateway: gateway.into(),
+        device: device.into(),
+        scope,
+        ..Default::default()
+    }
+}
+
+/// A busybox container spec without a network namespace of its own: its
+/// processes see the VM's, as the shim's containers do.
+fn vm_netns_spec(args: &[&str]) -> Vec<u8> {
+    let mut spec: Spec = serde_json::from_slice(&container_spec(args, Vec::new())).unwrap();
+    let mut linux = spec.linux().clone().unwrap();
+    let namespaces = linux.namespaces().clone().unwrap_or_default();
+    linux.set_namespaces(Some(
+        namespaces
+            .into_iter()
+            .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+            .collect(),
+    ));
+    spec.set_linux(Some(linux));
+    serde_json::to_vec(&spec).unwrap()
+}
+
+/// A network namespace of the test's own on the host, for its taps; it
+/// lives as long as this value.
+struct HostNetns {
+    ns: File,
+}
+
+impl HostNetns {
+    fn new() -> HostNetns {
+        let ns = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): the test runs as root");
+            File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        HostNetns { ns }
+    }
+
+    /// Runs `work` on a thread in the namespace.
+    fn enter<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.ns.try_clone().unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            work()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let program = program.to_owned();
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        self.enter(move || Command::new(program).args(args).output().unwrap())
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let output = self.run("ip", args);
+        assert!(output.status.success(), "ip {args:?}: {output:?}");
+    }
+
+    /// A tap as the shim makes them: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+    fn tap(&self, name: &str) -> OwnedFd {
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: libc::c_short,
+            padding: [u8; 22],
+        }
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        const IFF_TAP: libc::c_short = 0x0002;
+        const IFF_NO_PI: libc::c_short = 0x1000;
+        const IFF_VNET_HDR: libc::c_short = 0x4000;
+        let mut request = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            padding: [0; 22],
+        };
+        request.name[..name.len()].copy_from_slice(name.as_bytes());
+        self.enter(move || {
+            let tun = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .unwrap();
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(tun);
+            // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which
+            // `request` is laid out as; `fd` is the tun device just opened.
+            let rc = unsafe { libc::ioctl(fd, TUNSETIFF, &mut request) };
+            // SAFETY: `fd` is ours alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            fd
+        })
+    }
 }
 
 struct Pod<'a> {
@@ -506,23 +787,13 @@ impl Pod<'_> {
             .configure_network(&agent::ConfigureNetworkRequest::new())
             .await
             .unwrap();
-        let mut spec: Spec = serde_json::from_slice(&container_spec(
-            &["cat", "/sys/class/net/lo/flags"],
-            Vec::new(),
-        ))
-        .unwrap();
-        let mut linux = spec.linux().clone().unwrap();
-        let namespaces = linux.namespaces().clone().unwrap_or_default();
-        linux.set_namespaces(Some(
-            namespaces
-                .into_iter()
-                .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
-                .collect(),
-        ));
-        spec.set_linux(Some(linux));
         let stdio = stdio(false, false, true, true);
         self.agent
-            .create_container("net", serde_json::to_vec(&spec).unwrap(), stdio.clone())
+            .create_container(
+                "net",
+                vm_netns_spec(&["cat", "/sys/class/net/lo/flags"]),
+                stdio.clone(),
+            )
             .await
             .unwrap();
         let mut streams = self.attach("net", "", &stdio).await;
