@@ -8,12 +8,14 @@
 //! the host's own namespace, the guest NIC keeps the CNI interface's MAC,
 //! and frames keep their offload metadata (the tap has a `virtio_net_hdr`).
 //! The `bridge` mode puts the interface and the tap in a bridge of their
-//! own instead; `macvtap` is refused as not supported yet.
+//! own instead; the `macvtap` mode makes a passthru macvtap on the
+//! interface and hands its queue to the VM in the tap's place.
 //!
 //! All netlink work runs on a short-lived thread that enters the pod's
 //! namespace with `setns` (which changes only that thread): the netlink
 //! socket and the tap fd opened there belong to that namespace.
 
+mod macvtap;
 mod netns;
 mod tap;
 
@@ -33,13 +35,13 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_REQUEST},
     packet_route::{
         address::{AddressAttribute, AddressScope},
-        link::{LinkAttribute, LinkFlags},
+        link::{LinkAttribute, LinkFlags, MacVtapMode},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType},
         tc::{TcHandle, TcMessage},
         AddressFamily, RouteNetlinkMessage,
     },
-    Handle, LinkBridge, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMacVtap, LinkUnspec, RouteMessageBuilder,
 };
 pub use runv_config::NetworkInterconnect as Interconnect;
 
@@ -71,11 +73,6 @@ pub enum NetworkError {
         operation: String,
         detail: String,
     },
-    #[error(
-        "network interconnect `{0}` is not supported yet; set network.interconnect = \
-         \"tc-mirred\" (or \"bridge\") in the runv config (docs/networking.md)"
-    )]
-    Unsupported(Interconnect),
 }
 
 /// An IP address with its prefix length.
@@ -166,8 +163,11 @@ pub struct PodInterface {
     /// What the guest gives the NIC backed by `tap`.
     pub config: InterfaceConfig,
     /// The tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), for the VM's
-    /// virtio-net device. The tap lives while any copy of the fd does.
+    /// virtio-net device. The tap lives while any copy of the fd does. In
+    /// macvtap mode, a queue of the macvtap, with the same flags: the
+    /// macvtap itself lives until teardown.
     pub tap: Arc<OwnedFd>,
+    /// The tap's name (`tap<N>_runv`), or the macvtap's (`mvtap<N>_runv`).
     pub tap_name: String,
     index: u32,
     tap_index: u32,
@@ -188,6 +188,9 @@ enum Joint {
         index: u32,
         mac_changed: bool,
     },
+    /// A passthru macvtap on the CNI interface (the tap is the macvtap):
+    /// deleting it gives the interface back as it was.
+    Macvtap,
 }
 
 impl PodInterface {
@@ -232,12 +235,9 @@ impl PodNetwork {
         Self::setup_with(netns_path, Interconnect::TcMirred)
     }
 
-    /// [`PodNetwork::setup`] with the interconnect `mode`: tc mirred, or
-    /// a bridge per interface; macvtap is refused as not supported yet.
+    /// [`PodNetwork::setup`] with the interconnect `mode`: tc mirred, a
+    /// bridge per interface, or a macvtap per interface.
     pub fn setup_with(netns_path: &Path, mode: Interconnect) -> Result<PodNetwork, NetworkError> {
-        if mode == Interconnect::Macvtap {
-            return Err(NetworkError::Unsupported(mode));
-        }
         let netns = netns_path.to_owned();
         let ns = File::open(netns_path).map_err(|e| NetworkError::Namespace {
             netns: netns.clone(),
@@ -282,8 +282,8 @@ impl PodNetwork {
         }
     }
 
-    /// Removes the taps, and the qdiscs and filters runv added to the CNI
-    /// interfaces. An interface or namespace that is already gone is fine.
+    /// Removes the taps (or macvtaps), and the qdiscs and filters runv
+    /// added to the CNI interfaces. An interface or namespace that is already gone is fine.
     /// Copies of a tap fd held elsewhere (a hypervisor that still runs) do
     /// not keep the tap: it is deleted all the same.
     pub fn teardown(mut self) -> Result<(), NetworkError> {
@@ -607,13 +607,16 @@ async fn join(
     n: usize,
     found: Found,
 ) -> Result<PodInterface, NetworkError> {
-    let tap_name = format!("tap{n}{TAP_SUFFIX}");
     let error = |interface: &str, operation: String, detail: String| NetworkError::Interface {
         netns: netns.to_owned(),
         interface: interface.to_owned(),
         operation,
         detail,
     };
+    if mode == Interconnect::Macvtap {
+        return join_macvtap(handle, netns, n, found, &error).await;
+    }
+    let tap_name = format!("tap{n}{TAP_SUFFIX}");
     let tap = tap::create(&tap_name).map_err(|e| match e {
         tap::TapError::Open(e) => error(
             &tap_name,
@@ -825,6 +828,157 @@ async fn bridge(
     Ok(())
 }
 
+/// Makes macvtap `mvtap<n>_runv` on `found`, brings it up and opens a
+/// queue of it for the VM; on error undoes what it did.
+///
+/// The mode is passthru, not bridge. The guest NIC must use the macvtap's
+/// MAC, and peers must keep reaching the CNI interface's MAC:
+/// - In bridge (or vepa, private) mode the macvtap needs a MAC of its own,
+///   different from its lower device's, so Kata's macvtap model moves the
+///   CNI interface's MAC to the macvtap, gives the interface a random one
+///   and deletes the interface's addresses: broadcasts such as ARP
+///   requests reach both the macvtap and the namespace's own stack, which
+///   would otherwise answer for the pod's address with the interface's new
+///   MAC. That changes what CNI made (its CHECK and DEL see other MACs and
+///   no addresses) and has to be put back at teardown.
+/// - In passthru mode the macvtap inherits the interface's MAC and every
+///   unicast frame that arrives on the interface goes to the macvtap (the
+///   interface is put in promiscuous mode), so the guest gets the CNI MAC
+///   and all its traffic with nothing changed on the interface. Broadcasts
+///   and multicasts reach the namespace's stack too, which may answer ARP
+///   or NDP for the pod's address with the very same MAC: harmless. Passthru
+///   allows one macvtap per lower device, which is all runv needs, and
+///   deleting the macvtap gives the interface its promiscuity (and MAC)
+///   back.
+async fn join_macvtap(
+    handle: &Handle,
+    netns: &Path,
+    n: usize,
+    found: Found,
+    error: &impl Fn(&str, String, String) -> NetworkError,
+) -> Result<PodInterface, NetworkError> {
+    let name = format!("mvtap{n}{TAP_SUFFIX}");
+    handle
+        .link()
+        .add(
+            LinkMacVtap::new(&name, found.index, MacVtapMode::Passthrough)
+                .mtu(found.mtu)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| {
+            error(
+                &found.name,
+                format!("create passthru macvtap {name} on it"),
+                macvtap_detail(&e),
+            )
+        })?;
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.clone())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| error(&name, "find the new macvtap".into(), netlink_detail(&e)))?
+        .ok_or_else(|| {
+            error(
+                &name,
+                "find the new macvtap".into(),
+                "it is not there".into(),
+            )
+        })?;
+    let index = link.header.index;
+    let joined = Joined {
+        name: found.name.clone(),
+        index: found.index,
+        tap_name: name.clone(),
+        tap_index: index,
+        joint: Joint::Macvtap,
+        mac: found.mac,
+    };
+    let result = async {
+        let mac = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(a) => <[u8; 6]>::try_from(a.as_slice()).ok(),
+            _ => None,
+        });
+        if mac != Some(found.mac) {
+            return Err(error(
+                &name,
+                "take over the MAC of its lower device".into(),
+                format!(
+                    "its MAC is {}, not {}'s {}",
+                    mac.map_or_else(|| "missing".into(), |m| format_mac(&m)),
+                    found.name,
+                    format_mac(&found.mac)
+                ),
+            ));
+        }
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| error(&name, "bring the macvtap up".into(), netlink_detail(&e)))?;
+        macvtap::open(&name, index).map_err(|f| {
+            let mut detail = io_detail(&f.error);
+            if let Some(hint) = f.hint {
+                detail.push_str("; ");
+                detail.push_str(hint);
+            }
+            error(&name, f.operation, detail)
+        })
+    }
+    .await;
+    match result {
+        Ok(fd) => Ok(PodInterface {
+            config: InterfaceConfig {
+                mac: found.mac,
+                name: found.name,
+                mtu: found.mtu,
+                addresses: found.addresses,
+            },
+            tap: Arc::new(fd),
+            tap_name: name,
+            index: found.index,
+            tap_index: index,
+            joint: Joint::Macvtap,
+        }),
+        Err(e) => {
+            if let Err(undo) = unjoin(handle, netns, &joined).await {
+                tracing::warn!(error = %undo, "cannot undo a partial join");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A netlink error of macvtap creation in words, with its errno and fix.
+fn macvtap_detail(e: &rtnetlink::Error) -> String {
+    let errno = netlink_errno(e);
+    let mut detail = match errno {
+        Some(errno) => io_detail(&io::Error::from_raw_os_error(errno)),
+        None => return e.to_string(),
+    };
+    match errno {
+        Some(libc::EOPNOTSUPP | libc::ENOENT) => detail.push_str(
+            "; the host kernel lacks macvtap: build it with CONFIG_MACVTAP or load it \
+             (`modprobe macvtap`), or use network.interconnect = \"tc-mirred\"",
+        ),
+        Some(libc::EPERM) => detail.push_str("; runv needs CAP_NET_ADMIN"),
+        Some(libc::EBUSY | libc::EINVAL) => detail.push_str(
+            "; a passthru macvtap needs an Ethernet interface that has no macvlan or \
+             macvtap on it yet",
+        ),
+        Some(libc::EEXIST) => {
+            detail.push_str("; a link of that name is there already (another runv VM of this pod?)")
+        }
+        _ => {}
+    }
+    detail
+}
+
 /// A random locally administered unicast MAC.
 fn random_mac() -> io::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -928,7 +1082,11 @@ async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), Ne
     {
         match handle.link().del(joined.tap_index).execute().await {
             Err(e) if !gone(&e) && netlink_errno(&e) != Some(libc::EOPNOTSUPP) => {
-                return Err(error(&joined.tap_name, "delete the tap", &e))
+                let what = match joined.joint {
+                    Joint::Macvtap => "delete the macvtap",
+                    _ => "delete the tap",
+                };
+                return Err(error(&joined.tap_name, what, &e));
             }
             _ => {}
         }
@@ -1042,15 +1200,20 @@ mod tests {
     }
 
     #[test]
-    fn macvtap_is_refused_not_replaced() {
-        let err = PodNetwork::setup_with(Path::new("/nonexistent"), Interconnect::Macvtap)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "network interconnect `macvtap` is not supported yet; set network.interconnect = \
-             \"tc-mirred\" (or \"bridge\") in the runv config (docs/networking.md)"
+    fn macvtap_errors_say_the_fix() {
+        let error = |errno: i32| {
+            let mut message = rtnetlink::packet_core::ErrorMessage::default();
+            message.code = std::num::NonZeroI32::new(-errno);
+            macvtap_detail(&rtnetlink::Error::NetlinkError(message))
+        };
+        let detail = error(libc::EOPNOTSUPP);
+        assert!(
+            detail.contains("(EOPNOTSUPP, os error 95); the host kernel lacks macvtap")
+                && detail.contains("CONFIG_MACVTAP")
+                && detail.contains("modprobe macvtap"),
+            "{detail}"
         );
+        assert!(error(libc::EPERM).contains("CAP_NET_ADMIN"));
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! PodNetwork against real network namespaces: needs root and /dev/net/tun
-//! (and `ip`/`tc` to build the test namespace and look at it); prints
-//! `SKIPPED: <reason>` otherwise.
+//! (and `ip`/`tc` to build the test namespace and look at it), and the
+//! macvtap test a kernel with macvtap; prints `SKIPPED: <reason>`
+//! otherwise.
 
 mod common;
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::fs::{FileTypeExt, MetadataExt},
+    },
     time::{Duration, Instant},
 };
 
-use common::{run, TestNetns};
+use common::{macvtap_skip_reason, run, TestNetns};
 
 use runv_network::{
     format_mac, Interconnect, IpAddress, IpFamily, NeighborConfig, PodNetwork, RouteConfig,
@@ -304,4 +308,160 @@ fn bridge_mode_joins_through_a_bridge_and_puts_everything_back() {
     let eth0 = ns.ip(&["-o", "link", "show", "eth0"]);
     assert!(!eth0.contains("master"), "{eth0}");
     assert_eq!(ns.mac("eth0"), cni_mac);
+}
+
+/// The name and flags of a tap or macvtap queue, by `TUNGETIFF`.
+fn tun_get_iff(fd: RawFd) -> (String, i32) {
+    // SAFETY: an all-zero ifreq is valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF fills the ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut request) };
+    assert_eq!(rc, 0, "TUNGETIFF: {}", io::Error::last_os_error());
+    let name = request
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8 as char)
+        .collect();
+    // SAFETY: TUNGETIFF set the flags.
+    (name, i32::from(unsafe { request.ifr_ifru.ifru_flags }))
+}
+
+/// Runs `cat path` in the namespace, which `ip netns exec` gives a sysfs
+/// of its own.
+fn cat_in(ns: &TestNetns, path: &str) -> String {
+    run("ip", &["netns", "exec", &ns.name, "cat", path])
+        .trim()
+        .to_owned()
+}
+
+/// No device node of macvtap `tap<index>` (numbers `dev`, `major:minor`)
+/// is left: not the host's `/dev` one, nor a private directory of runv's.
+fn assert_no_macvtap_node(index: &str, dev: &str) {
+    let (major, minor) = dev.split_once(':').unwrap();
+    let rdev = libc::makedev(major.parse().unwrap(), minor.parse().unwrap());
+    let node = format!("/dev/tap{index}");
+    if let Ok(metadata) = std::fs::metadata(&node) {
+        assert!(
+            !metadata.file_type().is_char_device() || metadata.rdev() != rdev,
+            "{node} ({dev}) is still there"
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("runv-macvtap-"))
+        .collect();
+    assert!(leftovers.is_empty(), "left in the temp dir: {leftovers:?}");
+}
+
+/// The macvtap mode: a passthru macvtap on the CNI interface, with its
+/// MAC, MTU and the CNI configuration unchanged, and a queue of it as the
+/// tap; teardown (or drop, or CNI deleting the interface first) leaves no
+/// macvtap, no device node and the interface as CNI made it.
+#[test]
+fn macvtap_mode_hands_a_passthru_macvtap_queue_and_tears_it_down() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    if let Some(reason) = macvtap_skip_reason(&ns) {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let cni_mac = ns.mac("eth0");
+    let network = PodNetwork::setup_with(&ns.path(), Interconnect::Macvtap).unwrap();
+    let config = network.guest_config();
+    assert_eq!(config.interfaces.len(), 1, "{config:?}");
+    let eth0 = &config.interfaces[0];
+    assert_eq!(eth0.name, "eth0");
+    assert_eq!(eth0.mtu, 1400);
+    assert_eq!(format_mac(&eth0.mac), cni_mac);
+    assert_eq!(eth0.addresses.len(), 2, "{config:?}");
+    assert_eq!(config.routes.len(), 3, "{config:?}");
+    assert_eq!(config.neighbors.len(), 1, "{config:?}");
+
+    // The macvtap: passthru on eth0, with eth0's MAC and MTU, up.
+    let interface = &network.interfaces()[0];
+    assert_eq!(interface.tap_name, "mvtap0_runv");
+    let link = ns.ip(&["-d", "-o", "link", "show", "mvtap0_runv"]);
+    assert!(link.contains("mvtap0_runv@eth0"), "{link}");
+    assert!(link.contains("macvtap mode passthru"), "{link}");
+    assert!(link.contains("mtu 1400") && link.contains(",UP"), "{link}");
+    assert!(link.contains(&format!("link/ether {cni_mac}")), "{link}");
+    // eth0 as CNI made it (promiscuous, for passthru).
+    assert_eq!(ns.mac("eth0"), cni_mac);
+    assert!(ns
+        .ip(&["-o", "addr", "show", "eth0"])
+        .contains("10.77.0.2/24"));
+    assert!(!ns.links().contains(" tap0_runv"));
+    assert!(!ns.tc(&["qdisc", "show", "dev", "eth0"]).contains("ingress"));
+
+    // The fd is a queue of it, with the flags the hypervisors want.
+    let (name, flags) = tun_get_iff(interface.tap.as_raw_fd());
+    assert_eq!(name, "mvtap0_runv");
+    let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    assert_eq!(flags & wanted, wanted, "{flags:#x}");
+    assert_eq!(flags & libc::IFF_TUN, 0, "{flags:#x}");
+    let index = cat_in(&ns, "/sys/class/net/mvtap0_runv/ifindex");
+    let dev = cat_in(
+        &ns,
+        &format!("/sys/class/net/mvtap0_runv/macvtap/tap{index}/dev"),
+    );
+
+    assert_traffic_passes(&ns, &network);
+
+    network.teardown().unwrap();
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
+    let eth0 = ns.ip(&["-o", "link", "show", "eth0"]);
+    assert!(!eth0.contains("PROMISC"), "{eth0}");
+    assert_eq!(ns.mac("eth0"), cni_mac);
+    assert!(ns
+        .ip(&["-o", "addr", "show", "eth0"])
+        .contains("10.77.0.2/24"));
+    assert_no_macvtap_node(&index, &dev);
+
+    // Dropped without teardown, with a copy of the fd held elsewhere.
+    let network = PodNetwork::setup_with(&ns.path(), Interconnect::Macvtap).unwrap();
+    let held = network.interfaces()[0].tap.clone();
+    assert!(ns.links().contains("mvtap0_runv"));
+    drop(network);
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
+    drop(held);
+
+    // CNI deleted the interface (and with it the macvtap) and the
+    // namespace's path first.
+    let network = PodNetwork::setup_with(&ns.path(), Interconnect::Macvtap).unwrap();
+    ns.ip(&["link", "del", "eth0"]);
+    run("ip", &["netns", "del", &ns.name]);
+    network.teardown().unwrap();
+}
+
+/// A passthru macvtap cannot share its interface with a macvlan: setup
+/// fails naming the interface, the operation and the errno, and leaves
+/// nothing behind.
+#[test]
+fn macvtap_mode_error_names_the_interface_and_leaves_nothing() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    if let Some(reason) = macvtap_skip_reason(&ns) {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    ns.ip(&[
+        "link", "add", "link", "eth0", "name", "mvl0", "type", "macvlan",
+    ]);
+    let err = PodNetwork::setup_with(&ns.path(), Interconnect::Macvtap)
+        .unwrap_err()
+        .to_string();
+    println!("{err}");
+    assert!(
+        err.contains(", interface eth0: cannot create passthru macvtap mvtap0_runv on it: ")
+            && err.contains("os error")
+            && err.contains("no macvlan or macvtap on it yet"),
+        "{err}"
+    );
+    let links = ns.links();
+    assert!(!links.contains("_runv"), "{links}");
 }

@@ -1,6 +1,8 @@
 //! A qemu VM with a NIC on a tap that runv-network made in a test
-//! namespace: QEMU takes the inherited tap fd, the guest's virtio-net
-//! driver binds the device, and the NIC has the CNI interface's MAC.
+//! namespace, in tc-mirred mode and then (where the kernel has macvtap) on
+//! a macvtap queue in macvtap mode: QEMU takes the inherited fd, the
+//! guest's virtio-net driver binds the device, and the NIC has the CNI
+//! interface's MAC.
 //! Needs what tests/netns.rs needs, plus QEMU, vhost-device-vsock and the
 //! guest images (`RUNV_KERNEL`, `RUNV_INITRAMFS`, else the installed
 //! ones); prints `SKIPPED: <reason>` otherwise.
@@ -12,10 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::TestNetns;
+use common::{macvtap_skip_reason, TestNetns};
 use runv_config::QemuConfig;
 use runv_hypervisor::{qmp::Qmp, Hypervisor, NetDevice, QemuVm, VmSpec};
-use runv_network::{format_mac, PodNetwork};
+use runv_network::{format_mac, Interconnect, PodNetwork};
 use serde_json::json;
 
 fn guest_image(variable: &str, installed: &str) -> Option<PathBuf> {
@@ -46,11 +48,21 @@ async fn qemu_vm_boots_with_a_nic_on_the_pods_tap() {
             return;
         }
     }
+    boot_with_a_nic(kernel.clone(), initramfs.clone(), Interconnect::TcMirred).await;
     let ns = TestNetns::with_eth0();
-    let network = PodNetwork::setup(&ns.path()).unwrap();
+    match macvtap_skip_reason(&ns) {
+        Some(reason) => println!("SKIPPED (macvtap mode): {reason}"),
+        None => boot_with_a_nic(kernel, initramfs, Interconnect::Macvtap).await,
+    }
+}
+
+async fn boot_with_a_nic(kernel: PathBuf, initramfs: PathBuf, mode: Interconnect) {
+    println!("interconnect {mode}");
+    let ns = TestNetns::with_eth0();
+    let network = PodNetwork::setup_with(&ns.path(), mode).unwrap();
     let interface = &network.interfaces()[0];
     let scratch = tempfile::tempdir().unwrap();
-    let id = format!("netboot-{}", std::process::id());
+    let id = format!("netboot-{}-{mode}", std::process::id());
     let console = scratch.path().join("console.log");
     let spec = VmSpec {
         id: id.clone(),

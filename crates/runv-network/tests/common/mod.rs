@@ -37,6 +37,32 @@ macro_rules! skip_unless_able {
     };
 }
 
+/// Why this host cannot make macvtaps, if it cannot: `modprobe macvtap`
+/// (a kernel with macvtap built in needs none, and may have no modprobe),
+/// then a passthru macvtap made on the namespace's `eth0` and deleted.
+pub fn macvtap_skip_reason(ns: &TestNetns) -> Option<String> {
+    let modprobe = match Command::new("modprobe").arg("macvtap").output() {
+        Ok(output) if output.status.success() => "loaded".to_owned(),
+        Ok(output) => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let probe = Command::new("ip")
+        .args([
+            "-n", &ns.name, "link", "add", "link", "eth0", "name", "mvprobe",
+        ])
+        .args(["type", "macvtap", "mode", "passthru"])
+        .output()
+        .unwrap();
+    if probe.status.success() {
+        ns.ip(&["link", "del", "mvprobe"]);
+        return None;
+    }
+    Some(format!(
+        "no macvtap (CONFIG_MACVTAP): modprobe macvtap: {modprobe}; ip link add type macvtap: {}",
+        String::from_utf8_lossy(&probe.stderr).trim()
+    ))
+}
+
 /// Runs a command, panicking with its stderr on failure; returns stdout.
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program).args(args).output().unwrap();
