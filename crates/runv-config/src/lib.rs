@@ -75,7 +75,7 @@ pub enum NetworkInterconnect {
     /// A tap per CNI interface, joined to it by tc mirred redirects.
     #[default]
     TcMirred,
-    /// A macvtap on the CNI interface (not supported yet).
+    /// A passthru macvtap on the CNI interface, whose queue the NIC uses.
     Macvtap,
     /// A bridge holding the CNI interface (given a MAC of its own) and a
     /// tap.
