@@ -30,12 +30,12 @@ fi
 # Debian packages: QEMU (the qemu hypervisor), the kernel source and its
 # build tools, cpio for the initramfs, busybox for test images, containerd
 # and runc for the shim and its tests, protoc for the tests' CRI client
-# (k8s-cri), the libraries virtiofsd links (capabilities, seccomp), and fio
-# for the storage benchmark.
+# (k8s-cri), the libraries virtiofsd links (capabilities, seccomp), fio
+# for the storage benchmark and iperf3 for the network benchmark.
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
     libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
-    libseccomp-dev containerd runc protobuf-compiler fio
+    libseccomp-dev containerd runc protobuf-compiler fio iperf3
 )
 missing=()
 for p in "${packages[@]}"; do

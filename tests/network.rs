@@ -8,13 +8,13 @@ use std::{
     fs,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use k8s_cri::v1::{NamespaceMode, PodSandboxStatusRequest, StatusRequest};
+use k8s_cri::v1::NamespaceMode;
 use runv_tests::{
+    cni::{self, pod_ip, wait_network_ready, TestNetwork},
     containerd::Containerd,
     cri::{
         app_config, build_pause_image, exec_sync, pod_config, remove_pods, run_pod, start_app,
@@ -26,70 +26,9 @@ use runv_tests::{
 const PAGE: &str = "hello from a runv pod";
 const HTTP_PORT: u16 = 8080;
 
-/// Why this test cannot run here, if it cannot.
-fn unavailable() -> Option<String> {
-    // SAFETY: geteuid only reads the process's credentials.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("CNI needs root".into());
-    }
-    if !Path::new("/usr/lib/cni/bridge").is_file() {
-        return Some("no CNI bridge plugin (apt-get install containernetworking-plugins)".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun (modprobe tun)".into());
-    }
-    None
-}
-
-/// The test's own bridge and /24, from its PID, so that parallel runs and
-/// the host's own networks are left alone.
-struct TestNetwork {
-    bridge: String,
-    prefix: String,
-}
-
-impl TestNetwork {
-    fn new() -> TestNetwork {
-        let id = std::process::id();
-        TestNetwork {
-            bridge: format!("rvt{}", id % 100_000),
-            prefix: format!("10.{}.{}", 200 + id % 50, (id / 50) % 250),
-        }
-    }
-
-    fn gateway(&self) -> String {
-        format!("{}.1", self.prefix)
-    }
-
-    /// A CNI config list: the bridge plugin with host-local addresses on
-    /// the test's /24, the bridge as gateway, no masquerade.
-    fn conflist(&self, state_dir: &Path) -> String {
-        format!(
-            r#"{{"cniVersion": "1.0.0", "name": "runv-test", "plugins": [
-  {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
-    "ipam": {{"type": "host-local", "dataDir": "{state}",
-      "ranges": [[{{"subnet": "{prefix}.0/24", "gateway": "{prefix}.1"}}]],
-      "routes": [{{"dst": "0.0.0.0/0"}}]}}}},
-  {{"type": "loopback"}}
-]}}"#,
-            bridge = self.bridge,
-            prefix = self.prefix,
-            state = state_dir.display()
-        )
-    }
-}
-
-impl Drop for TestNetwork {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "delete", &self.bridge])
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_reach_the_host_and_each_other() {
-    if let Some(why) = unavailable() {
+    if let Some(why) = cni::unavailable() {
         println!("SKIPPED: {why}");
         return;
     }
@@ -97,13 +36,7 @@ async fn pods_reach_the_host_and_each_other() {
         return;
     };
     let network = TestNetwork::new();
-    let cni_dir = containerd.dir().join("cni");
-    fs::create_dir_all(&cni_dir).unwrap();
-    fs::write(
-        cni_dir.join("10-runv-test.conflist"),
-        network.conflist(&containerd.dir().join("cni-state")),
-    )
-    .unwrap();
+    network.install(&containerd);
     containerd.import_busybox();
     containerd.import_image(&build_pause_image(containerd.dir()));
     let socket = containerd.dir().join("containerd.sock");
@@ -160,47 +93,6 @@ async fn pods_reach_the_host_and_each_other() {
     let taps = runv_taps();
     assert!(taps.is_empty(), "taps left: {taps:?}");
     containerd.stop();
-}
-
-/// Waits until CRI has loaded the test's CNI config.
-async fn wait_network_ready(cri: &mut CriClient) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = cri
-            .runtime
-            .status(StatusRequest { verbose: false })
-            .await
-            .expect("CRI Status")
-            .into_inner();
-        let ready = status.status.is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.r#type == "NetworkReady" && c.status)
-        });
-        if ready {
-            return;
-        }
-        assert!(Instant::now() < deadline, "CRI's network never got ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn pod_ip(cri: &mut CriClient, pod_id: &str) -> String {
-    let status = cri
-        .runtime
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod_id.into(),
-            verbose: false,
-        })
-        .await
-        .expect("PodSandboxStatus")
-        .into_inner();
-    status
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .filter(|ip| !ip.is_empty())
-        .expect("the pod has an IP")
 }
 
 /// A plain HTTP/1.0 GET of `/` from `address`, retried for a while (the

@@ -20,9 +20,13 @@ use std::{
 };
 
 use runv_tests::{
+    bench::{
+        command_output, configured_hypervisor, cpu_model, program_with_libraries, qemu_accel,
+        write_report,
+    },
     containerd::{build_busybox_image_with_files, Containerd},
     disks::{self, ext4_image, LoopDevice},
-    processes_mentioning, test_config,
+    test_config,
 };
 use serde_json::{json, Value};
 
@@ -294,10 +298,7 @@ fn main() {
         "virtio_fs_direct": modes.fs_direct,
         "results": results,
     });
-    let out = target_dir().join("bench");
-    fs::create_dir_all(&out).unwrap();
-    let path = out.join("storage_io.json");
-    fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    let path = write_report("storage_io", &report);
     println!("\nwritten to {}", path.display());
     containerd.stop();
 }
@@ -403,77 +404,6 @@ fn on_host(args: &[String]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `program` and the shared libraries and loader `ldd` lists for it.
-fn program_with_libraries(program: &Path) -> Vec<PathBuf> {
-    let output = Command::new("ldd")
-        .arg(program)
-        .output()
-        .expect("running ldd");
-    assert!(output.status.success(), "ldd {}", program.display());
-    let mut files = vec![program.to_owned()];
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or the
-        // loader's "/lib64/ld-linux-x86-64.so.2 (0x...)".
-        let path = line.split("=>").last().unwrap_or_default().trim();
-        let path = path.split(" (").next().unwrap_or_default();
-        if path.starts_with('/') {
-            files.push(PathBuf::from(path));
-        }
-    }
-    files
-}
-
-/// The accelerator of the pod's QEMU, from its command line.
-fn qemu_accel(containerd: &Containerd) -> String {
-    processes_mentioning(containerd.dir())
-        .iter()
-        .filter(|line| line.contains("qemu-system"))
-        .find_map(|line| {
-            let mut words = line.split(' ');
-            words.find(|w| *w == "-accel")?;
-            let accel = words.next()?.split(',').next()?;
-            Some(match accel {
-                "tcg" => "TCG".to_owned(),
-                "kvm" => "KVM".to_owned(),
-                other => other.to_owned(),
-            })
-        })
-        .unwrap_or_else(|| "an accelerator not found on QEMU's command line".into())
-}
-
-/// The `hypervisor` of a runv configuration file.
-fn configured_hypervisor(config: &Path) -> String {
-    fs::read_to_string(config)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("hypervisor = "))
-        .map(|kind| kind.trim_matches('"').to_owned())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn command_output(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output();
-    output
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// Cargo's target directory: the bench binary is
-/// `<target>/<profile>/deps/<bench>`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).unwrap().to_owned()
 }
 
 fn ratio(guest: f64, host: f64) -> f64 {

@@ -48,14 +48,16 @@ pub const PAUSE_IMAGE: &str = "docker.io/runv/pause:test";
 /// network pods need none). A `runtimes` table replaces containerd's
 /// default one, so runc (the default handler) is declared too. The stream
 /// server (exec, attach, port-forward
-/// URLs) listens on a free port of the loopback.
+/// URLs) listens on a free port of the loopback. OOM score adjustments are
+/// kept at or above containerd's own: without CAP_SYS_RESOURCE (a
+/// sandboxed host) runc cannot give a pod's sandbox CRI's -998.
 pub fn plugin_config(root: &Path) -> String {
     let cri = r#"[plugins."io.containerd.grpc.v1.cri"]"#;
     let runtimes = r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes"#;
     format!(
         "{cri}\n  sandbox_image = \"{PAUSE_IMAGE}\"\n  \
          stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  \
-         enable_selinux = false\n\
+         enable_selinux = false\n  restrict_oom_score_adj = true\n\
          {cri_cni}\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{root}/cni\"\n\
          {runtimes}.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
          {runtimes}.{RUNTIME_HANDLER}]\n  runtime_type = \"io.containerd.runv.v2\"\n\

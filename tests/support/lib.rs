@@ -2,7 +2,9 @@
 //! configuration confined to a temporary directory, and the checks that a
 //! test left nothing behind.
 
+pub mod bench;
 pub mod busybox;
+pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod disks;
