@@ -35,7 +35,7 @@ fi
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
     libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
-    libseccomp-dev containerd runc protobuf-compiler fio iperf3
+    libseccomp-dev containerd runc protobuf-compiler fio iperf3 python3-matplotlib
 )
 missing=()
 for p in "${packages[@]}"; do
