@@ -145,7 +145,9 @@ async fn main() {
 
     let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
     let runv_pods = pod_series(&containerd, &mut cri, Runtime::Runv, &pod_counts, &config).await;
-    let runc_pods = pod_series(&containerd, &mut cri, Runtime::Runc, &pod_counts, &config).await;
+    // runc to the same counts, so that the figures pair up.
+    let runc_counts: Vec<usize> = runv_pods.memory.iter().map(|m| m.pods).collect();
+    let runc_pods = pod_series(&containerd, &mut cri, Runtime::Runc, &runc_counts, &config).await;
 
     let date = command_output("date", &["-u", "+%F %H:%M UTC"]);
     let label = format!("{hypervisor} with {accel}");
@@ -207,6 +209,20 @@ async fn main() {
         println!("  {:>4} {:>12.1} {:>12.1}", k + 1, runv.total_ms(), runc);
     }
     let density = density_estimate(&runv_pods, &config, available);
+    for series in [&runv_pods, &runc_pods] {
+        match &series.stopped {
+            Some(why) => println!(
+                "  MEASURED: {} ran at most {} idle pods here: {why}",
+                series.runtime.name(),
+                series.starts.len()
+            ),
+            None => println!(
+                "  {}: all {} pods started",
+                series.runtime.name(),
+                series.starts.len()
+            ),
+        }
+    }
     println!(
         "  ESTIMATE (not measured): {}",
         density["summary"].as_str().unwrap_or_default()
@@ -415,6 +431,8 @@ struct PodSeries {
     starts: Vec<PodStart>,
     memory: Vec<Memory>,
     mem_available_before_mib: u64,
+    /// Why the series ended before the largest count, if it did.
+    stopped: Option<String>,
 }
 
 impl PodSeries {
@@ -441,6 +459,8 @@ impl PodSeries {
             "shim_started": pick(|s| s.shim_started_ms),
             "hypervisor_started": pick(|s| s.hypervisor_started_ms),
             "series_ms": self.starts.iter().map(PodStart::total_ms).collect::<Vec<_>>(),
+            "pods_started": self.starts.len(),
+            "stopped": self.stopped,
         })
     }
 }
@@ -462,6 +482,7 @@ async fn pod_series(
         starts: Vec::new(),
         memory: Vec::new(),
         mem_available_before_mib: mem_available_mib(),
+        stopped: None,
     };
     let mut pod_ids = Vec::new();
     let shim = match runtime {
@@ -480,7 +501,16 @@ async fn pod_series(
         }
         let shims_before = pids_of(containerd, shim);
         let hypervisors_before = pids_of(containerd, HYPERVISOR);
-        let (pod_id, start) = start_pod(cri, runtime, &pod).await;
+        let (pod_id, start) = match start_pod(cri, runtime, &pod).await {
+            Ok(started) => started,
+            Err(e) if k > 1 => {
+                // The most pods this machine ran: measure what did start.
+                println!("  pod {k} did not start: {e}");
+                series.stopped = Some(format!("pod {k} did not start: {e}"));
+                break;
+            }
+            Err(e) => panic!("the first {} pod did not start: {e}", runtime.name()),
+        };
         let started_after = |before: &BTreeSet<u32>, program: &str| {
             pids_of(containerd, program)
                 .difference(before)
@@ -513,6 +543,13 @@ async fn pod_series(
             series.memory.push(memory);
         }
     }
+    let started = pod_ids.len();
+    if series.memory.last().map(|m| m.pods) != Some(started) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        series
+            .memory
+            .push(measure_memory(containerd, runtime, started, config));
+    }
     let ids: Vec<&str> = pod_ids.iter().map(String::as_str).collect();
     remove_pods(containerd, cri, &ids).await;
     series
@@ -525,7 +562,7 @@ async fn start_pod(
     cri: &mut CriClient,
     runtime: Runtime,
     config: &PodSandboxConfig,
-) -> (String, (PodStart, f64)) {
+) -> Result<(String, (PodStart, f64)), String> {
     let called_at = boottime_ms();
     let started = Instant::now();
     let pod_id = cri
@@ -535,7 +572,7 @@ async fn start_pod(
             runtime_handler: runtime.name().into(),
         })
         .await
-        .expect("RunPodSandbox")
+        .map_err(|e| failure("RunPodSandbox", &e))?
         .into_inner()
         .pod_sandbox_id;
     let sandbox = started.elapsed();
@@ -548,7 +585,7 @@ async fn start_pod(
             sandbox_config: Some(config.clone()),
         })
         .await
-        .expect("CreateContainer")
+        .map_err(|e| failure("CreateContainer", &e))?
         .into_inner()
         .container_id;
     let created = create_started.elapsed();
@@ -556,7 +593,7 @@ async fn start_pod(
     cri.runtime
         .start_container(StartContainerRequest { container_id: id })
         .await
-        .expect("StartContainer");
+        .map_err(|e| failure("StartContainer", &e))?;
     let app_started = start_started.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let start = PodStart {
@@ -566,7 +603,18 @@ async fn start_pod(
         shim_started_ms: None,
         hypervisor_started_ms: None,
     };
-    (pod_id, (start, called_at))
+    Ok((pod_id, (start, called_at)))
+}
+
+/// A failed CRI call in a line or two: its first line and, from a guest
+/// that panicked, the kernel's panic line.
+fn failure(call: &str, status: &tonic::Status) -> String {
+    let message = status.message();
+    let first = message.lines().next().unwrap_or_default();
+    match message.lines().find(|line| line.contains("Kernel panic")) {
+        Some(panic) => format!("{call}: {first} ... {panic}"),
+        None => format!("{call}: {first}"),
+    }
 }
 
 /// PIDs of this containerd's `program` processes.
@@ -815,6 +863,8 @@ fn density_estimate(runv: &PodSeries, config: &runv_config::Config, available_mi
     );
     json!({
         "estimate": true,
+        "most_pods_started": runv.starts.len(),
+        "stopped": runv.stopped,
         "measured_pods": last.pods,
         "per_pod_mib": per_pod,
         "mem_available_mib": available_mib,
