@@ -10,8 +10,10 @@
 //!    virtiofsd, vhost-device-vsock) with 1, 10 and 50 pods (fewer when
 //!    MemAvailable could not hold them all), against runc's
 //!    shim (and its containers' processes) with the same pods;
-//! 4. density: the creation time of each successive pod, and an estimate of
-//!    how many idle pods fit, from the per-pod PSS and MemAvailable;
+//! 4. density: the creation time of each successive pod (a pod that fails
+//!    to start ends the series, with the reason: the measured most), and an
+//!    estimate of how many idle pods fit, from the per-pod PSS and
+//!    MemAvailable;
 //! 5. a CPU-bound job (sha256sum of 64 MiB of zeros) timed inside a runv
 //!    container and a runc container, as a ratio.
 //!
@@ -20,7 +22,8 @@
 //! It prints figures and asserts none. Settings: RUNV_BENCH_START_RUNS
 //! (default 10), RUNV_BENCH_PODS (pod counts for the memory figure, default
 //! "1,10,50": the density series runs up to the largest), RUNV_BENCH_CPU_MIB
-//! (default 64) and RUNV_BENCH_CPU_RUNS (default 3).
+//! (default 64) and RUNV_BENCH_CPU_RUNS (default 3). Under TCG on 2 cores
+//! the 50 pods take about 10 minutes: idle TCG guests still use host CPU.
 
 use std::{
     collections::{BTreeSet, HashMap},
