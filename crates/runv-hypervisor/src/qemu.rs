@@ -913,7 +913,7 @@ mod tests {
         );
         assert!(args.contains("console,,log"), "commas doubled: {args}");
         assert!(
-            args.contains("console=ttyS0 reboot=t panic=-1 runv.log_level=debug"),
+            args.contains("console=ttyS0 reboot=t panic=-1 no_timer_check runv.log_level=debug"),
             "{args}"
         );
         let kvm_args = vm.qemu_args(Accel::Kvm, &dir).join(" ");
