@@ -408,6 +408,8 @@ struct PodStart {
     shim_started_ms: Option<f64>,
     /// From the RunPodSandbox call to the hypervisor process starting.
     hypervisor_started_ms: Option<f64>,
+    /// The VM's boot milestones as the shim logs them (runv only).
+    vm_boot: Vec<(String, f64)>,
 }
 
 impl PodStart {
@@ -454,6 +456,7 @@ impl PodSeries {
                 "start_container_ms": s.start_container_ms,
                 "shim_started_ms": s.shim_started_ms,
                 "hypervisor_started_ms": s.hypervisor_started_ms,
+                "vm_boot_ms": s.vm_boot.iter().map(|(name, ms)| (name.clone(), json!(ms))).collect::<serde_json::Map<_, _>>(),
             })),
             "total": pick(|s| Some(s.total_ms())),
             "run_pod_sandbox": pick(|s| Some(s.run_pod_sandbox_ms)),
@@ -525,6 +528,7 @@ async fn pod_series(
         start.shim_started_ms = started_after(&shims_before, shim);
         if runtime == Runtime::Runv {
             start.hypervisor_started_ms = started_after(&hypervisors_before, HYPERVISOR);
+            start.vm_boot = vm_boot_timeline(containerd, k);
         }
         println!(
             "  pod {k}: {:.1} ms (RunPodSandbox {:.1}, CreateContainer {:.1}, StartContainer {:.1})",
@@ -605,6 +609,7 @@ async fn start_pod(
         start_container_ms: ms(app_started),
         shim_started_ms: None,
         hypervisor_started_ms: None,
+        vm_boot: Vec::new(),
     };
     Ok((pod_id, (start, called_at)))
 }
@@ -882,6 +887,32 @@ fn density_estimate(runv: &PodSeries, config: &runv_config::Config, available_mi
     })
 }
 
+/// The boot milestones of the `nth` runv pod VM (1-based), from the shim's
+/// "pod VM boot timeline" line in containerd's log (`name_ms=value`
+/// fields), which it writes shortly after the VM's agent answers.
+fn vm_boot_timeline(containerd: &Containerd, nth: usize) -> Vec<(String, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fs::read_to_string(containerd.dir().join("containerd.log")).unwrap_or_default();
+        if let Some(line) = log
+            .lines()
+            .filter(|line| line.contains("pod VM boot timeline"))
+            .nth(nth - 1)
+        {
+            return line
+                .split(|c: char| c.is_whitespace() || c == '"')
+                .filter_map(|field| field.split_once('='))
+                .filter_map(|(key, value)| Some((key.strip_suffix("_ms")?, value.parse().ok()?)))
+                .map(|(key, value)| (key.replace('_', " "), value))
+                .collect();
+        }
+        if Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn print_pod_start(series: &PodSeries) {
     let Some(first) = series.starts.first() else {
         return;
@@ -904,6 +935,17 @@ fn print_pod_start(series: &PodSeries) {
         all["median_ms"].as_f64().unwrap_or_default(),
         all["p95_ms"].as_f64().unwrap_or_default(),
     );
+    if !first.vm_boot.is_empty() {
+        let milestones: Vec<String> = first
+            .vm_boot
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms:.1} ms"))
+            .collect();
+        println!(
+            "    first pod's VM boot (shim log): {}",
+            milestones.join(", ")
+        );
+    }
 }
 
 fn mem_available_mib() -> u64 {

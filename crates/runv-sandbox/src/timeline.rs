@@ -5,7 +5,7 @@ use std::{fmt, time::Duration};
 use runv_protocol::agent::BootTimes;
 
 /// Milestones the guest measured on its own clock.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct GuestBootTimes {
     /// Guest kernel start to the agent running as /init.
     pub kernel_to_init: Duration,
