@@ -21,6 +21,7 @@ use runv_tests::{
         start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
     },
     disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
+    pss_kib,
 };
 
 /// The vsock backend runv runs beside QEMU for a pod.
@@ -298,7 +299,7 @@ fn print_host_memory(containerd: &Containerd) {
         let kib: u64 = pod_processes(containerd, program)
             .iter()
             .filter_map(|process| process.split_once(':'))
-            .filter_map(|(pid, _)| pss_kib(pid))
+            .filter_map(|(pid, _)| pss_kib(pid.parse().ok()?))
             .sum();
         total_kib += kib;
         parts.push(format!("{program} {} MiB", kib / 1024));
@@ -308,18 +309,6 @@ fn print_host_memory(containerd: &Containerd) {
         total_kib / 1024,
         parts.join(", ")
     );
-}
-
-/// A process's PSS from /proc/<pid>/smaps_rollup.
-fn pss_kib(pid: &str) -> Option<u64> {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|line| line.strip_prefix("Pss:"))?
-        .trim()
-        .trim_end_matches(" kB")
-        .parse()
-        .ok()
 }
 
 /// The CRI log at `path` once it has `line`: containerd writes it from

@@ -45,7 +45,7 @@ use runv_tests::{
         app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient,
         HYPERVISOR, SHIM, VIRTIOFSD,
     },
-    test_config,
+    pss_kib, test_config,
 };
 use serde_json::{json, Value};
 
@@ -657,22 +657,6 @@ fn process_start_ms(pid: u32) -> Option<f64> {
     Some(ticks * 1000.0 / hz)
 }
 
-/// The PSS (KiB) of a process.
-fn pss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|rollup| {
-            rollup
-                .lines()
-                .find_map(|line| line.strip_prefix("Pss:"))?
-                .trim()
-                .trim_end_matches(" kB")
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// Where a QEMU process's PSS (KiB) lies, by mapping.
 #[derive(Default)]
 struct QemuParts {
@@ -769,7 +753,7 @@ fn measure_memory(
             let mut shims = 0;
             for program in RUNV_PROGRAMS {
                 let pids = pids_of(containerd, program);
-                let kib: u64 = pids.iter().map(|&pid| pss_kib(pid)).sum();
+                let kib: u64 = pids.iter().map(|&pid| pss_kib(pid).unwrap_or(0)).sum();
                 if program == SHIM {
                     shims = kib;
                 }
@@ -794,11 +778,11 @@ fn measure_memory(
         }
         Runtime::Runc => {
             let shim_pids = pids_of(containerd, RUNC_SHIM);
-            let shims: u64 = shim_pids.iter().map(|&pid| pss_kib(pid)).sum();
+            let shims: u64 = shim_pids.iter().map(|&pid| pss_kib(pid).unwrap_or(0)).sum();
             let containers: u64 = shim_pids
                 .iter()
                 .flat_map(|&pid| with_descendants(pid).into_iter().skip(1))
-                .map(pss_kib)
+                .filter_map(pss_kib)
                 .sum();
             programs.push((RUNC_SHIM.to_owned(), mib(shims)));
             programs.push(("container processes".to_owned(), mib(containers)));

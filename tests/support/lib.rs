@@ -235,3 +235,16 @@ pub fn initramfs_with_shell_init(dir: &Path, name: &str, script: &str) -> PathBu
     fs::remove_dir_all(&root).unwrap();
     image
 }
+
+/// A process's proportional set size in KiB, from
+/// /proc/<pid>/smaps_rollup; None once it is gone.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .ok()
+}
