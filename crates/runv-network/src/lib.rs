@@ -35,7 +35,7 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NLM_F_ACK, NLM_F_REQUEST},
     packet_route::{
         address::{AddressAttribute, AddressScope},
-        link::{LinkAttribute, LinkFlags, MacVtapMode},
+        link::{LinkAttribute, LinkFlags, LinkMessage, MacVtapMode},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType},
         tc::{TcHandle, TcMessage},
@@ -655,39 +655,19 @@ async fn join(
         joint: Joint::Mirred { own_qdisc: false },
     };
     let result = async {
-        let tap_link = handle
-            .link()
-            .get()
-            .match_name(tap_name.clone())
-            .execute()
-            .try_next()
-            .await
-            .map_err(|e| error(&tap_name, "find the new tap".into(), netlink_detail(&e)))?
-            .ok_or_else(|| {
-                error(
-                    &tap_name,
-                    "find the new tap".into(),
-                    "it is not there".into(),
-                )
-            })?;
+        let tap_link = find_new_link(handle, &tap_name, "tap", &error).await?;
         interface.tap_index = tap_link.header.index;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(interface.tap_index)
-                    .mtu(found.mtu)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| {
-                error(
-                    &tap_name,
-                    format!("set MTU {} and bring the tap up", found.mtu),
-                    netlink_detail(&e),
-                )
-            })?;
+        set_link(
+            handle,
+            LinkUnspec::new_with_index(interface.tap_index)
+                .mtu(found.mtu)
+                .up()
+                .build(),
+            &tap_name,
+            || format!("set MTU {} and bring the tap up", found.mtu),
+            &error,
+        )
+        .await?;
         if mode == Interconnect::Bridge {
             return bridge(handle, n, &found, &mut interface, &error).await;
         }
@@ -759,21 +739,8 @@ async fn bridge(
         .execute()
         .await
         .map_err(|e| error(&name, "create the bridge".into(), netlink_detail(&e)))?;
-    let index = handle
-        .link()
-        .get()
-        .match_name(name.clone())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| error(&name, "find the new bridge".into(), netlink_detail(&e)))?
-        .ok_or_else(|| {
-            error(
-                &name,
-                "find the new bridge".into(),
-                "it is not there".into(),
-            )
-        })?
+    let index = find_new_link(handle, &name, "bridge", error)
+        .await?
         .header
         .index;
     interface.joint = Joint::Bridge {
@@ -783,22 +750,16 @@ async fn bridge(
     };
     let mac =
         random_mac().map_err(|e| error(&found.name, "make a MAC address".into(), io_detail(&e)))?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(found.index)
-                .address(mac.to_vec())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| {
-            error(
-                &found.name,
-                format!("change the MAC address to {}", format_mac(&mac)),
-                netlink_detail(&e),
-            )
-        })?;
+    set_link(
+        handle,
+        LinkUnspec::new_with_index(found.index)
+            .address(mac.to_vec())
+            .build(),
+        &found.name,
+        || format!("change the MAC address to {}", format_mac(&mac)),
+        error,
+    )
+    .await?;
     interface.joint = Joint::Bridge {
         name: name.clone(),
         index,
@@ -808,23 +769,25 @@ async fn bridge(
         (&found.name, found.index),
         (&interface.tap_name, interface.tap_index),
     ] {
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(port_index)
-                    .controller(index)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| error(port, format!("add it to bridge {name}"), netlink_detail(&e)))?;
+        set_link(
+            handle,
+            LinkUnspec::new_with_index(port_index)
+                .controller(index)
+                .build(),
+            port,
+            || format!("add it to bridge {name}"),
+            error,
+        )
+        .await?;
     }
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(|e| error(&name, "bring the bridge up".into(), netlink_detail(&e)))?;
+    set_link(
+        handle,
+        LinkUnspec::new_with_index(index).up().build(),
+        &name,
+        || "bring the bridge up".into(),
+        error,
+    )
+    .await?;
     Ok(())
 }
 
@@ -874,21 +837,7 @@ async fn join_macvtap(
                 macvtap_detail(&e),
             )
         })?;
-    let link = handle
-        .link()
-        .get()
-        .match_name(name.clone())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| error(&name, "find the new macvtap".into(), netlink_detail(&e)))?
-        .ok_or_else(|| {
-            error(
-                &name,
-                "find the new macvtap".into(),
-                "it is not there".into(),
-            )
-        })?;
+    let link = find_new_link(handle, &name, "macvtap", error).await?;
     let index = link.header.index;
     let joined = Joined {
         name: found.name.clone(),
@@ -915,12 +864,14 @@ async fn join_macvtap(
                 ),
             ));
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| error(&name, "bring the macvtap up".into(), netlink_detail(&e)))?;
+        set_link(
+            handle,
+            LinkUnspec::new_with_index(index).up().build(),
+            &name,
+            || "bring the macvtap up".into(),
+            error,
+        )
+        .await?;
         macvtap::open(&name, index).map_err(|f| {
             let mut detail = io_detail(&f.error);
             if let Some(hint) = f.hint {
@@ -952,6 +903,42 @@ async fn join_macvtap(
             Err(e)
         }
     }
+}
+
+/// The link named `name` that a join has just made, a `kind` ("tap",
+/// "bridge", "macvtap"); an error names the step "find the new <kind>".
+async fn find_new_link(
+    handle: &Handle,
+    name: &str,
+    kind: &str,
+    error: &impl Fn(&str, String, String) -> NetworkError,
+) -> Result<LinkMessage, NetworkError> {
+    let operation = format!("find the new {kind}");
+    handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| error(name, operation.clone(), netlink_detail(&e)))?
+        .ok_or_else(|| error(name, operation, "it is not there".into()))
+}
+
+/// Sets `message` on a link; an error is `error(interface, operation(), …)`.
+async fn set_link(
+    handle: &Handle,
+    message: LinkMessage,
+    interface: &str,
+    operation: impl FnOnce() -> String,
+    error: &impl Fn(&str, String, String) -> NetworkError,
+) -> Result<(), NetworkError> {
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(|e| error(interface, operation(), netlink_detail(&e)))
 }
 
 /// A netlink error of macvtap creation in words, with its errno and fix.
@@ -1012,11 +999,12 @@ fn eth_p_all() -> u16 {
 
 /// Removes what [`join`] added; what is already gone is fine.
 async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), NetworkError> {
-    let gone = |e: &rtnetlink::Error| {
-        matches!(
-            netlink_errno(e),
-            Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
-        )
+    // The result, with an error that says the thing is gone already as Ok.
+    let unless_gone = |result: Result<(), rtnetlink::Error>| {
+        result.or_else(|e| match netlink_errno(&e) {
+            Some(libc::ENODEV | libc::ENOENT | libc::EINVAL) => Ok(()),
+            _ => Err(e),
+        })
     };
     let error = |interface: &str, operation: &str, e: &rtnetlink::Error| NetworkError::Interface {
         netns: netns.to_owned(),
@@ -1038,22 +1026,17 @@ async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), Ne
             if *mac_changed {
                 link = link.address(joined.mac.to_vec());
             }
-            match handle.link().set(link.build()).execute().await {
-                Err(e) if !gone(&e) => {
-                    return Err(error(
-                        &joined.name,
-                        "take it out of runv's bridge and give its MAC back",
-                        &e,
-                    ))
-                }
-                _ => {}
-            }
+            unless_gone(handle.link().set(link.build()).execute().await).map_err(|e| {
+                error(
+                    &joined.name,
+                    "take it out of runv's bridge and give its MAC back",
+                    &e,
+                )
+            })?;
         }
         if link_name(handle, *index).await.as_deref() == Some(name.as_str()) {
-            match handle.link().del(*index).execute().await {
-                Err(e) if !gone(&e) => return Err(error(name, "delete the bridge", &e)),
-                _ => {}
-            }
+            unless_gone(handle.link().del(*index).execute().await)
+                .map_err(|e| error(name, "delete the bridge", &e))?;
         }
     }
     if let (true, Joint::Mirred { own_qdisc }) = (cni_there, &joined.joint) {
@@ -1066,22 +1049,14 @@ async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), Ne
         } else {
             delete_filter(handle, joined.index).await
         };
-        match result {
-            Err(e) if !gone(&e) => {
-                return Err(error(
-                    &joined.name,
-                    "remove runv's ingress qdisc and filter",
-                    &e,
-                ))
-            }
-            _ => {}
-        }
+        unless_gone(result)
+            .map_err(|e| error(&joined.name, "remove runv's ingress qdisc and filter", &e))?;
     }
     if joined.tap_index != 0
         && link_name(handle, joined.tap_index).await.as_deref() == Some(joined.tap_name.as_str())
     {
-        match handle.link().del(joined.tap_index).execute().await {
-            Err(e) if !gone(&e) && netlink_errno(&e) != Some(libc::EOPNOTSUPP) => {
+        match unless_gone(handle.link().del(joined.tap_index).execute().await) {
+            Err(e) if netlink_errno(&e) != Some(libc::EOPNOTSUPP) => {
                 let what = match joined.joint {
                     Joint::Macvtap => "delete the macvtap",
                     _ => "delete the tap",
