@@ -2,7 +2,10 @@
 //! around a few bytes of 32-bit code. Such a guest runs wherever KVM runs
 //! protected-mode code, PVM hosts included, so the whole VMM (boot path,
 //! vCPU threads, devices, shutdown) can be tested where a Linux guest cannot
-//! boot. Enabled by the `testing` feature.
+//! boot. Also a tap of a network namespace of its own, for the network
+//! devices. Enabled by the `testing` feature.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Where the payload is loaded and entered: the lowest address a kernel may
 /// take (the boot path puts its tables below).
@@ -54,6 +57,45 @@ pub const SPIN: [u8; 2] = [0xeb, 0xfe];
 /// Halts for good with interrupts off: an idle guest that only its owner
 /// can end, and that costs no host CPU meanwhile.
 pub const HALT: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) named `name` in a network
+/// namespace of its own, gone with its last descriptor; or why not.
+pub fn namespaced_tap(name: &'static str) -> Result<OwnedFd, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    std::thread::spawn(move || {
+        // SAFETY: unshare moves this thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a plain open of a C string.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor of our own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, &src) in ifreq.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifreq.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and updates the ifreq.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifreq) } < 0 {
+            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+        }
+        Ok(fd)
+    })
+    .join()
+    .expect("the namespace thread")
+}
 
 /// An ELF64 image whose one loadable segment is `code` at
 /// [`PAYLOAD_ADDRESS`], entered there through the PVH entry note.

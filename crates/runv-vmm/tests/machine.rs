@@ -7,7 +7,7 @@
 mod common;
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::mpsc,
     time::Duration,
@@ -16,7 +16,7 @@ use std::{
 use common::Console;
 use runv_vmm::{
     device_manager::SlotIndex,
-    testing::{print, pvh_image, RESET, SPIN},
+    testing::{namespaced_tap, print, pvh_image, RESET, SPIN},
     BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VmEnd, VmmError, VsockConfig,
     THREAD_NAME_PREFIX,
 };
@@ -246,45 +246,6 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
         "dropping the VM drops its devices"
     );
     assert_gone(&guest.vsock);
-}
-
-/// A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) named `name` in a network
-/// namespace of its own, gone with its last descriptor; or why not.
-fn namespaced_tap(name: &'static str) -> Result<OwnedFd, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    std::thread::spawn(move || {
-        // SAFETY: unshare moves this thread only.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // SAFETY: a plain open of a C string.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a new descriptor of our own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero ifreq is valid.
-        let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, &src) in ifreq.ifr_name.iter_mut().zip(name.as_bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifreq.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and updates the ifreq.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifreq) } < 0 {
-            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
-        }
-        Ok(fd)
-    })
-    .join()
-    .expect("the namespace thread")
 }
 
 /// How many of this process's descriptors are open on the tun device.

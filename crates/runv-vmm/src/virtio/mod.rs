@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod fs;
+mod loop_device;
 mod loop_queues;
 pub mod mmio;
 pub mod net;

@@ -5,7 +5,7 @@
 use std::{
     io,
     num::Wrapping,
-    os::fd::{OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{atomic::Ordering, Arc, Mutex},
 };
 
@@ -26,9 +26,9 @@ use super::tap::{NetBackend, Tap, VNET_HDR_LEN};
 use crate::{
     memory::GuestMemory,
     virtio::{
-        lock,
+        loop_device::{drain_tx, LoopDevice},
         loop_queues::{LoopQueues, Wakeup},
-        notify_used, read_config_bytes, Activation, Interrupt, VirtioDevice,
+        notify_used, read_config_bytes, Interrupt,
     },
     VmmError,
 };
@@ -154,27 +154,23 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let mut returned = false;
-        while let Some(chain) = active.tx.pop_descriptor_chain(&active.memory) {
-            let head = chain.head_index();
-            match tx_iovecs(chain, &active.memory) {
+        let backend = &mut self.backend;
+        let memory = &active.memory;
+        drain_tx(
+            "virtio-net",
+            &mut active.tx,
+            memory,
+            &active.interrupt,
+            |chain| match tx_iovecs(chain, memory) {
                 Ok(iovecs) => {
-                    if let Err(e) = self.backend.write_frame(&iovecs) {
+                    if let Err(e) = backend.write_frame(&iovecs) {
                         // What a full or downed link does to a frame.
                         tracing::debug!(error = %e, "virtio-net frame to the tap dropped");
                     }
                 }
                 Err(why) => tracing::debug!(why, "malformed virtio-net tx chain dropped"),
-            }
-            // Nothing written: the used length of a tx chain is 0.
-            if let Err(e) = active.tx.add_used(&active.memory, head, 0) {
-                tracing::warn!(error = %e, "cannot return a virtio-net tx chain");
-            }
-            returned = true;
-        }
-        if returned {
-            notify_used(&mut active.tx, &active.memory, &active.interrupt);
-        }
+            },
+        );
     }
 
     /// Moves frames from the backend into receive buffers while there are
@@ -476,75 +472,65 @@ impl MutEventSubscriber for Net {
     }
 }
 
-/// The transport holds the device through the same lock as the event loop.
-impl VirtioDevice for Arc<Mutex<Net>> {
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
-    }
+impl LoopDevice for Net {
+    const NAME: &'static str = "virtio-net";
+    const DEVICE_TYPE: u32 = DEVICE_TYPE;
+    const QUEUE_MAX_SIZES: &'static [u16] = QUEUE_SIZES;
+    type Queues = [Queue; 2];
 
     fn features(&self) -> u64 {
         FEATURES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&lock(self).config, offset, data);
+        read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), String> {
-        let Activation {
-            memory,
-            queues,
-            queue_events,
-            features,
-            interrupt,
-        } = activation;
+    fn take_queues(features: u64, queues: Vec<Queue>) -> Result<[Queue; 2], String> {
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             // The header would be 10 bytes, the tap's is 12.
             return Err("virtio-net needs VIRTIO_F_VERSION_1".into());
         }
-        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
-            return Err("virtio-net needs exactly two queues".into());
-        };
-        if queue_events.len() != QUEUE_SIZES.len() {
-            return Err("virtio-net needs one eventfd per queue".into());
-        }
-        let mut device = lock(self);
-        if device.active.is_some() {
-            return Err("virtio-net is already active".into());
-        }
+        <[Queue; 2]>::try_from(queues).map_err(|_| "virtio-net needs exactly two queues".into())
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemory,
+        [rx, tx]: [Queue; 2],
+        features: u64,
+        interrupt: Interrupt,
+    ) -> Result<(), String> {
         let offload = tun_offload(features);
-        device
-            .backend
+        self.backend
             .set_offload(offload)
             .map_err(|e| format!("setting the tap's offloads to {offload:#x}: {e}"))?;
-        device.active = Some(Active {
+        self.active = Some(Active {
             memory,
             rx,
             tx,
             mergeable: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             interrupt,
         });
-        device.queues.activate(queue_events);
         Ok(())
     }
 
-    fn queue_notify(&mut self, queue: u16) {
-        lock(self).queues.notify(queue);
-    }
-
-    fn reset(&mut self) {
-        let mut device = lock(self);
-        device.active = None;
-        device.pending = None;
+    fn reset(&mut self) -> Vec<Box<dyn AsRawFd + Send>> {
+        self.active = None;
+        self.pending = None;
         // Frames queued for a driver that is gone must not reach the next
         // one with offloads it may not accept.
-        if let Err(e) = device.backend.set_offload(0) {
+        if let Err(e) = self.backend.set_offload(0) {
             tracing::debug!(error = %e, "cannot clear the tap's offloads");
         }
-        device.queues.reset([]);
+        Vec::new()
+    }
+
+    fn loop_queues(&mut self) -> &mut LoopQueues {
+        &mut self.queues
     }
 }

@@ -222,6 +222,25 @@ impl Guest {
         used
     }
 
+    /// Waits until the device has returned one receive chain, which must
+    /// be `head` holding a header and a frame of `frame_len` bytes; returns
+    /// what it wrote.
+    fn wait_rx_frame(&mut self, head: u16, frame_len: usize) -> Vec<u8> {
+        let used = self.wait_rx_used(1);
+        let len = (VNET_HDR_LEN + frame_len) as u32;
+        assert_eq!(used, vec![(head, len)]);
+        self.rx_bytes(head, len)
+    }
+
+    /// Transmits `frame` after a plain header in one descriptor, as Linux
+    /// lays out small frames, and checks that both reach `host` whole.
+    fn transmit_plain(&mut self, host: &OwnedFd, frame: &[u8]) {
+        let packet = [plain_header(), frame.to_vec()].concat();
+        let (used, _) = self.tx.submit(&[Desc::Read(packet.clone())]);
+        assert_eq!(used, 0, "a tx chain's used length is 0");
+        assert_eq!(recv_timeout(host, WAIT).unwrap(), packet);
+    }
+
     /// What the device wrote into the chain at `head`, `len` bytes over its
     /// descriptors in order.
     fn rx_bytes(&self, head: u16, len: u32) -> Vec<u8> {
@@ -447,15 +466,8 @@ fn a_transmitted_frame_reaches_the_tap_byte_exact_with_its_header() {
     let sent = recv_timeout(&host, WAIT).expect("the frame reached the tap");
     assert_eq!(sent, [header, frame.clone()].concat());
 
-    // Header and frame in one descriptor, as Linux lays out small frames.
-    let (used, _) = guest
-        .tx
-        .submit(&[Desc::Read([plain_header(), frame.clone()].concat())]);
-    assert_eq!(used, 0);
-    assert_eq!(
-        recv_timeout(&host, WAIT).unwrap(),
-        [plain_header(), frame].concat()
-    );
+    // Header and frame in one descriptor.
+    guest.transmit_plain(&host, &frame);
 }
 
 #[test]
@@ -472,13 +484,7 @@ fn malformed_transmit_chains_are_returned_and_dropped() {
     assert_eq!(used, 0);
     assert_eq!(recv_timeout(&host, SETTLE), None, "nothing reached the tap");
     // The queue still works.
-    guest
-        .tx
-        .submit(&[Desc::Read([plain_header(), frame.clone()].concat())]);
-    assert_eq!(
-        recv_timeout(&host, WAIT).unwrap(),
-        [plain_header(), frame].concat()
-    );
+    guest.transmit_plain(&host, &frame);
 }
 
 #[test]
@@ -487,10 +493,7 @@ fn a_received_frame_lands_in_a_buffer_with_its_header() {
     let head = guest.post_rx(&[2048]);
     let frame = ethernet_frame(200, 3);
     send(&host, &[csum_header(), frame.clone()].concat());
-    let used = guest.wait_rx_used(1);
-    let expected_len = (VNET_HDR_LEN + frame.len()) as u32;
-    assert_eq!(used, vec![(head, expected_len)]);
-    let bytes = guest.rx_bytes(head, expected_len);
+    let bytes = guest.wait_rx_frame(head, frame.len());
     assert_eq!(
         bytes[..10],
         csum_header()[..10],
@@ -506,10 +509,7 @@ fn a_received_frame_with_the_header_in_a_descriptor_of_its_own() {
     let head = guest.post_rx(&[VNET_HDR_LEN as u32, 1500]);
     let frame = ethernet_frame(100, 4);
     send(&host, &[plain_header(), frame.clone()].concat());
-    let used = guest.wait_rx_used(1);
-    let len = (VNET_HDR_LEN + frame.len()) as u32;
-    assert_eq!(used, vec![(head, len)]);
-    let bytes = guest.rx_bytes(head, len);
+    let bytes = guest.wait_rx_frame(head, frame.len());
     assert_eq!(num_buffers(&bytes), 1);
     assert_eq!(bytes[VNET_HDR_LEN..], frame);
 }
@@ -541,9 +541,7 @@ fn with_mergeable_buffers_a_large_frame_spans_several_chains() {
     // The fourth chain takes the next frame whole.
     let small = ethernet_frame(60, 6);
     send(&host, &[plain_header(), small.clone()].concat());
-    let used = guest.wait_rx_used(1);
-    assert_eq!(used, vec![(heads[3], (VNET_HDR_LEN + small.len()) as u32)]);
-    let bytes = guest.rx_bytes(heads[3], used[0].1);
+    let bytes = guest.wait_rx_frame(heads[3], small.len());
     assert_eq!(num_buffers(&bytes), 1);
 }
 
@@ -555,9 +553,10 @@ fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
     guest.no_rx_used_for_a_while();
     assert_eq!(reads.attempts(), 0, "the tap was not read, not even tried");
     let head = guest.post_rx(&[2048]);
-    let used = guest.wait_rx_used(1);
-    assert_eq!(used, vec![(head, (VNET_HDR_LEN + first.len()) as u32)]);
-    assert_eq!(guest.rx_bytes(head, used[0].1)[VNET_HDR_LEN..], first);
+    assert_eq!(
+        guest.wait_rx_frame(head, first.len())[VNET_HDR_LEN..],
+        first
+    );
     assert_eq!(reads.frames(), 1);
 
     // Out of buffers again: the next frame waits in the tap.
@@ -569,8 +568,10 @@ fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
     assert_eq!(reads.attempts(), attempts, "no busy loop on the tap");
     assert_eq!(reads.frames(), 1, "the second frame is still in the tap");
     let head = guest.post_rx(&[2048]);
-    let used = guest.wait_rx_used(1);
-    assert_eq!(guest.rx_bytes(head, used[0].1)[VNET_HDR_LEN..], second);
+    assert_eq!(
+        guest.wait_rx_frame(head, second.len())[VNET_HDR_LEN..],
+        second
+    );
 }
 
 #[test]
@@ -602,8 +603,7 @@ fn a_frame_waits_in_the_device_until_enough_mergeable_buffers_come() {
     assert_eq!(num_buffers(&bytes), 3);
     assert_eq!(bytes[VNET_HDR_LEN..], frame);
     let head = guest.post_rx(&[1000]);
-    let used = guest.wait_rx_used(1);
-    assert_eq!(guest.rx_bytes(head, used[0].1)[VNET_HDR_LEN..], next);
+    assert_eq!(guest.wait_rx_frame(head, next.len())[VNET_HDR_LEN..], next);
 }
 
 #[test]
@@ -633,9 +633,7 @@ fn without_mergeable_buffers_a_frame_too_large_for_the_buffer_is_dropped() {
     // The buffer was kept for the next frame, which fits.
     let small = ethernet_frame(100, 13);
     send(&host, &[plain_header(), small.clone()].concat());
-    let used = guest.wait_rx_used(1);
-    assert_eq!(used, vec![(head, (VNET_HDR_LEN + small.len()) as u32)]);
-    let bytes = guest.rx_bytes(head, used[0].1);
+    let bytes = guest.wait_rx_frame(head, small.len());
     assert_eq!(num_buffers(&bytes), 1, "num_buffers is 1 without MRG_RXBUF");
     assert_eq!(bytes[VNET_HDR_LEN..], small);
 }
@@ -671,9 +669,10 @@ fn a_reset_stops_the_traffic_and_a_new_activation_starts_it() {
     guest.tx.ring = rings.remove(0);
     guest.tx.kick = Kick::Eventfd(kicks.remove(0));
     let head = guest.post_rx(&[2048]);
-    let used = guest.wait_rx_used(1);
-    assert_eq!(used, vec![(head, (VNET_HDR_LEN + frame.len()) as u32)]);
-    assert_eq!(guest.rx_bytes(head, used[0].1)[VNET_HDR_LEN..], frame);
+    assert_eq!(
+        guest.wait_rx_frame(head, frame.len())[VNET_HDR_LEN..],
+        frame
+    );
 }
 
 #[test]

@@ -20,9 +20,9 @@ use super::{
 use crate::{
     memory::GuestMemory,
     virtio::{
-        lock,
+        loop_device::{drain_tx, LoopDevice},
         loop_queues::{LoopQueues, Wakeup},
-        notify_used, read_config_bytes, Activation, Interrupt, VirtioDevice,
+        notify_used, read_config_bytes, Interrupt,
     },
     VmmError,
 };
@@ -147,21 +147,18 @@ impl Vsock {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let mut returned = false;
-        while let Some(chain) = active.tx.pop_descriptor_chain(&active.memory) {
-            let head = chain.head_index();
-            match read_tx_packet(chain, &active.memory) {
-                Ok(packet) => self.muxer.handle_guest_packet(packet, ops),
+        let muxer = &mut self.muxer;
+        let memory = &active.memory;
+        drain_tx(
+            "vsock",
+            &mut active.tx,
+            memory,
+            &active.interrupt,
+            |chain| match read_tx_packet(chain, memory) {
+                Ok(packet) => muxer.handle_guest_packet(packet, ops),
                 Err(e) => tracing::warn!(error = %e, "malformed vsock tx chain dropped"),
-            }
-            if let Err(e) = active.tx.add_used(&active.memory, head, 0) {
-                tracing::warn!(error = %e, "cannot return a vsock tx chain");
-            }
-            returned = true;
-        }
-        if returned {
-            notify_used(&mut active.tx, &active.memory, &active.interrupt);
-        }
+            },
+        );
     }
 
     /// Fills rx buffers while there is something for the guest.
@@ -240,15 +237,12 @@ impl Vsock {
     }
 }
 
-/// The transport holds the device through the same lock as the event loop.
-impl VirtioDevice for Arc<Mutex<Vsock>> {
-    fn device_type(&self) -> u32 {
-        DEVICE_TYPE
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
-    }
+impl LoopDevice for Vsock {
+    const NAME: &'static str = "vsock";
+    const DEVICE_TYPE: u32 = DEVICE_TYPE;
+    const QUEUE_MAX_SIZES: &'static [u16] = QUEUE_SIZES;
+    /// rx and tx; the event queue is not used.
+    type Queues = [Queue; 3];
 
     fn features(&self) -> u64 {
         // Stream sockets only (no SEQPACKET), no EVENT_IDX.
@@ -256,49 +250,43 @@ impl VirtioDevice for Arc<Mutex<Vsock>> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&lock(self).guest_cid.to_le_bytes(), offset, data);
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), String> {
-        let Activation {
-            memory,
-            queues,
-            queue_events,
-            interrupt,
-            ..
-        } = activation;
-        let Ok([rx, tx, _event]) = <[Queue; 3]>::try_from(queues) else {
-            return Err("vsock needs exactly three queues".into());
-        };
-        if queue_events.len() != QUEUE_SIZES.len() {
-            return Err("vsock needs one eventfd per queue".into());
-        }
-        let mut device = lock(self);
-        if device.active.is_some() {
-            return Err("vsock is already active".into());
-        }
-        device.active = Some(Active {
+    fn take_queues(_features: u64, queues: Vec<Queue>) -> Result<[Queue; 3], String> {
+        <[Queue; 3]>::try_from(queues).map_err(|_| "vsock needs exactly three queues".into())
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn activate(
+        &mut self,
+        memory: GuestMemory,
+        [rx, tx, _event]: [Queue; 3],
+        _features: u64,
+        interrupt: Interrupt,
+    ) -> Result<(), String> {
+        self.active = Some(Active {
             memory,
             rx,
             tx,
             interrupt,
         });
-        device.queues.activate(queue_events);
         Ok(())
     }
 
-    fn queue_notify(&mut self, queue: u16) {
-        lock(self).queues.notify(queue);
+    fn reset(&mut self) -> Vec<Box<dyn AsRawFd + Send>> {
+        self.active = None;
+        self.muxer
+            .drop_all()
+            .into_iter()
+            .map(|stream| Box::new(stream) as Box<dyn AsRawFd + Send>)
+            .collect()
     }
 
-    fn reset(&mut self) {
-        let mut device = lock(self);
-        device.active = None;
-        let streams = device.muxer.drop_all();
-        device.queues.reset(
-            streams
-                .into_iter()
-                .map(|stream| Box::new(stream) as Box<dyn AsRawFd + Send>),
-        );
+    fn loop_queues(&mut self) -> &mut LoopQueues {
+        &mut self.queues
     }
 }
