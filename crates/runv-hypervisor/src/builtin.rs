@@ -294,7 +294,7 @@ fn vm_exit(end: VmEnd) -> VmExit {
 
 #[cfg(test)]
 mod tests {
-    use runv_vmm::testing::{print, pvh_image, RESET, SPIN};
+    use runv_vmm::testing::{namespaced_tap, print, pvh_image, RESET, SPIN};
 
     use super::*;
 
@@ -365,6 +365,18 @@ mod tests {
         Some(BuiltinVm::new(spec(dir), config))
     }
 
+    /// Waits for the started `vm`'s payload to end it (RESET), then stops
+    /// it; returns what the payload printed.
+    async fn console_after_guest_shutdown(vm: &mut BuiltinVm, dir: &std::path::Path) -> String {
+        let mut exit = vm.exit_watch().unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), exit.wait())
+            .await
+            .expect("the guest ends the VM");
+        assert_eq!(ended, VmExit::GuestShutdown);
+        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::GuestShutdown);
+        std::fs::read_to_string(dir.join("console.log")).unwrap()
+    }
+
     #[tokio::test]
     async fn a_guest_reset_ends_the_vm_and_its_directory() {
         let tmp = tempfile::tempdir().unwrap();
@@ -375,14 +387,8 @@ mod tests {
         let info = vm.start().await.expect("the VM starts");
         assert_eq!(info.accel, Accel::Kvm);
         assert!(vm.pids().is_empty(), "no helper process");
-        let mut exit = vm.exit_watch().unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(20), exit.wait())
-            .await
-            .expect("the guest ends the VM");
-        assert_eq!(ended, VmExit::GuestShutdown);
-        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::GuestShutdown);
         assert_eq!(
-            std::fs::read_to_string(tmp.path().join("console.log")).unwrap(),
+            console_after_guest_shutdown(&mut vm, tmp.path()).await,
             "up\n"
         );
         assert!(!tmp.path().join("vm1").exists(), "the VM directory is gone");
@@ -435,55 +441,6 @@ mod tests {
         assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
     }
 
-    /// A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in a network namespace
-    /// of its own, gone with its descriptor; or why there is none.
-    fn namespaced_tap(name: &'static str) -> Result<std::os::fd::OwnedFd, String> {
-        use nix::libc;
-        use std::os::fd::{FromRawFd, OwnedFd};
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        std::thread::spawn(move || {
-            // SAFETY: unshare moves this thread only.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "unshare(CLONE_NEWNET): {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            // SAFETY: a plain open of a C string.
-            let fd =
-                unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-            if fd < 0 {
-                return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()));
-            }
-            // SAFETY: a new descriptor of our own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: an all-zero ifreq is valid.
-            let mut ifreq: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (dst, &src) in ifreq.ifr_name.iter_mut().zip(name.as_bytes()) {
-                *dst = src as libc::c_char;
-            }
-            ifreq.ifr_ifru.ifru_flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF reads and updates the ifreq.
-            if unsafe {
-                libc::ioctl(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    libc::TUNSETIFF,
-                    &mut ifreq,
-                )
-            } < 0
-            {
-                return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
-            }
-            Ok(fd)
-        })
-        .join()
-        .expect("the namespace thread")
-    }
-
     /// The guest finds its network interfaces in the slots after the
     /// vsock's (no shared directory here), in the spec's order, each a
     /// virtio-net device (ID 1) with its MAC in the configuration space:
@@ -532,14 +489,8 @@ mod tests {
             },
         ];
         vm.start().await.expect("the VM starts");
-        let mut exit = vm.exit_watch().unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(20), exit.wait())
-            .await
-            .expect("the guest ends the VM");
-        assert_eq!(ended, VmExit::GuestShutdown);
-        assert_eq!(vm.stop(Duration::ZERO).await, VmExit::GuestShutdown);
         assert_eq!(
-            std::fs::read_to_string(tmp.path().join("console.log")).unwrap(),
+            console_after_guest_shutdown(&mut vm, tmp.path()).await,
             "1eth_0 1eth_1 \n"
         );
         // The caller's descriptor is still open, on the same open file
