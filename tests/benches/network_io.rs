@@ -29,8 +29,8 @@ use k8s_cri::v1::{
 };
 use runv_tests::{
     bench::{
-        command_output, configured_hypervisor, cpu_model, program_with_libraries, qemu_accel,
-        write_report,
+        command_output, configured_hypervisor, program_with_libraries, qemu_accel, write_report,
+        ReportLabels,
     },
     cni::{self, pod_ip, wait_network_ready, TestNetwork},
     containerd::{build_busybox_image_with_files, Containerd},
@@ -205,11 +205,18 @@ async fn main() {
     }
 
     let config = test_config(Path::new("/nonexistent"));
-    let cpu = cpu_model();
-    let host_kernel = command_output("uname", &["-r"]);
+    let labels = ReportLabels::read(hypervisor, accel, &config.vm, guest_kernel);
     let iperf3_version = command_output(IPERF3, &["--version"]);
     let iperf3_version = iperf3_version.lines().next().unwrap_or_default();
-    let date = command_output("date", &["-u", "+%F %H:%M UTC"]);
+    let ReportLabels {
+        hypervisor,
+        accel,
+        guest_kernel,
+        host_kernel,
+        cpu,
+        date,
+        ..
+    } = &labels;
     println!(
         "\nnetwork: a runc pod and a runv pod on one CNI bridge, measured from the host\n  \
          hypervisor {hypervisor}, accel {accel}, {} vCPUs, {} MiB, guest kernel \
@@ -261,15 +268,7 @@ async fn main() {
             })
             .collect()
     };
-    let report = json!({
-        "date": date,
-        "hypervisor": hypervisor,
-        "accel": accel,
-        "vcpus": config.vm.vcpus,
-        "memory_mib": config.vm.memory_mib,
-        "host_kernel": host_kernel,
-        "guest_kernel": guest_kernel,
-        "cpu": cpu,
+    let report = labels.report(json!({
         "iperf3": iperf3_version,
         "iperf3_time_s": iperf_time_s,
         "ping_count": PING_COUNT,
@@ -278,7 +277,7 @@ async fn main() {
         "medians": results,
         "samples": { "runc": rounds_json(runc), "runv": rounds_json(runv) },
         "bridge_left": bridge_left,
-    });
+    }));
     let path = write_report("network_io", &report);
     println!("\nwritten to {}", path.display());
 }

@@ -21,8 +21,8 @@ use std::{
 
 use runv_tests::{
     bench::{
-        command_output, configured_hypervisor, cpu_model, program_with_libraries, qemu_accel,
-        write_report,
+        command_output, configured_hypervisor, program_with_libraries, qemu_accel, write_report,
+        ReportLabels,
     },
     containerd::{build_busybox_image_with_files, Containerd},
     disks::{self, ext4_image, LoopDevice},
@@ -248,10 +248,17 @@ fn main() {
 
     let config = test_config(scratch.path());
     let hypervisor = configured_hypervisor(&containerd.runv_config());
-    let cpu = cpu_model();
-    let host_kernel = command_output("uname", &["-r"]);
+    let labels = ReportLabels::read(hypervisor, accel, &config.vm, guest_kernel);
     let fio_version = command_output(FIO, &["--version"]);
-    let date = command_output("date", &["-u", "+%F %H:%M UTC"]);
+    let ReportLabels {
+        hypervisor,
+        accel,
+        host_kernel,
+        guest_kernel,
+        cpu,
+        date,
+        ..
+    } = &labels;
     println!(
         "\nstorage I/O, {hypervisor} with {accel}, {} vCPUs, {} MiB; host kernel {host_kernel}, \
          guest kernel {guest_kernel}; CPU {cpu}; {fio_version}, libaio, {runtime_s} s a job, \
@@ -281,15 +288,7 @@ fn main() {
             })
         })
         .collect();
-    let report = json!({
-        "date": date,
-        "hypervisor": hypervisor,
-        "accel": accel,
-        "vcpus": config.vm.vcpus,
-        "memory_mib": config.vm.memory_mib,
-        "host_kernel": host_kernel,
-        "guest_kernel": guest_kernel,
-        "cpu": cpu,
+    let report = labels.report(json!({
         "fio": fio_version,
         "ioengine": "libaio",
         "runtime_s": runtime_s,
@@ -297,7 +296,7 @@ fn main() {
         "metadata_files": META_FILES,
         "virtio_fs_direct": modes.fs_direct,
         "results": results,
-    });
+    }));
     let path = write_report("storage_io", &report);
     println!("\nwritten to {}", path.display());
     containerd.stop();

@@ -92,3 +92,61 @@ pub fn write_report(name: &str, report: &serde_json::Value) -> PathBuf {
     fs::write(&path, serde_json::to_string_pretty(report).unwrap()).unwrap();
     path
 }
+
+/// The labels every benchmark report starts with: when, on which
+/// hypervisor and accelerator, the VM's size, the kernels and the CPU.
+pub struct ReportLabels {
+    pub date: String,
+    pub hypervisor: String,
+    pub accel: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub host_kernel: String,
+    pub guest_kernel: String,
+    pub cpu: String,
+}
+
+impl ReportLabels {
+    /// The labels of a run on `hypervisor` with `accel`, VMs like `vm`
+    /// and `guest_kernel`; the host's kernel, its CPU and the date are read
+    /// now.
+    pub fn read(
+        hypervisor: String,
+        accel: String,
+        vm: &runv_config::VmConfig,
+        guest_kernel: String,
+    ) -> ReportLabels {
+        ReportLabels {
+            cpu: cpu_model(),
+            host_kernel: command_output("uname", &["-r"]),
+            date: command_output("date", &["-u", "+%F %H:%M UTC"]),
+            hypervisor,
+            accel,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            guest_kernel,
+        }
+    }
+
+    /// A report: these labels, then `fields` (a JSON object) in its order.
+    pub fn report(&self, fields: serde_json::Value) -> serde_json::Value {
+        let serde_json::Value::Object(fields) = fields else {
+            panic!("a report's fields are a JSON object");
+        };
+        let mut report = serde_json::json!({
+            "date": self.date,
+            "hypervisor": self.hypervisor,
+            "accel": self.accel,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "host_kernel": self.host_kernel,
+            "guest_kernel": self.guest_kernel,
+            "cpu": self.cpu,
+        });
+        report
+            .as_object_mut()
+            .expect("the labels are an object")
+            .extend(fields);
+        report
+    }
+}
