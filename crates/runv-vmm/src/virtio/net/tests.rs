@@ -232,6 +232,16 @@ impl Guest {
         self.rx_bytes(head, len)
     }
 
+    /// Posts one receive buffer of `len` bytes and checks that the frame
+    /// the device holds or the tap has queued, `frame`, lands in it whole.
+    fn receive_in_new_buffer(&mut self, len: u32, frame: &[u8]) {
+        let head = self.post_rx(&[len]);
+        assert_eq!(
+            self.wait_rx_frame(head, frame.len())[VNET_HDR_LEN..],
+            *frame
+        );
+    }
+
     /// Transmits `frame` after a plain header in one descriptor, as Linux
     /// lays out small frames, and checks that both reach `host` whole.
     fn transmit_plain(&mut self, host: &OwnedFd, frame: &[u8]) {
@@ -265,6 +275,14 @@ impl Guest {
             }
         }
         bytes
+    }
+
+    /// What the device wrote into the `used` chains, one after the other:
+    /// a frame merged over them.
+    fn rx_bytes_of(&self, used: &[(u16, u32)]) -> Vec<u8> {
+        used.iter()
+            .flat_map(|&(head, len)| self.rx_bytes(head, len))
+            .collect()
     }
 
     fn no_rx_used_for_a_while(&mut self) {
@@ -531,10 +549,7 @@ fn with_mergeable_buffers_a_large_frame_spans_several_chains() {
         ],
         "three chains, in the order posted"
     );
-    let bytes: Vec<u8> = used
-        .iter()
-        .flat_map(|&(head, len)| guest.rx_bytes(head, len))
-        .collect();
+    let bytes = guest.rx_bytes_of(&used);
     assert_eq!(num_buffers(&bytes), 3);
     assert_eq!(bytes[VNET_HDR_LEN..], frame);
 
@@ -552,11 +567,7 @@ fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
     send(&host, &[plain_header(), first.clone()].concat());
     guest.no_rx_used_for_a_while();
     assert_eq!(reads.attempts(), 0, "the tap was not read, not even tried");
-    let head = guest.post_rx(&[2048]);
-    assert_eq!(
-        guest.wait_rx_frame(head, first.len())[VNET_HDR_LEN..],
-        first
-    );
+    guest.receive_in_new_buffer(2048, &first);
     assert_eq!(reads.frames(), 1);
 
     // Out of buffers again: the next frame waits in the tap.
@@ -567,11 +578,7 @@ fn without_receive_buffers_the_tap_is_not_read_until_the_guest_adds_some() {
     std::thread::sleep(SETTLE);
     assert_eq!(reads.attempts(), attempts, "no busy loop on the tap");
     assert_eq!(reads.frames(), 1, "the second frame is still in the tap");
-    let head = guest.post_rx(&[2048]);
-    assert_eq!(
-        guest.wait_rx_frame(head, second.len())[VNET_HDR_LEN..],
-        second
-    );
+    guest.receive_in_new_buffer(2048, &second);
 }
 
 #[test]
@@ -596,14 +603,10 @@ fn a_frame_waits_in_the_device_until_enough_mergeable_buffers_come() {
         used.iter().map(|&(head, _)| head).collect::<Vec<_>>(),
         vec![first, second, third]
     );
-    let bytes: Vec<u8> = used
-        .iter()
-        .flat_map(|&(head, len)| guest.rx_bytes(head, len))
-        .collect();
+    let bytes = guest.rx_bytes_of(&used);
     assert_eq!(num_buffers(&bytes), 3);
     assert_eq!(bytes[VNET_HDR_LEN..], frame);
-    let head = guest.post_rx(&[1000]);
-    assert_eq!(guest.wait_rx_frame(head, next.len())[VNET_HDR_LEN..], next);
+    guest.receive_in_new_buffer(1000, &next);
 }
 
 #[test]
@@ -668,11 +671,7 @@ fn a_reset_stops_the_traffic_and_a_new_activation_starts_it() {
     guest.rx.kick = Kick::Eventfd(kicks.remove(0));
     guest.tx.ring = rings.remove(0);
     guest.tx.kick = Kick::Eventfd(kicks.remove(0));
-    let head = guest.post_rx(&[2048]);
-    assert_eq!(
-        guest.wait_rx_frame(head, frame.len())[VNET_HDR_LEN..],
-        frame
-    );
+    guest.receive_in_new_buffer(2048, &frame);
 }
 
 #[test]
