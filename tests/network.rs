@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_cri::v1::NamespaceMode;
+use k8s_cri::v1::{NamespaceMode, PodSandboxStatsRequest};
 use runv_tests::{
     cni::{self, pod_ip, wait_network_ready, TestNetwork},
     containerd::Containerd,
@@ -88,6 +88,22 @@ async fn pods_reach_the_host_and_each_other() {
     let after = rx_bytes(&containerd, &httpd);
     println!("pod network rx bytes: {before} before, {after} after 5 requests");
     assert!(after > before, "network counters rise: {before} -> {after}");
+    // CRI's pod stats read the pod namespace's interface, which carries
+    // the VM's traffic.
+    let pod_stats = cri
+        .runtime
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: server_pod.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner();
+    let interface = pod_stats
+        .stats
+        .and_then(|stats| stats.linux?.network?.default_interface);
+    println!("CRI PodSandboxStats default interface: {interface:?}");
+    let cri_rx = interface.and_then(|i| i.rx_bytes).map_or(0, |b| b.value);
+    assert!(cri_rx > 0, "CRI pod stats count the pod's traffic");
 
     remove_pods(&containerd, &mut cri, &[&client_pod, &server_pod]).await;
     let taps = runv_taps();
