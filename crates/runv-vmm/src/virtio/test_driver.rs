@@ -188,6 +188,23 @@ pub(crate) fn activate_with_features(
     (rings, kicks)
 }
 
+/// `device` behind a virtio-mmio transport whose interrupt is `irq`, as
+/// a slot holds it; checks that the transport reports `device_type`.
+pub(crate) fn mmio_transport(
+    device: Box<dyn VirtioDevice>,
+    memory: &GuestMemory,
+    irq: &EventFd,
+    device_type: u32,
+) -> MmioTransport {
+    let mut transport =
+        MmioTransport::new(device, memory.clone(), irq.try_clone().unwrap()).unwrap();
+    assert_eq!(
+        mmio_read(&mut transport, VIRTIO_MMIO_DEVICE_ID),
+        device_type
+    );
+    transport
+}
+
 pub(crate) fn mmio_read(transport: &mut MmioTransport, offset: u32) -> u32 {
     let mut data = [0u8; 4];
     transport.read(u64::from(offset), &mut data);

@@ -10,7 +10,7 @@ use std::{
 
 use virtio_bindings::{
     virtio_blk::*,
-    virtio_mmio::{VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID},
+    virtio_mmio::VIRTIO_MMIO_CONFIG,
     virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE},
 };
 use virtio_queue::desc::split::Descriptor;
@@ -23,10 +23,9 @@ use crate::{
     event_loop::EventLoop,
     memory::create_guest_memory,
     virtio::{
-        mmio::MmioTransport,
         queue_device::QueueDevice,
         test_driver::{
-            activate_directly, mmio_read, set_up_through_mmio, Desc, Kick, QueueDriver,
+            activate_directly, mmio_transport, set_up_through_mmio, Desc, Kick, QueueDriver,
             BUFFER_SLOT, RING_SIZE,
         },
         VirtioDevice,
@@ -77,6 +76,16 @@ fn device(
 /// A device activated directly, kicked through its queue eventfd.
 fn guest(read_only: bool) -> Guest {
     let (device, event_loop, image, dir) = device(read_only);
+    activated(device, event_loop, image, dir)
+}
+
+/// `device` (served by `event_loop`, backed by `image`) activated directly.
+fn activated(
+    device: Arc<Mutex<QueueDevice<Block>>>,
+    event_loop: EventLoop,
+    image: PathBuf,
+    dir: tempfile::TempDir,
+) -> Guest {
     let memory = create_guest_memory(MEMORY_SIZE).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let (mut rings, mut kicks) =
@@ -378,16 +387,7 @@ fn works_through_the_mmio_transport() {
     let (device, event_loop, image, dir) = device(false);
     let memory = create_guest_memory(MEMORY_SIZE).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut transport = MmioTransport::new(
-        Box::new(device.clone()),
-        memory.clone(),
-        irq.try_clone().unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        mmio_read(&mut transport, VIRTIO_MMIO_DEVICE_ID),
-        DEVICE_TYPE
-    );
+    let mut transport = mmio_transport(Box::new(device.clone()), &memory, &irq, DEVICE_TYPE);
     let mut capacity = [0u8; 8];
     transport.read(u64::from(VIRTIO_MMIO_CONFIG), &mut capacity);
     assert_eq!(u64::from_le_bytes(capacity), IMAGE_SIZE / SECTOR);
@@ -470,24 +470,7 @@ fn a_host_block_device_is_a_backend() {
     assert_eq!(u64::from_le_bytes(capacity), IMAGE_SIZE / SECTOR);
     let event_loop = EventLoop::spawn("blk-dev-test").unwrap();
     event_loop.add_subscriber(device.clone()).unwrap();
-    let memory = create_guest_memory(MEMORY_SIZE).unwrap();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let (mut rings, mut kicks) =
-        activate_directly(&mut device.clone(), &memory, &[RING_BASE], &irq);
-    let mut guest = Guest {
-        queue: QueueDriver {
-            memory,
-            ring: rings.remove(0),
-            kick: Kick::Eventfd(kicks.remove(0)),
-            queue: 0,
-            buffers: BUFFERS,
-        },
-        device,
-        irq,
-        image: image.clone(),
-        _event_loop: event_loop,
-        _dir: dir,
-    };
+    let mut guest = activated(device, event_loop, image, dir);
     let write = guest.request(VIRTIO_BLK_T_OUT, 2, &[0x22; 1024], 0);
     assert_eq!(write.status, OK);
     assert_eq!(guest.request(VIRTIO_BLK_T_FLUSH, 0, &[], 0).status, OK);

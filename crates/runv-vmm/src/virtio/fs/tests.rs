@@ -13,7 +13,7 @@ use fuse_backend_rs::abi::fuse_abi::{
     OutHeader, ReadIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
 };
 use fuse_vm_memory::ByteValued;
-use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Fs, FsConfig, DEVICE_TYPE};
@@ -22,9 +22,10 @@ use crate::{
     event_loop::EventLoop,
     memory::create_guest_memory,
     virtio::{
-        mmio::MmioTransport,
         queue_device::QueueDevice,
-        test_driver::{activate_directly, mmio_read, set_up_through_mmio, Desc, Kick, QueueDriver},
+        test_driver::{
+            activate_directly, mmio_transport, set_up_through_mmio, Desc, Kick, QueueDriver,
+        },
     },
 };
 
@@ -325,16 +326,7 @@ fn works_through_the_mmio_transport() {
     let (device, event_loop) = device(dir.path(), false);
     let memory = create_guest_memory(MEMORY_SIZE).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut transport = MmioTransport::new(
-        Box::new(device.clone()),
-        memory.clone(),
-        irq.try_clone().unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        mmio_read(&mut transport, VIRTIO_MMIO_DEVICE_ID),
-        DEVICE_TYPE
-    );
+    let mut transport = mmio_transport(Box::new(device.clone()), &memory, &irq, DEVICE_TYPE);
     let mut config = [0u8; 40];
     transport.read(u64::from(VIRTIO_MMIO_CONFIG), &mut config);
     assert_eq!(&config[..TAG.len()], TAG.as_bytes());

@@ -15,9 +15,7 @@ use std::{
 };
 
 use virtio_bindings::{
-    virtio_config::VIRTIO_F_VERSION_1,
-    virtio_mmio::{VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID},
-    virtio_net::*,
+    virtio_config::VIRTIO_F_VERSION_1, virtio_mmio::VIRTIO_MMIO_CONFIG, virtio_net::*,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,9 +30,9 @@ use crate::{
     event_loop::EventLoop,
     memory::{create_guest_memory, GuestMemory},
     virtio::{
-        mmio::MmioTransport,
         test_driver::{
-            activate_with_features, mmio_read, Desc, Kick, QueueDriver, Ring, BUFFER_SLOT, WAIT,
+            activate_with_features, mmio_transport, Desc, Kick, QueueDriver, Ring, BUFFER_SLOT,
+            WAIT,
         },
         VirtioDevice,
     },
@@ -374,11 +372,7 @@ fn the_device_is_a_network_card_with_the_mac_and_link_up() {
     let device = Net::with_backend(Box::new(mock), MAC).unwrap();
     let memory = create_guest_memory(MEMORY_SIZE).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut transport = MmioTransport::new(Box::new(device.clone()), memory, irq).unwrap();
-    assert_eq!(
-        mmio_read(&mut transport, VIRTIO_MMIO_DEVICE_ID),
-        DEVICE_TYPE
-    );
+    let mut transport = mmio_transport(Box::new(device.clone()), &memory, &irq, DEVICE_TYPE);
     assert_eq!(DEVICE_TYPE, 1);
     let mut config = [0u8; 8];
     transport.read(u64::from(VIRTIO_MMIO_CONFIG), &mut config);

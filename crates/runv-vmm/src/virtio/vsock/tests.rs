@@ -28,7 +28,7 @@ use crate::{
     virtio::{
         mmio::MmioTransport,
         test_driver::{
-            activate_directly, mmio_read, mmio_write, set_up_through_mmio, Ring,
+            activate_directly, mmio_read, mmio_transport, mmio_write, set_up_through_mmio, Ring,
             RING_SIZE as QUEUE_SIZE, WAIT,
         },
         VirtioDevice,
@@ -749,14 +749,13 @@ fn dropping_the_device_removes_its_socket() {
 #[test]
 fn works_through_the_mmio_transport() {
     let mut driver = Driver::unactivated();
-    let mut transport = MmioTransport::new(
+    let mut transport = mmio_transport(
         Box::new(driver.device.clone()),
-        driver.memory.clone(),
-        driver.irq.try_clone().unwrap(),
-    )
-    .unwrap();
+        &driver.memory,
+        &driver.irq,
+        DEVICE_TYPE,
+    );
     let (read, write) = (mmio_read, mmio_write);
-    assert_eq!(read(&mut transport, VIRTIO_MMIO_DEVICE_ID), DEVICE_TYPE);
     let mut cid = [0u8; 8];
     transport.read(u64::from(VIRTIO_MMIO_CONFIG), &mut cid);
     assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
