@@ -25,28 +25,7 @@ fn runc_runs_busybox() {
 
 /// `ctr run` on runv with the test's runv config.
 fn runv_run(containerd: &Containerd, id: &str, args: &[&str]) -> std::process::Output {
-    containerd.ctr(&runv_run_args(containerd, &[], id, args))
-}
-
-/// The arguments of `ctr run --rm` on runv with the test's runv config,
-/// `options` before the image.
-fn runv_run_args<'a>(
-    containerd: &Containerd,
-    options: &[&'a str],
-    id: &'a str,
-    args: &[&'a str],
-) -> Vec<&'a str> {
-    containerd.runv_run_args("--rm", options, id, args)
-}
-
-/// The same for `ctr run -d`: the task runs on after ctr returns.
-fn runv_detached_args<'a>(
-    containerd: &Containerd,
-    options: &[&'a str],
-    id: &'a str,
-    args: &[&'a str],
-) -> Vec<&'a str> {
-    containerd.runv_run_args("-d", options, id, args)
+    containerd.ctr(&containerd.runv_run_args("--rm", &[], id, args))
 }
 
 #[test]
@@ -64,8 +43,8 @@ fn runv_runs_busybox() {
 fn runv_task_lifecycle() {
     let Some(containerd) = started() else { return };
     let id = "runv-life";
-    containerd.ctr_ok(&runv_detached_args(
-        &containerd,
+    containerd.ctr_ok(&containerd.runv_run_args(
+        "-d",
         &[],
         id,
         // As PID 1 of its namespace the shell ignores SIGTERM unless it traps it.
@@ -90,8 +69,8 @@ fn runv_task_lifecycle() {
 
     // SIGKILL, for a process that ignores SIGTERM.
     let id = "runv-kill";
-    containerd.ctr_ok(&runv_detached_args(
-        &containerd,
+    containerd.ctr_ok(&containerd.runv_run_args(
+        "-d",
         &[],
         id,
         &["sh", "-c", "trap '' TERM; sleep 600"],
@@ -113,7 +92,7 @@ fn runv_streams_100_mib_byte_exact() {
     let script = format!(
         "exec 3>&1; head -c {SIZE} /dev/urandom | tee /dev/fd/3 | sha256sum | cut -d' ' -f1 >&2"
     );
-    let args = runv_run_args(&containerd, &[], "runv-100mib", &["sh", "-c", &script]);
+    let args = containerd.runv_run_args("--rm", &[], "runv-100mib", &["sh", "-c", &script]);
     let mut ctr = containerd
         .ctr_command(&args)
         .stdout(Stdio::piped())
@@ -165,7 +144,7 @@ fn runv_log_uris() {
 
     let log = dir.join("logs/container.log");
     let uri = format!("file://{}", log.display());
-    let file = runv_run_args(&containerd, &["--log-uri", &uri], "runv-log-file", &script);
+    let file = containerd.runv_run_args("--rm", &["--log-uri", &uri], "runv-log-file", &script);
     let out = containerd.ctr(&file);
     assert!(out.status.success());
     let logged = std::fs::read_to_string(&log).unwrap();
@@ -184,7 +163,7 @@ fn runv_log_uris() {
     std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let prefix = dir.join("binary-log");
     let uri = format!("binary://{}?prefix={}", logger.display(), prefix.display());
-    let binary = runv_run_args(&containerd, &["--log-uri", &uri], "runv-log-bin", &script);
+    let binary = containerd.runv_run_args("--rm", &["--log-uri", &uri], "runv-log-bin", &script);
     let out = containerd.ctr(&binary);
     assert!(out.status.success());
     // The logger writes on after ctr returned: it sees end-of-file then.
@@ -219,9 +198,7 @@ fn runv_update_then_oom() {
         .expect("running ctr events");
     // ctr's spec has no /sys/fs/cgroup: mount the container's cgroup there.
     let cgroup = "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro";
-    let run = runv_detached_args(
-        &containerd,
-        &["--mount", cgroup],
+    let run = containerd.runv_run_args("-d", &["--mount", cgroup],
         id,
         &[
             "sh",
@@ -312,7 +289,7 @@ fn runv_faults_leave_nothing() {
     let bad_config = dir.join("bad-runv.toml");
     let config = std::fs::read_to_string(containerd.runv_config()).unwrap();
     std::fs::write(&bad_config, format!("no_such_key = 1\n{config}")).unwrap();
-    let mut run = runv_run_args(&containerd, &[], "runv-bad-config", &["true"]);
+    let mut run = containerd.runv_run_args("--rm", &[], "runv-bad-config", &["true"]);
     let config_arg = run
         .iter()
         .position(|&a| a == "--runtime-config-path")
@@ -327,8 +304,8 @@ fn runv_faults_leave_nothing() {
     }
 
     // A spec the guest cannot run: a working directory that is not absolute.
-    let out = containerd.ctr(&runv_run_args(
-        &containerd,
+    let out = containerd.ctr(&containerd.runv_run_args(
+        "--rm",
         &["--cwd", "relative/dir"],
         "runv-bad-spec",
         &["true"],
@@ -350,7 +327,7 @@ fn runv_faults_leave_nothing() {
 
     // kill -9 of the shim while its container runs.
     let id = "runv-shim-killed";
-    containerd.ctr_ok(&runv_detached_args(&containerd, &[], id, &["sleep", "600"]));
+    containerd.ctr_ok(&containerd.runv_run_args("-d", &[], id, &["sleep", "600"]));
     let sockets = containerd.shim_sockets();
     assert_eq!(sockets.len(), 1, "{sockets:?}");
     let running = runv_tests::processes_mentioning(&dir);
