@@ -149,15 +149,18 @@ impl Drop for TestMount {
     }
 }
 
+/// The file's text once it holds a whole line: the guest's shell creates
+/// the file before it writes, and a busy host may look in between.
 fn wait_for_file(path: &Path, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(text) = fs::read_to_string(path) {
-            return text;
+        match fs::read_to_string(path) {
+            Ok(text) if text.ends_with('\n') => return text,
+            _ => {}
         }
         assert!(
             Instant::now() < deadline,
-            "{} never appeared",
+            "{} never got a whole line",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(50));
