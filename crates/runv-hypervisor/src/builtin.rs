@@ -123,6 +123,7 @@ impl BuiltinVm {
                     read_only: false,
                 })
                 .collect(),
+            vfio_devices: Vec::new(),
         })
     }
 }

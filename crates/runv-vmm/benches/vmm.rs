@@ -61,6 +61,7 @@ fn start_vm(dir: &Path, index: usize) -> (MicroVm, Duration) {
         }),
         net_devices: Vec::new(),
         filesystems: Vec::new(),
+        vfio_devices: Vec::new(),
     };
     let started = Instant::now();
     let vm = MicroVm::start(config, Box::new(|_| {})).expect("the microVM starts");

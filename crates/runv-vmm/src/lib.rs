@@ -8,19 +8,23 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
+pub mod irq_routing;
 mod kick;
 mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod pci;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;
 pub mod vm;
 
 pub use bus::{Bus, BusDevice};
 pub use machine::{MicroVm, MicroVmConfig, OnEnd, VmEnd, VsockConfig, THREAD_NAME_PREFIX};
 pub use vcpu::{Vcpu, VcpuStop};
+pub use vfio::VfioConfig;
 pub use virtio::{block::BlockConfig, fs::FsConfig, net::NetConfig};
 pub use vm::{Vm, VmControl};
 

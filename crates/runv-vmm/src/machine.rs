@@ -27,7 +27,7 @@ use crate::{
         vsock::Vsock,
         VirtioDevice,
     },
-    Vm, VmmError,
+    VfioConfig, Vm, VmmError,
 };
 
 /// Every thread the VMM starts is named with this prefix, so that an owner
@@ -66,6 +66,9 @@ pub struct MicroVmConfig {
     /// Host directories shared through virtio-fs from boot on, found by
     /// the guest's first probe of their slots (no agent call needed).
     pub filesystems: Vec<FsConfig>,
+    /// Host PCI functions passed through on the guest's PCI root bus, in
+    /// this order, cold-plugged (found by the guest's PCI scan at boot).
+    pub vfio_devices: Vec<VfioConfig>,
 }
 
 /// How a microVM ended.

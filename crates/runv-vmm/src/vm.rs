@@ -12,7 +12,10 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::{bus::Bus, kick::VcpuThreads, kvm, memory::GuestMemory, vcpu::Vcpu, VmmError};
+use crate::{
+    bus::Bus, irq_routing::IrqRouting, kick::VcpuThreads, kvm, memory::GuestMemory, vcpu::Vcpu,
+    VmmError,
+};
 
 /// Three pages below the BIOS area that Intel's VMX needs for its TSS on
 /// older hosts; kept out of guest RAM by the memory layout's gap.
@@ -45,8 +48,9 @@ impl VmControl {
 /// A KVM VM with its RAM and buses.
 pub struct Vm {
     supported_cpuid: kvm_bindings::CpuId,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     memory: GuestMemory,
+    irq_routing: Arc<IrqRouting>,
     /// Port I/O devices.
     pub pio: Bus,
     /// Memory-mapped devices.
@@ -88,8 +92,10 @@ impl Vm {
             unsafe { fd.set_user_memory_region(kvm_region) }
                 .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        let fd = Arc::new(fd);
         Ok(Vm {
             supported_cpuid,
+            irq_routing: Arc::new(IrqRouting::new(fd.clone())),
             fd,
             memory,
             pio: Bus::default(),
@@ -109,6 +115,32 @@ impl Vm {
 
     pub fn control(&self) -> &Arc<VmControl> {
         &self.control
+    }
+
+    /// GSI routes and irqfds for MSI-X vectors.
+    pub fn irq_routing(&self) -> &Arc<IrqRouting> {
+        &self.irq_routing
+    }
+
+    /// Maps `len` bytes of host memory at `host_address` (a device's
+    /// mmap-ed BAR) into the guest at `guest_address`, in a KVM memory
+    /// slot of its own, which it returns.
+    ///
+    /// # Safety
+    /// The mapping must stay valid until [`Vm::unmap_device_memory`] or
+    /// the VM's end.
+    pub unsafe fn map_device_memory(
+        &self,
+        guest_address: u64,
+        len: u64,
+        host_address: *mut u8,
+    ) -> Result<u32, VmmError> {
+        todo!("{guest_address} {len} {host_address:?}")
+    }
+
+    /// Takes the slot of [`Vm::map_device_memory`] out of the guest.
+    pub fn unmap_device_memory(&self, slot: u32) -> Result<(), VmmError> {
+        todo!("{slot}")
     }
 
     /// Creates vCPU `id` of `count`, with its CPUID and MSRs set. With the in-kernel

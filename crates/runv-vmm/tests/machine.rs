@@ -70,6 +70,7 @@ fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
             shared_dir: guest._dir.path().to_owned(),
             read_only: false,
         }],
+        vfio_devices: Vec::new(),
     }
 }
 
