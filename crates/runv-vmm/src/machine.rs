@@ -11,6 +11,7 @@ use std::{
 };
 
 use event_manager::MutEventSubscriber;
+use vm_memory::GuestMemoryBackend as _;
 
 use crate::{
     boot,
@@ -19,7 +20,9 @@ use crate::{
     event_loop::{EventLoop, SubscriberId},
     memory::create_guest_memory,
     mptable,
+    pci::{BarAllocator, PciConfigIo, PciRoot, CONFIG_IO_PORT, CONFIG_IO_PORT_LEN},
     vcpu::{VcpuHandle, VcpuStop},
+    vfio::{DmaMapping, VfioHost, VfioPciDevice},
     virtio::{
         block::{Block, BlockConfig},
         fs::{Fs, FsConfig},
@@ -67,7 +70,10 @@ pub struct MicroVmConfig {
     /// the guest's first probe of their slots (no agent call needed).
     pub filesystems: Vec<FsConfig>,
     /// Host PCI functions passed through on the guest's PCI root bus, in
-    /// this order, cold-plugged (found by the guest's PCI scan at boot).
+    /// this order (devices 1, 2, ... of bus 0), cold-plugged: found by the
+    /// guest's PCI scan at boot, kept until the VM ends, never hot-plugged.
+    /// Each must be bound to vfio-pci on an IOMMU host; the VM's RAM is
+    /// then pinned for their DMA. Empty: the guest has no PCI bus.
     pub vfio_devices: Vec<VfioConfig>,
 }
 
@@ -94,6 +100,10 @@ enum Event {
 
 /// A running microVM. Dropping it ends the VM.
 pub struct MicroVm {
+    /// The IOMMU's view of guest RAM for passed-through functions. Dropped
+    /// first, while the functions (held by the VM's buses) still hold
+    /// their IOMMU domain.
+    _vfio_dma: Option<DmaMapping>,
     name: String,
     vm: Arc<Vm>,
     devices: DeviceManager,
@@ -132,6 +142,7 @@ impl MicroVm {
             let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
             subscribers.insert(slot, id);
         }
+        let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
         let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
         let entry = boot::load(&memory, &config.kernel, &config.initramfs, &cmdline)?;
@@ -173,6 +184,7 @@ impl MicroVm {
             .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
         tracing::info!(vm = %name, "microVM started");
         Ok(MicroVm {
+            _vfio_dma: vfio_dma,
             name,
             vm,
             devices,
@@ -294,6 +306,36 @@ fn supervise(
     }
     tracing::info!(vm = %name, ?end, "microVM ended");
     on_end(end);
+}
+
+/// Puts the functions of `configs` on a PCI root bus of the guest's, and
+/// maps the guest's RAM for their DMA; returns that mapping, for the
+/// caller to keep until the VM ends. On error, what was attached goes
+/// with `vm`.
+fn attach_vfio_devices(
+    vm: &mut Vm,
+    configs: &[VfioConfig],
+) -> Result<Option<DmaMapping>, VmmError> {
+    if configs.is_empty() {
+        return Ok(None);
+    }
+    let host = VfioHost::new(vm)?;
+    let mut root = PciRoot::new();
+    let mut allocator = BarAllocator::new(vm.memory().last_addr().0 + 1);
+    for config in configs {
+        let function = host.open(config)?;
+        let device = VfioPciDevice::attach(vm, &mut allocator, function)?;
+        root.add_device(Arc::new(Mutex::new(device)))?;
+    }
+    let config_io = PciConfigIo::new(Arc::new(Mutex::new(root)));
+    vm.pio.insert(
+        "pci-config",
+        CONFIG_IO_PORT,
+        CONFIG_IO_PORT_LEN,
+        Arc::new(Mutex::new(config_io)),
+    )?;
+    // After the functions: the container's IOMMU is set up with the first.
+    host.map_guest_memory(vm.memory()).map(Some)
 }
 
 /// Registers `device` with the event loop and puts it in a free slot;

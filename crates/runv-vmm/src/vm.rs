@@ -1,9 +1,12 @@
 //! The KVM VM: in-kernel irqchip and PIT, guest RAM, and the buses that
 //! vCPU exits are routed through.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use kvm_bindings::{
@@ -51,6 +54,7 @@ pub struct Vm {
     fd: Arc<VmFd>,
     memory: GuestMemory,
     irq_routing: Arc<IrqRouting>,
+    device_memory: Arc<DeviceMemory>,
     /// Port I/O devices.
     pub pio: Bus,
     /// Memory-mapped devices.
@@ -96,6 +100,11 @@ impl Vm {
         Ok(Vm {
             supported_cpuid,
             irq_routing: Arc::new(IrqRouting::new(fd.clone())),
+            device_memory: Arc::new(DeviceMemory {
+                fd: fd.clone(),
+                first_slot: memory.num_regions() as u32,
+                used: Mutex::default(),
+            }),
             fd,
             memory,
             pio: Bus::default(),
@@ -135,12 +144,19 @@ impl Vm {
         len: u64,
         host_address: *mut u8,
     ) -> Result<u32, VmmError> {
-        todo!("{guest_address} {len} {host_address:?}")
+        // SAFETY: the caller's promise is the one `map` asks for.
+        unsafe { self.device_memory.map(guest_address, len, host_address) }
     }
 
     /// Takes the slot of [`Vm::map_device_memory`] out of the guest.
     pub fn unmap_device_memory(&self, slot: u32) -> Result<(), VmmError> {
-        todo!("{slot}")
+        self.device_memory.unmap(slot)
+    }
+
+    /// The device-memory slots, for a device that unmaps its memory when
+    /// it is dropped (which may be after the `Vm` itself).
+    pub fn device_memory(&self) -> &Arc<DeviceMemory> {
+        &self.device_memory
     }
 
     /// Creates vCPU `id` of `count`, with its CPUID and MSRs set. With the in-kernel
@@ -157,6 +173,66 @@ impl Vm {
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
         set_boot_msrs(&fd)?;
         Ok(Vcpu::new(u64::from(id), fd))
+    }
+}
+
+/// Device memory in the guest (a passed-through function's BARs): KVM
+/// memory slots numbered after RAM's, which take slots 0..n.
+pub struct DeviceMemory {
+    fd: Arc<VmFd>,
+    first_slot: u32,
+    used: Mutex<BTreeSet<u32>>,
+}
+
+impl DeviceMemory {
+    /// See [`Vm::map_device_memory`].
+    ///
+    /// # Safety
+    /// The mapping must stay valid until [`DeviceMemory::unmap`] or the
+    /// VM's end.
+    pub unsafe fn map(
+        &self,
+        guest_address: u64,
+        len: u64,
+        host_address: *mut u8,
+    ) -> Result<u32, VmmError> {
+        let mut used = self.used.lock().expect("device slots lock");
+        // The lowest free slot: KVM bounds the slot numbers, not their count.
+        let slot = (self.first_slot..)
+            .find(|slot| !used.contains(slot))
+            .expect("a free slot number");
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: guest_address,
+            memory_size: len,
+            userspace_addr: host_address as u64,
+            flags: 0,
+        };
+        // SAFETY: the caller keeps the mapping valid while the slot lives.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm("KVM_SET_USER_MEMORY_REGION (device memory)"))?;
+        used.insert(slot);
+        Ok(slot)
+    }
+
+    /// See [`Vm::unmap_device_memory`].
+    pub fn unmap(&self, slot: u32) -> Result<(), VmmError> {
+        let mut used = self.used.lock().expect("device slots lock");
+        if !used.contains(&slot) {
+            return Err(VmmError::Device(format!(
+                "KVM memory slot {slot} holds no device memory"
+            )));
+        }
+        // A slot of size 0 is KVM's way to delete it.
+        let region = kvm_userspace_memory_region {
+            slot,
+            ..Default::default()
+        };
+        // SAFETY: deleting a slot maps nothing.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm("KVM_SET_USER_MEMORY_REGION (deleting device memory)"))?;
+        used.remove(&slot);
+        Ok(())
     }
 }
 
@@ -210,6 +286,50 @@ mod tests {
                 MISC_ENABLE_FAST_STRING,
                 "vCPU {id}: IA32_MISC_ENABLE = {misc_enable:#x}"
             );
+        }
+    }
+
+    /// An anonymous mapping of `len` bytes, standing in for a BAR.
+    fn anonymous(len: usize) -> *mut u8 {
+        // SAFETY: a fresh anonymous mapping, checked below.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(address, libc::MAP_FAILED);
+        address.cast()
+    }
+
+    #[test]
+    fn device_memory_takes_slots_after_ram_and_gives_them_back() {
+        if !crate::testing::kvm_usable() {
+            return;
+        }
+        let vm = Vm::new(create_guest_memory(1 << 20).unwrap()).unwrap();
+        let (a, b) = (anonymous(0x4000), anonymous(0x1000));
+        // SAFETY: both mappings live until the end of the test, after the
+        // slots are gone.
+        let first = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a) }.unwrap();
+        let second = unsafe { vm.map_device_memory(0xe000_4000, 0x1000, b) }.unwrap();
+        assert_eq!(first, vm.memory().num_regions() as u32);
+        assert_ne!(first, second);
+        vm.unmap_device_memory(first).unwrap();
+        assert!(vm.unmap_device_memory(first).is_err());
+        // The freed slot is taken again.
+        let again = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a) }.unwrap();
+        assert_eq!(again, first);
+        vm.unmap_device_memory(again).unwrap();
+        vm.unmap_device_memory(second).unwrap();
+        // SAFETY: the mappings are ours and no slot refers to them now.
+        unsafe {
+            libc::munmap(a.cast(), 0x4000);
+            libc::munmap(b.cast(), 0x1000);
         }
     }
 }
