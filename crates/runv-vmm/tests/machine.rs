@@ -17,8 +17,8 @@ use common::Console;
 use runv_vmm::{
     device_manager::SlotIndex,
     testing::{namespaced_tap, print, pvh_image, RESET, SPIN},
-    BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VmEnd, VmmError, VsockConfig,
-    THREAD_NAME_PREFIX,
+    BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VfioConfig, VmEnd, VmmError,
+    VsockConfig, THREAD_NAME_PREFIX,
 };
 
 const END_TIMEOUT: Duration = Duration::from_secs(20);
@@ -110,6 +110,7 @@ fn microvm_lifecycle() {
     the_guest_prints_and_ends_the_vm();
     the_owner_ends_a_guest_that_never_stops();
     a_bad_kernel_is_refused_and_leaves_nothing();
+    passthrough_without_vfio_is_refused_and_leaves_nothing();
     devices_are_plugged_and_unplugged_while_the_guest_runs();
     network_interfaces_are_plugged_at_boot_and_while_the_guest_runs();
 }
@@ -170,6 +171,26 @@ fn a_bad_kernel_is_refused_and_leaves_nothing() {
     );
     let err = result.err().expect("a bad kernel is refused").to_string();
     assert!(err.contains("payload.elf"), "{err}");
+    assert_gone(&guest.vsock);
+}
+
+/// A VFIO function asked for on a host without VFIO: the VM is not
+/// started, and the error says what the host lacks.
+fn passthrough_without_vfio_is_refused_and_leaves_nothing() {
+    if Path::new("/dev/vfio/vfio").exists() {
+        return;
+    }
+    let Some(guest) = guest(&SPIN) else { return };
+    let mut config = config(&guest, 1, &Console::default());
+    config.vfio_devices = vec![VfioConfig {
+        sysfs_path: "/sys/bus/pci/devices/0000:00:00.0".into(),
+    }];
+    let result = MicroVm::start(
+        config,
+        Box::new(|_| panic!("a VM that never started does not end")),
+    );
+    let err = result.err().expect("passthrough is refused").to_string();
+    assert!(err.contains("modprobe vfio-pci"), "{err}");
     assert_gone(&guest.vsock);
 }
 

@@ -43,7 +43,9 @@ pub fn place(
             info.index,
             Bar {
                 address,
-                size: info.size,
+                // A BAR under a page is a page in the guest; the rest of
+                // that page answers nothing.
+                size: BarAllocator::guest_size(info.size),
                 kind: info.kind,
                 prefetchable: info.prefetchable,
             },

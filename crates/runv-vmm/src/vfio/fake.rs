@@ -65,7 +65,7 @@ impl FakeFunction {
         config[Self::MSIX_CAP + 8..Self::MSIX_CAP + 12]
             .copy_from_slice(&(Self::PBA as u32).to_le_bytes());
         FakeFunction {
-            mappable: vec![0..Self::BAR0_SIZE],
+            mappable: std::iter::once(0..Self::BAR0_SIZE).collect(),
             state: Mutex::new(FakeState {
                 config,
                 bar0: vec![0; Self::BAR0_SIZE as usize],

@@ -250,12 +250,12 @@ mod tests {
     /// pass it through; says why not otherwise.
     fn real_function() -> Option<PathBuf> {
         let reason = match std::env::var_os("RUNV_TEST_VFIO_DEVICE") {
+            _ if !Path::new(CONTAINER_PATH).exists() => {
+                format!("{CONTAINER_PATH} is missing: no IOMMU, or vfio-pci not loaded")
+            }
             None => "RUNV_TEST_VFIO_DEVICE does not name the sysfs path of a function \
                      bound to vfio-pci"
                 .to_owned(),
-            Some(_) if !Path::new(CONTAINER_PATH).exists() => {
-                format!("{CONTAINER_PATH} is missing: no IOMMU or vfio-pci not loaded")
-            }
             Some(path) => return Some(path.into()),
         };
         println!("SKIPPED: no VFIO on this host ({reason})");
