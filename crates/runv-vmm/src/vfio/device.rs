@@ -238,6 +238,20 @@ mod tests {
     }
 
     #[test]
+    fn the_function_answers_on_the_root_bus() {
+        if !crate::testing::kvm_usable() {
+            return;
+        }
+        let (_vm, device, _function) = attach(FakeFunction::vf());
+        let mut root = crate::pci::PciRoot::new();
+        let number = root.add_device(Arc::new(Mutex::new(device))).unwrap();
+        let id = root.read_config(0, number, 0, 0);
+        assert_eq!(id & 0xffff, u32::from(FakeFunction::VENDOR));
+        // Ethernet controller.
+        assert_eq!(root.read_config(0, number, 0, 2) >> 24, 0x02);
+    }
+
+    #[test]
     fn the_capability_chain_skips_msi() {
         if !crate::testing::kvm_usable() {
             return;
