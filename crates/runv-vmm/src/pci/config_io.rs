@@ -14,6 +14,9 @@ const DATA_OFFSET: u64 = 4;
 const ENABLE: u32 = 1 << 31;
 /// Bits 1:0 of the latch are not part of the address and read zero.
 const LATCH_MASK: u32 = !0x3;
+/// Bits 30:24: reserved, or (AMD) bits 11:8 of an extended register,
+/// which this bus does not have.
+const RESERVED: u32 = 0x7f00_0000;
 
 /// The port pair, on the VM's port I/O bus at [`CONFIG_IO_PORT`].
 pub struct PciConfigIo {
@@ -36,9 +39,10 @@ impl PciConfigIo {
         PciConfigIo { root, latch: 0 }
     }
 
-    /// The latched address, or None while the enable bit is clear.
+    /// The latched address, or None while the enable bit is clear or the
+    /// address is past configuration space's 256 bytes.
     fn address(&self) -> Option<ConfigAddress> {
-        (self.latch & ENABLE != 0).then_some(ConfigAddress {
+        (self.latch & (ENABLE | RESERVED) == ENABLE).then_some(ConfigAddress {
             bus: (self.latch >> 16) as u8,
             device: ((self.latch >> 11) & 0x1f) as u8,
             function: ((self.latch >> 8) & 0x7) as u8,
@@ -197,6 +201,16 @@ mod tests {
     fn without_the_enable_bit_data_reads_all_ones_and_writes_nothing() {
         let (mut io, function) = config_io();
         latch(&mut io, 1 << 11);
+        assert_eq!(read(&mut io, 4, 4), [0xff; 4]);
+        io.write(4, &[0; 4]);
+        assert!(function.lock().unwrap().writes.is_empty());
+    }
+
+    #[test]
+    fn extended_registers_read_all_ones_and_take_no_writes() {
+        let (mut io, function) = config_io();
+        // AMD's extended register 0x100 of 00:01.0: not register 0.
+        latch(&mut io, ENABLE | 1 << 24 | 1 << 11);
         assert_eq!(read(&mut io, 4, 4), [0xff; 4]);
         io.write(4, &[0; 4]);
         assert!(function.lock().unwrap().writes.is_empty());

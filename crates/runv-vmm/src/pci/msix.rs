@@ -163,16 +163,21 @@ impl MsixVectors {
     /// pending when its eventfd was signalled while KVM did not hold it;
     /// an active vector is never pending, as KVM delivers it at once.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
-        for (at, byte) in (offset..).zip(data.iter_mut()) {
-            let first = at.saturating_mul(8);
-            *byte = (0..8)
-                .filter(|bit| {
-                    usize::try_from(first + bit)
-                        .ok()
-                        .and_then(|index| self.vectors.get(index))
-                        .is_some_and(Vector::pending)
-                })
-                .fold(0, |byte, bit| byte | 1 << bit);
+        for (at, byte) in data.iter_mut().enumerate() {
+            // Byte n holds the bits of vectors 8n..8n + 8; past the
+            // vectors, the array's padding reads zero.
+            let first = usize::try_from(offset)
+                .ok()
+                .and_then(|offset| offset.checked_add(at)?.checked_mul(8));
+            *byte = first.map_or(0, |first| {
+                self.vectors
+                    .iter()
+                    .skip(first)
+                    .take(8)
+                    .enumerate()
+                    .filter(|(_, vector)| vector.pending())
+                    .fold(0, |byte, (bit, _)| byte | 1 << bit)
+            });
         }
     }
 
