@@ -13,7 +13,7 @@ use crate::{
     bus::BusDevice,
     pci::{Bar, BarAllocator, BarRegisters, MsixVectors},
     vfio::{
-        config::{BarInfo, MsixCapability},
+        config::{BarInfo, BarPart, MsixCapability},
         function::{HostMapping, PassthroughFunction},
     },
     vm::DeviceMemory,
@@ -50,9 +50,7 @@ pub fn place(
                 prefetchable: info.prefetchable,
             },
         );
-        let in_this_bar = |part: &crate::vfio::config::BarPart| {
-            (part.bar == info.index).then(|| part.range.clone())
-        };
+        let in_this_bar = |part: &BarPart| (part.bar == info.index).then(|| part.range.clone());
         let (table, pba) = (in_this_bar(&msix.table), in_this_bar(&msix.pba));
         let msix_pages: Vec<_> = table.iter().chain(&pba).map(whole_pages).collect();
         let direct: Vec<_> = function
