@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::Console;
-use real_mode::{collect_ends, spawn_all, start_in_real_mode, stop_all, GUEST_TIMEOUT};
+use common::{start_in_real_mode, Console};
+use real_mode::{collect_ends, spawn_all, stop_all, GUEST_TIMEOUT};
 use runv_vmm::testing::kvm_usable;
 use runv_vmm::{
     device_manager::{DeviceManager, SlotIndex},

@@ -7,8 +7,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::Console;
-use kvm_bindings::kvm_regs;
+use common::{start_in_real_mode, Console};
 use runv_vmm::{
     devices::add_legacy_devices,
     memory::{create_guest_memory, MMIO_GAP_START},
@@ -67,18 +66,7 @@ fn test_vm(code: &[u8]) -> Option<TestVm> {
 /// Runs vCPU 0 in real mode from LOAD_ADDRESS, with DS based at the probe.
 fn run_real_mode(test: &TestVm) -> Result<VcpuStop, runv_vmm::vcpu::VcpuError> {
     let mut vcpu = test.vm.create_vcpu(0, 1).unwrap();
-    let mut sregs = vcpu.fd().get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = TEST_DEVICE_BASE;
-    vcpu.fd().set_sregs(&sregs).unwrap();
-    vcpu.fd()
-        .set_regs(&kvm_regs {
-            rip: LOAD_ADDRESS,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
+    start_in_real_mode(&vcpu, LOAD_ADDRESS, TEST_DEVICE_BASE);
     vcpu.run(&test.vm)
 }
 

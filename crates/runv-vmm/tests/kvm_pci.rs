@@ -6,8 +6,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::Console;
-use kvm_bindings::kvm_regs;
+use common::{start_in_real_mode, Console};
 use runv_vmm::{
     devices::add_legacy_devices,
     memory::create_guest_memory,
@@ -103,17 +102,7 @@ fn guest_finds_the_host_bridge_through_mechanism_1() {
         )
         .unwrap();
     let mut vcpu = vm.create_vcpu(0, 1).unwrap();
-    let mut sregs = vcpu.fd().get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.fd().set_sregs(&sregs).unwrap();
-    vcpu.fd()
-        .set_regs(&kvm_regs {
-            rip: LOAD_ADDRESS,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
+    start_in_real_mode(&vcpu, LOAD_ADDRESS, 0);
     assert_eq!(vcpu.run(&vm).expect("the payload runs"), VcpuStop::Reset);
     assert_eq!(
         console.bytes(),

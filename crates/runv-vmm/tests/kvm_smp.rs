@@ -9,9 +9,9 @@ mod real_mode;
 
 use std::sync::Arc;
 
-use common::Console;
+use common::{start_in_real_mode, Console};
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
-use real_mode::{collect_ends, spawn_all, start_in_real_mode, stop_all, GUEST_TIMEOUT};
+use real_mode::{collect_ends, spawn_all, stop_all, GUEST_TIMEOUT};
 use runv_vmm::testing::kvm_usable;
 use runv_vmm::{devices::add_legacy_devices, memory::create_guest_memory, mptable, VcpuStop, Vm};
 use vm_memory::{Bytes, GuestAddress};

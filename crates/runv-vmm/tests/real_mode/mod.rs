@@ -11,22 +11,6 @@ use runv_vmm::{vcpu::VcpuHandle, Vcpu, VcpuStop, Vm};
 /// How long a test waits for the guest before it gives up.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Puts vCPU 0 in real mode at `ip` (CS base 0), with DS based at `ds_base`
-/// so that the payload reaches that address through 16-bit offsets.
-pub fn start_in_real_mode(vcpu: &Vcpu, ip: u64, ds_base: u64) {
-    let mut sregs = vcpu.fd().get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = ds_base;
-    vcpu.fd().set_sregs(&sregs).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: ip,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.fd().set_regs(&regs).unwrap();
-}
-
 /// How a vCPU's run ended, as its thread reports it.
 pub type Ended = mpsc::Receiver<(u64, Result<VcpuStop, String>)>;
 
