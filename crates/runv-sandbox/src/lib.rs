@@ -157,6 +157,7 @@ impl PodVm {
             console_log,
             shared_dir: None,
             net_devices: Vec::new(),
+            vfio_devices: Vec::new(),
         }
     }
 
