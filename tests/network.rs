@@ -231,7 +231,9 @@ fn vfio_skip_reason() -> Result<String, String> {
         .join("device/physfn")
         .exists()
     {
-        return Err(format!("{vf} is no SR-IOV VF netdev in the host's namespace"));
+        return Err(format!(
+            "{vf} is no SR-IOV VF netdev in the host's namespace"
+        ));
     }
     if !Path::new("/dev/vfio/vfio").exists() {
         return Err("no /dev/vfio/vfio: modprobe vfio".into());

@@ -319,15 +319,31 @@ impl PodNetwork {
         // On error, dropping `network` gives back what is bound already
         // and removes the taps.
         for vf in vfs {
-            let function =
-                network
-                    .sysfs
-                    .bind_vfio(&vf.bdf)
-                    .map_err(|source| NetworkError::Passthrough {
-                        netns: netns.clone(),
-                        interface: vf.config.name.clone(),
-                        source,
-                    })?;
+            let passthrough_error = |source| NetworkError::Passthrough {
+                netns: netns.clone(),
+                interface: vf.config.name.clone(),
+                source,
+            };
+            let sysfs = &network.sysfs;
+            let function = sysfs.check_passable(&vf.bdf).map_err(passthrough_error)?;
+            sysfs
+                .unbind_host_driver(&function)
+                .map_err(passthrough_error)?;
+            if let Err(e) = sysfs.bind_vfio(&function) {
+                // Back on its host driver: its netdev is in the host's namespace.
+                let ns = network.ns.as_ref().expect("set above");
+                if let Err(undo) = return_netdev(
+                    sysfs,
+                    &netns,
+                    ns,
+                    &vf.bdf,
+                    &vf.config.name,
+                    vf.alias.clone(),
+                ) {
+                    tracing::warn!(error = %undo, "cannot put a VF back after a failed bind");
+                }
+                return Err(passthrough_error(e));
+            }
             tracing::info!(netns = %netns.display(), interface = %vf.config.name,
                 function = %function, "passing an SR-IOV VF through to the VM");
             network.passed.push(PassedVf {
@@ -1255,11 +1271,38 @@ fn give_back(sysfs: &Sysfs, netns: &Path, ns: &File, vf: PassedVf) -> Result<(),
         interface: vf.config.name.clone(),
         source,
     };
-    // A step that failed leaves the rest to do: the reprobe may have worked.
-    let given = sysfs.give_back(&vf.function).err();
+    // A step that failed (logged by give_back) leaves the rest to do: the
+    // reprobe may have worked.
+    let given = sysfs.give_back(&vf.function);
+    return_netdev(
+        sysfs,
+        netns,
+        ns,
+        &vf.function.bdf,
+        &vf.config.name,
+        vf.alias.clone(),
+    )?;
+    given.map_err(passthrough_error)
+}
+
+/// Waits for the netdev that the host driver of `bdf` makes (in the host's
+/// namespace) and moves it into the pod's namespace `ns` as `name`, with
+/// `alias`.
+fn return_netdev(
+    sysfs: &Sysfs,
+    netns: &Path,
+    ns: &File,
+    bdf: &str,
+    name: &str,
+    alias: Option<String>,
+) -> Result<(), NetworkError> {
     let netdev = sysfs
-        .wait_for_netdev(&vf.function.bdf, NETDEV_RETURN_TIMEOUT)
-        .map_err(|e| passthrough_error(given.clone().unwrap_or(e)))?;
+        .wait_for_netdev(bdf, NETDEV_RETURN_TIMEOUT)
+        .map_err(|source| NetworkError::Passthrough {
+            netns: netns.to_owned(),
+            interface: name.to_owned(),
+            source,
+        })?;
     let host_ns = Path::new("/proc/self/ns/net");
     let host = File::open(host_ns).map_err(|e| NetworkError::Namespace {
         netns: host_ns.to_owned(),
@@ -1271,7 +1314,7 @@ fn give_back(sysfs: &Sysfs, netns: &Path, ns: &File, vf: PassedVf) -> Result<(),
         operation: "duplicate the namespace fd".into(),
         detail: io_detail(&e),
     })?;
-    let (name, alias) = (vf.config.name.clone(), vf.alias.clone());
+    let name = name.to_owned();
     let pod_path = netns.to_owned();
     netns::run(host_ns, &host, move |handle| async move {
         let mut link = LinkUnspec::new_with_index(netdev.index)
@@ -1294,8 +1337,7 @@ fn give_back(sysfs: &Sysfs, netns: &Path, ns: &File, vf: PassedVf) -> Result<(),
                 ),
                 detail: netlink_detail(&e),
             })
-    })?;
-    given.map_or(Ok(()), |e| Err(passthrough_error(e)))
+    })
 }
 
 /// The name of the link with index `index`, None if there is none.

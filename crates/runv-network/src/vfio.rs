@@ -108,11 +108,10 @@ impl Sysfs {
             })
     }
 
-    /// Takes `bdf` from its host driver and binds it to vfio-pci, after
-    /// checking everything that can be checked first (vfio-pci loaded, an
-    /// IOMMU group whose other functions are free); if the bind fails, the
-    /// function goes back to its driver.
-    pub fn bind_vfio(&self, bdf: &str) -> Result<PassedFunction, VfioError> {
+    /// Checks, changing nothing, that `bdf` can be passed through: vfio-pci
+    /// is loaded, the function has an IOMMU group whose other functions
+    /// are free, and it is not bound to vfio-pci already.
+    pub fn check_passable(&self, bdf: &str) -> Result<PassedFunction, VfioError> {
         if !self.driver_dir(VFIO_PCI).is_dir() {
             return Err(error(
                 bdf,
@@ -123,40 +122,52 @@ impl Sysfs {
         let iommu_group = self.iommu_group(bdf)?;
         self.check_group_is_free(bdf, &iommu_group)?;
         let host_driver = self.driver(bdf)?;
-        let function = PassedFunction {
-            bdf: bdf.to_owned(),
-            sysfs_path: Path::new("/sys/bus/pci/devices").join(bdf),
-            host_driver,
-            iommu_group,
-        };
-        if function.host_driver.as_deref() == Some(VFIO_PCI) {
+        if host_driver.as_deref() == Some(VFIO_PCI) {
             return Err(error(
                 bdf,
                 "take it for the VM",
                 "it is bound to vfio-pci already: another VM may hold it".into(),
             ));
         }
-        let device = self.device(bdf);
-        if let Some(driver) = &function.host_driver {
-            self.write(bdf, &device.join("driver/unbind"), bdf)
-                .map_err(|e| VfioError {
-                    operation: format!("unbind it from {driver} ({})", e.operation),
-                    ..e
-                })?;
-        }
+        Ok(PassedFunction {
+            bdf: bdf.to_owned(),
+            sysfs_path: Path::new("/sys/bus/pci/devices").join(bdf),
+            host_driver,
+            iommu_group,
+        })
+    }
+
+    /// Unbinds `function` from its host driver, which takes its netdev
+    /// away. On error nothing changed.
+    pub fn unbind_host_driver(&self, function: &PassedFunction) -> Result<(), VfioError> {
+        let Some(driver) = &function.host_driver else {
+            return Ok(());
+        };
+        let bdf = function.bdf.as_str();
+        self.write(bdf, &self.device(bdf).join("driver/unbind"), bdf)
+            .map_err(|e| VfioError {
+                operation: format!("unbind it from {driver} ({})", e.operation),
+                ..e
+            })
+    }
+
+    /// Binds the unbound `function` to vfio-pci. On error it is given
+    /// back to its host driver ([`Sysfs::give_back`]).
+    pub fn bind_vfio(&self, function: &PassedFunction) -> Result<(), VfioError> {
+        let bdf = function.bdf.as_str();
         // driver_override makes vfio-pci the only driver that may take it,
         // so that a probe racing with ours cannot give it back to the host.
         let bound = self
-            .write(bdf, &device.join("driver_override"), VFIO_PCI)
+            .write(bdf, &self.device(bdf).join("driver_override"), VFIO_PCI)
             .and_then(|()| self.write(bdf, &self.driver_dir(VFIO_PCI).join("bind"), bdf))
-            .and_then(|()| self.check_group_device(&function));
-        if let Err(e) = bound {
-            if let Err(undo) = self.give_back(&function) {
+            .and_then(|()| self.check_group_device(function));
+        if let Err(e) = &bound {
+            tracing::warn!(error = %e, "giving the function back after a failed bind");
+            if let Err(undo) = self.give_back(function) {
                 tracing::warn!(error = %undo, "cannot give a function back after a failed bind");
             }
-            return Err(e);
         }
-        Ok(function)
+        bound
     }
 
     /// The IOMMU group of `bdf`: its number.
@@ -179,7 +190,11 @@ impl Sysfs {
     /// nothing: the VM gets the whole group, and VFIO refuses a group in
     /// which a host driver still owns a function.
     fn check_group_is_free(&self, bdf: &str, group: &str) -> Result<(), VfioError> {
-        let devices = self.sys.join("kernel/iommu_groups").join(group).join("devices");
+        let devices = self
+            .sys
+            .join("kernel/iommu_groups")
+            .join(group)
+            .join("devices");
         let entries = fs::read_dir(&devices).map_err(|e| {
             error(
                 bdf,
@@ -333,8 +348,11 @@ mod tests {
             host.file("sys/bus/pci/drivers_probe");
             fs::create_dir_all(host.path("dev/vfio")).unwrap();
             host.function(VF, Some("iavf"), "42");
-            symlink("../../../0000:3b:00.0", host.path(&format!("sys/bus/pci/devices/{VF}/physfn")))
-                .unwrap();
+            symlink(
+                "../../../0000:3b:00.0",
+                host.path(&format!("sys/bus/pci/devices/{VF}/physfn")),
+            )
+            .unwrap();
             host
         }
 
@@ -365,7 +383,11 @@ mod tests {
             }
             let members = self.path(&format!("sys/kernel/iommu_groups/{group}/devices"));
             fs::create_dir_all(&members).unwrap();
-            symlink(format!("../../../../bus/pci/devices/{bdf}"), members.join(bdf)).unwrap();
+            symlink(
+                format!("../../../../bus/pci/devices/{bdf}"),
+                members.join(bdf),
+            )
+            .unwrap();
             symlink(
                 format!("../../../../kernel/iommu_groups/{group}"),
                 self.path(&format!("{device}/iommu_group")),
@@ -390,13 +412,21 @@ mod tests {
         }
     }
 
+    /// The three steps of taking a function, as the pod network does.
+    fn pass(sysfs: &Sysfs, bdf: &str) -> Result<PassedFunction, VfioError> {
+        let function = sysfs.check_passable(bdf)?;
+        sysfs.unbind_host_driver(&function)?;
+        sysfs.bind_vfio(&function)?;
+        Ok(function)
+    }
+
     #[test]
     fn a_vf_is_unbound_overridden_and_bound_to_vfio_pci() {
         let host = FakeHost::new();
         host.group_device("42");
         let sysfs = host.sysfs();
         assert!(sysfs.is_vf(VF));
-        let function = sysfs.bind_vfio(VF).unwrap();
+        let function = pass(&sysfs, VF).unwrap();
         assert_eq!(
             function,
             PassedFunction {
@@ -420,7 +450,7 @@ mod tests {
         let host = FakeHost::new();
         host.group_device("42");
         let sysfs = host.sysfs();
-        let function = sysfs.bind_vfio(VF).unwrap();
+        let function = pass(&sysfs, VF).unwrap();
         host.rebind(VF, VFIO_PCI);
         host.file(&format!("sys/bus/pci/devices/{VF}/net/ens1f0v1/ifindex"));
         fs::write(
@@ -449,7 +479,7 @@ mod tests {
         let host = FakeHost::new();
         host.group_device("42");
         let sysfs = host.sysfs();
-        let function = sysfs.bind_vfio(VF).unwrap();
+        let function = pass(&sysfs, VF).unwrap();
         host.rebind(VF, VFIO_PCI);
         fs::remove_file(host.path("sys/bus/pci/drivers/vfio-pci/unbind")).unwrap();
         let err = sysfs.give_back(&function).unwrap_err();
@@ -460,8 +490,11 @@ mod tests {
     #[test]
     fn a_missing_group_device_gives_the_function_back() {
         let host = FakeHost::new();
-        let err = host.sysfs().bind_vfio(VF).unwrap_err().to_string();
-        assert!(err.contains("/dev/vfio/42") && err.contains("modprobe vfio"), "{err}");
+        let err = pass(&host.sysfs(), VF).unwrap_err().to_string();
+        assert!(
+            err.contains("/dev/vfio/42") && err.contains("modprobe vfio"),
+            "{err}"
+        );
         assert_eq!(host.read("sys/bus/pci/drivers/vfio-pci/bind"), VF);
         assert_eq!(
             host.read(&format!("sys/bus/pci/devices/{VF}/driver_override")),
@@ -482,30 +515,38 @@ mod tests {
 
         let host = FakeHost::new();
         fs::remove_dir_all(host.path("sys/bus/pci/drivers/vfio-pci")).unwrap();
-        let err = host.sysfs().bind_vfio(VF).unwrap_err().to_string();
-        assert!(err.contains("vfio-pci is not loaded: modprobe vfio-pci"), "{err}");
+        let err = pass(&host.sysfs(), VF).unwrap_err().to_string();
+        assert!(
+            err.contains("vfio-pci is not loaded: modprobe vfio-pci"),
+            "{err}"
+        );
         untouched(&host);
 
         let host = FakeHost::new();
         fs::remove_file(host.path(&format!("sys/bus/pci/devices/{VF}/iommu_group"))).unwrap();
-        let err = host.sysfs().bind_vfio(VF).unwrap_err().to_string();
-        assert!(err.contains("no IOMMU group") && err.contains("intel_iommu=on"), "{err}");
+        let err = pass(&host.sysfs(), VF).unwrap_err().to_string();
+        assert!(
+            err.contains("no IOMMU group") && err.contains("intel_iommu=on"),
+            "{err}"
+        );
         untouched(&host);
 
         let host = FakeHost::new();
         host.function("0000:3b:02.0", None, "42");
         host.function("0000:3b:02.2", Some(VFIO_PCI), "42");
         host.function("0000:3c:00.0", Some("nvme"), "42");
-        let err = host.sysfs().bind_vfio(VF).unwrap_err().to_string();
+        let err = pass(&host.sysfs(), VF).unwrap_err().to_string();
         assert!(
-            err.contains("function 0000:3c:00.0 in the same IOMMU group 42 is bound to driver nvme"),
+            err.contains(
+                "function 0000:3c:00.0 in the same IOMMU group 42 is bound to driver nvme"
+            ),
             "{err}"
         );
         untouched(&host);
 
         let host = FakeHost::new();
         host.rebind(VF, VFIO_PCI);
-        let err = host.sysfs().bind_vfio(VF).unwrap_err().to_string();
+        let err = pass(&host.sysfs(), VF).unwrap_err().to_string();
         assert!(err.contains("bound to vfio-pci already"), "{err}");
     }
 

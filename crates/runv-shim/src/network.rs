@@ -52,8 +52,8 @@ pub async fn setup(netns: Option<PathBuf>, config: &Config) -> Result<PodNetwork
         PodNetwork::setup_with_vfs(&netns, interconnect, &policy, Sysfs::default())
     })
     .await
-        .map_err(|e| ShimError::Internal(format!("the network setup thread failed: {e}")))?
-        .map_err(|e| ShimError::Internal(format!("cannot set up the pod's network: {e}")))
+    .map_err(|e| ShimError::Internal(format!("the network setup thread failed: {e}")))?
+    .map_err(|e| ShimError::Internal(format!("cannot set up the pod's network: {e}")))
 }
 
 /// Whether VFs are passed through: the config must want it and the
