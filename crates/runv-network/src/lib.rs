@@ -835,12 +835,7 @@ async fn join(
         ),
     })?;
     let mut interface = PodInterface {
-        config: InterfaceConfig {
-            mac: found.mac,
-            name: found.name.clone(),
-            mtu: found.mtu,
-            addresses: found.addresses.clone(),
-        },
+        config: found.config(),
         tap: Arc::new(tap),
         tap_name: tap_name.clone(),
         index: found.index,
