@@ -3,11 +3,16 @@
 //! HTTP on its pod IP to the host, a second runv pod reaches it, a pod
 //! reaches the host, the pod's network counters rise, and removing the
 //! pods leaves no tap, qdisc or process of runv's.
+//!
+//! With a real SR-IOV VF named in `RUNV_TEST_VF`, the VF passthrough test
+//! gives it to a runv pod through CNI's host-device plugin and checks that
+//! the VM owns it and that the host gets it back.
 
 use std::{
     fs,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -109,6 +114,177 @@ async fn pods_reach_the_host_and_each_other() {
     let taps = runv_taps();
     assert!(taps.is_empty(), "taps left: {taps:?}");
     containerd.stop();
+}
+
+/// A VF passed through (runv's fastest network mode): CNI's host-device
+/// plugin moves the VF named in `RUNV_TEST_VF` into the pod's namespace
+/// with a static address; runv binds its function to vfio-pci and the
+/// builtin VMM gives it to the guest, whose VF driver makes the NIC. The
+/// host reaches the pod over the NIC's own switch, from an address on the
+/// physical function. After the pod is gone the function is back on its
+/// host driver and CNI's DEL has put the netdev back in the host's
+/// namespace under its name.
+#[tokio::test(flavor = "multi_thread")]
+async fn vf_passthrough_gives_the_vf_to_the_vm_and_back() {
+    let vf = match vfio_skip_reason() {
+        Ok(vf) => vf,
+        Err(why) => {
+            println!("SKIPPED: no VFIO on this host ({why})");
+            return;
+        }
+    };
+    let function = fs::canonicalize(format!("/sys/class/net/{vf}/device")).unwrap();
+    let bdf = function.file_name().unwrap().to_str().unwrap().to_owned();
+    let host_driver = driver_of(&function).expect("the VF has a host driver");
+    let pf = fs::read_dir(function.join("physfn/net"))
+        .unwrap()
+        .next()
+        .expect("the physical function has a netdev")
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    println!("VF {vf}: function {bdf}, driver {host_driver}, physical function {pf}");
+
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    let config = fs::read_to_string(containerd.runv_config()).unwrap();
+    fs::write(
+        containerd.runv_config(),
+        config.replace("hypervisor = \"qemu\"", "hypervisor = \"builtin\""),
+    )
+    .unwrap();
+    // A /24 of the test's own; the host end on the physical function.
+    let id = std::process::id();
+    let prefix = format!("10.{}.{}", 150 + id % 50, (id / 50) % 250);
+    let (host_ip, vf_ip) = (format!("{prefix}.1"), format!("{prefix}.2"));
+    let cni_dir = containerd.dir().join("cni");
+    fs::create_dir_all(&cni_dir).unwrap();
+    fs::write(
+        cni_dir.join("10-runv-vf.conflist"),
+        format!(
+            r#"{{"cniVersion": "1.0.0", "name": "runv-vf-test", "plugins": [
+  {{"type": "host-device", "device": "{vf}",
+    "ipam": {{"type": "static", "addresses": [{{"address": "{vf_ip}/24"}}]}}}}
+]}}"#
+        ),
+    )
+    .unwrap();
+    let _host_end = HostAddress::add(&pf, &format!("{host_ip}/24"));
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    let socket = containerd.dir().join("containerd.sock");
+    let mut cri = CriClient::connect(&socket).await;
+    wait_network_ready(&mut cri).await;
+
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let pod_config = pod_config("vf", &log_dir, NamespaceMode::Pod);
+    let pod = run_pod(&mut cri, &pod_config).await;
+    assert_eq!(pod_ip(&mut cri, &pod).await, vf_ip);
+    assert_eq!(
+        driver_of(&function).as_deref(),
+        Some("vfio-pci"),
+        "the VM holds the function"
+    );
+    let mut httpd = app_config("httpd");
+    httpd.args = vec![format!(
+        "mkdir -p /www && echo '{PAGE}' > /www/index.html && echo started httpd && \
+         exec httpd -f -p {HTTP_PORT} -h /www"
+    )];
+    let httpd = start_app(&mut cri, &pod, &pod_config, httpd).await;
+    let links = exec_sync(&mut cri, &httpd, &["ip", "-o", "link"]).await;
+    println!("guest links:\n{}", String::from_utf8_lossy(&links.stdout));
+    let ping = Command::new("ping")
+        .args(["-c", "3", "-W", "2", &vf_ip])
+        .output()
+        .expect("running ping");
+    assert!(ping.status.success(), "ping {vf_ip}: {ping:?}");
+    let page = http_get(&format!("{vf_ip}:{HTTP_PORT}"));
+    assert!(page.contains(PAGE), "the host got: {page}");
+
+    remove_pods(&containerd, &mut cri, &[&pod]).await;
+    // runv gave the function back before CNI's DEL moved the netdev out.
+    assert_eq!(driver_of(&function), Some(host_driver));
+    let driver_override = fs::read_to_string(function.join("driver_override")).unwrap();
+    assert_eq!(driver_override.trim(), "(null)", "the override is cleared");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new("/sys/class/net").join(&vf).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{vf} never came back to the host's namespace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    containerd.stop();
+}
+
+/// The VF netdev to test with, or which check failed.
+fn vfio_skip_reason() -> Result<String, String> {
+    let vf = std::env::var("RUNV_TEST_VF").map_err(|_| "RUNV_TEST_VF names no VF netdev")?;
+    if let Some(why) = cni::unavailable() {
+        return Err(why);
+    }
+    if !Path::new("/sys/class/net")
+        .join(&vf)
+        .join("device/physfn")
+        .exists()
+    {
+        return Err(format!(
+            "{vf} is no SR-IOV VF netdev in the host's namespace"
+        ));
+    }
+    if !Path::new("/dev/vfio/vfio").exists() {
+        return Err("no /dev/vfio/vfio: modprobe vfio".into());
+    }
+    if !Path::new("/sys/bus/pci/drivers/vfio-pci").exists() {
+        return Err("vfio-pci is not loaded: modprobe vfio-pci".into());
+    }
+    for plugin in ["host-device", "static"] {
+        if !Path::new("/usr/lib/cni").join(plugin).is_file() {
+            return Err(format!("no CNI {plugin} plugin"));
+        }
+    }
+    runv_hypervisor::host::builtin_usable(&runv_hypervisor::KvmSupport::probe(), false)
+        .map(|_| vf)
+        .map_err(|why| format!("the builtin hypervisor cannot run here: {why}"))
+}
+
+/// The driver a PCI function is bound to.
+fn driver_of(function: &Path) -> Option<String> {
+    let driver: PathBuf = fs::read_link(function.join("driver")).ok()?;
+    Some(driver.file_name()?.to_str()?.to_owned())
+}
+
+/// An address on a host interface, removed on drop.
+struct HostAddress {
+    interface: String,
+    cidr: String,
+}
+
+impl HostAddress {
+    fn add(interface: &str, cidr: &str) -> HostAddress {
+        for args in [
+            vec!["addr", "add", cidr, "dev", interface],
+            vec!["link", "set", interface, "up"],
+        ] {
+            let status = Command::new("ip").args(&args).status().unwrap();
+            assert!(status.success(), "ip {args:?}");
+        }
+        HostAddress {
+            interface: interface.into(),
+            cidr: cidr.into(),
+        }
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &self.cidr, "dev", &self.interface])
+            .status();
+    }
 }
 
 /// A plain HTTP/1.0 GET of `/` from `address`, retried for a while (the

@@ -93,10 +93,23 @@ impl fmt::Display for NetworkInterconnect {
 }
 
 /// Pod networking settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     pub interconnect: NetworkInterconnect,
+    /// Pass an SR-IOV VF that CNI put in the pod's namespace to the VM as a
+    /// PCI function (VFIO) instead of joining it to a tap; only where the
+    /// hypervisor can (docs/networking.md, "VF passthrough").
+    pub vf_passthrough: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            interconnect: NetworkInterconnect::default(),
+            vf_passthrough: true,
+        }
+    }
 }
 
 /// The whole configuration file.
@@ -315,6 +328,9 @@ mod tests {
         assert_eq!(config.qemu.virtiofsd_binary, Path::new("virtiofsd"));
         assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
         assert_eq!(config.network.interconnect, NetworkInterconnect::TcMirred);
+        assert!(config.network.vf_passthrough);
+        let off = parse("[network]\nvf_passthrough = false\n").unwrap();
+        assert!(!off.network.vf_passthrough);
     }
 
     #[test]
@@ -357,6 +373,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown variant `ovs`"), "{err}");
+        let err = parse("[network]\nvf_passthrough = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vf_passthrough") && err.contains("expected a boolean"),
+            "{err}"
+        );
         let err = parse("[qemu]\naccel = \"hvf\"\n").unwrap_err().to_string();
         assert!(err.contains("unknown variant `hvf`"), "{err}");
         let err = parse("[qemu]\nvirtiofsd_binary = \"\"\n")

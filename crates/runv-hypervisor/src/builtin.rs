@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use runv_config::BuiltinConfig;
 use runv_protocol::SHARED_FS_TAG;
 use runv_vmm::{
-    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VmEnd,
-    VmmError, VsockConfig,
+    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig,
+    VfioConfig, VmEnd, VmmError, VsockConfig,
 };
 use tokio::sync::watch;
 
@@ -123,7 +123,13 @@ impl BuiltinVm {
                     read_only: false,
                 })
                 .collect(),
-            vfio_devices: Vec::new(),
+            vfio_devices: spec
+                .vfio_devices
+                .iter()
+                .map(|sysfs_path| VfioConfig {
+                    sysfs_path: sysfs_path.clone(),
+                })
+                .collect(),
         })
     }
 }
@@ -311,6 +317,7 @@ mod tests {
             console_log: dir.join("console.log"),
             shared_dir: None,
             net_devices: Vec::new(),
+            vfio_devices: Vec::new(),
         }
     }
 

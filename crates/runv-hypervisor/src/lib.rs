@@ -60,6 +60,10 @@ pub struct VmSpec {
     pub shared_dir: Option<PathBuf>,
     /// The guest's network interfaces, in order (the guest's eth0 first).
     pub net_devices: Vec<NetDevice>,
+    /// Host PCI functions the guest gets whole (VFIO), cold-plugged at
+    /// boot: their `/sys/bus/pci/devices/<BDF>` directories, each bound
+    /// to vfio-pci. Only where [`vfio_support`] says Ok.
+    pub vfio_devices: Vec<PathBuf>,
 }
 
 /// A guest network interface (virtio-net) backed by a host tap device.
@@ -261,6 +265,15 @@ pub trait Hypervisor: Send + Sync {
     /// Ends the VM: a polite request, then a kill after `grace`. Reaps every
     /// helper and removes the VM's directory. Safe to call more than once.
     async fn stop(&mut self, grace: Duration) -> VmExit;
+}
+
+/// Whether `kind` can pass host PCI functions through (VFIO): Ok, or why
+/// not, so that callers choose before they bind anything to vfio-pci.
+pub fn vfio_support(kind: HypervisorKind) -> Result<(), &'static str> {
+    match kind {
+        HypervisorKind::Builtin => Ok(()),
+        HypervisorKind::Qemu => Err(qemu::NO_VFIO),
+    }
 }
 
 /// The hypervisor the configuration names, for `spec`.

@@ -12,6 +12,8 @@
 //! Each network interface is a virtio-net device on a tap that QEMU
 //! inherits (`-netdev tap,fd=N`); NICs take the top transports, which the
 //! read-only block slots otherwise hold (docs/networking.md).
+//!
+//! No PCI function can be passed through: microvm has no PCI bus.
 
 use std::{
     ops::RangeInclusive,
@@ -58,6 +60,11 @@ const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 const QEMU_EXIT_AFTER_BACKEND: Duration = Duration::from_millis(500);
 /// QEMU's QMP socket, through which block devices are attached.
 const QMP_SOCKET: &str = "qmp.sock";
+
+/// Why this backend passes no PCI function through.
+pub(crate) const NO_VFIO: &str = "the qemu hypervisor cannot pass PCI functions through: QEMU's \
+     microvm machine has no PCI bus; use the builtin hypervisor (hypervisor = \"builtin\" in the \
+     runv config)";
 /// How long QEMU may take to create its QMP socket after it started.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -155,6 +162,20 @@ impl QemuVm {
     fn check_inputs(&self) -> Result<Programs, HypervisorError> {
         check_boot_files(&self.spec)?;
         check_nic_count(self.spec.net_devices.len())?;
+        if !self.spec.vfio_devices.is_empty() {
+            return Err(HypervisorError::StartFailed {
+                what: "qemu",
+                detail: format!(
+                    "{} asked to be passed through; {NO_VFIO}",
+                    self.spec
+                        .vfio_devices
+                        .iter()
+                        .map(|path| path.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         let qemu = find_executable(&self.config.binary).ok_or_else(|| {
             HypervisorError::MissingProgram {
                 what: "QEMU binary",
@@ -889,6 +910,7 @@ mod tests {
             console_log: dir.join("console,log"),
             shared_dir: None,
             net_devices: Vec::new(),
+            vfio_devices: Vec::new(),
         }
     }
 
@@ -1158,6 +1180,38 @@ mod tests {
         );
         assert!(err.contains("hypervisor = \"builtin\""), "{err}");
         assert!(!tmp.path().join("vm,1").exists(), "no VM directory is left");
+    }
+
+    #[tokio::test]
+    async fn pci_functions_are_refused_before_anything_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
+        std::fs::write(tmp.path().join("initrd"), "").unwrap();
+        let config = QemuConfig {
+            binary: "sh".into(),
+            vhost_vsock_binary: "sh".into(),
+            ..QemuConfig::default()
+        };
+        let mut spec = spec(tmp.path());
+        spec.vfio_devices = vec!["/sys/bus/pci/devices/0000:3b:02.1".into()];
+        let err = QemuVm::new(spec, config)
+            .start()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "qemu failed to start: /sys/bus/pci/devices/0000:3b:02.1 asked to be passed \
+                 through; the qemu hypervisor cannot pass PCI functions through"
+            ),
+            "{err}"
+        );
+        assert!(!tmp.path().join("vm,1").exists(), "no VM directory is left");
+        assert!(crate::vfio_support(runv_config::HypervisorKind::Builtin).is_ok());
+        assert_eq!(
+            crate::vfio_support(runv_config::HypervisorKind::Qemu),
+            Err(NO_VFIO)
+        );
     }
 
     #[tokio::test]

@@ -11,6 +11,10 @@
 //! own instead; the `macvtap` mode makes a passthru macvtap on the
 //! interface and hands its queue to the VM in the tap's place.
 //!
+//! An SR-IOV VF is passed to the VM whole instead, where the caller asks
+//! for it ([`VfPolicy`]): its PCI function is bound to vfio-pci (module
+//! `vfio`) and the guest's driver for it makes the NIC.
+//!
 //! All netlink work runs on a short-lived thread that enters the pod's
 //! namespace with `setns` (which changes only that thread): the netlink
 //! socket and the tap fd opened there belong to that namespace.
@@ -18,6 +22,7 @@
 mod macvtap;
 mod netns;
 mod tap;
+mod vfio;
 
 use std::{
     collections::BTreeMap,
@@ -25,9 +30,10 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use futures_util::stream::TryStreamExt;
@@ -44,6 +50,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMacVtap, LinkUnspec, RouteMessageBuilder,
 };
 pub use runv_config::NetworkInterconnect as Interconnect;
+pub use vfio::{HostNetdev, PassedFunction, Sysfs, VfioError, VFIO_PCI};
 
 /// Every tap runv makes is named `tap<N>_runv`; an interface whose name
 /// ends so is never taken for one of CNI's.
@@ -54,6 +61,9 @@ const FILTER_PRIORITY: u16 = 0xc000;
 const INGRESS_PARENT: u32 = 0xffff_0000;
 /// `RT_TABLE_MAIN`.
 const MAIN_TABLE: u32 = 254;
+/// How long a VF given back may take to be a netdev again: its host
+/// driver's probe (mlx5 takes about a second).
+const NETDEV_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An error, naming the namespace, the interface where there is one, the
 /// operation, the system's reason (with its errno) and the fix where there
@@ -73,6 +83,22 @@ pub enum NetworkError {
         operation: String,
         detail: String,
     },
+    #[error("pod network namespace {netns}, interface {interface} (an SR-IOV VF): {source}")]
+    Passthrough {
+        netns: PathBuf,
+        interface: String,
+        source: VfioError,
+    },
+}
+
+/// What becomes of an SR-IOV VF found in the pod's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VfPolicy {
+    /// Its PCI function is bound to vfio-pci and passed to the VM.
+    PassThrough,
+    /// It is joined to a tap like any interface; `reason` (why it is not
+    /// passed through) goes to the log.
+    Join { reason: String },
 }
 
 /// An IP address with its prefix length.
@@ -200,8 +226,19 @@ impl PodInterface {
     }
 }
 
-/// A pod's network, joined to taps; undone by [`PodNetwork::teardown`] or
-/// on drop.
+/// A VF of the pod's namespace whose function the VM gets.
+#[derive(Debug)]
+struct PassedVf {
+    /// What the guest gives the NIC its driver makes (found by MAC).
+    config: InterfaceConfig,
+    /// The interface's alias, which CNI's host-device plugin keeps the
+    /// host name in: the driver's new netdev at give-back has none.
+    alias: Option<String>,
+    function: PassedFunction,
+}
+
+/// A pod's network, joined to taps and VFs passed through; undone by
+/// [`PodNetwork::teardown`] or on drop.
 #[derive(Debug)]
 pub struct PodNetwork {
     netns: Option<PathBuf>,
@@ -209,6 +246,8 @@ pub struct PodNetwork {
     /// its path is unmounted.
     ns: Option<File>,
     interfaces: Vec<PodInterface>,
+    passed: Vec<PassedVf>,
+    sysfs: Sysfs,
     routes: Vec<RouteConfig>,
     neighbors: Vec<NeighborConfig>,
     done: bool,
@@ -221,6 +260,8 @@ impl PodNetwork {
             netns: None,
             ns: None,
             interfaces: Vec::new(),
+            passed: Vec::new(),
+            sysfs: Sysfs::default(),
             routes: Vec::new(),
             neighbors: Vec::new(),
             done: true,
@@ -236,8 +277,24 @@ impl PodNetwork {
     }
 
     /// [`PodNetwork::setup`] with the interconnect `mode`: tc mirred, a
-    /// bridge per interface, or a macvtap per interface.
+    /// bridge per interface, or a macvtap per interface. VFs are joined too.
     pub fn setup_with(netns_path: &Path, mode: Interconnect) -> Result<PodNetwork, NetworkError> {
+        let policy = VfPolicy::Join {
+            reason: "the caller does not pass VFs through".into(),
+        };
+        Self::setup_with_vfs(netns_path, mode, &policy, Sysfs::default())
+    }
+
+    /// [`PodNetwork::setup_with`], with the VFs (an interface whose device
+    /// is a PCI function with a `physfn`, in `sysfs`) passed through or
+    /// joined as `policy` says. A VF passed through leaves the namespace:
+    /// its netdev goes with its host driver.
+    pub fn setup_with_vfs(
+        netns_path: &Path,
+        mode: Interconnect,
+        policy: &VfPolicy,
+        sysfs: Sysfs,
+    ) -> Result<PodNetwork, NetworkError> {
         let netns = netns_path.to_owned();
         let ns = File::open(netns_path).map_err(|e| NetworkError::Namespace {
             netns: netns.clone(),
@@ -245,18 +302,61 @@ impl PodNetwork {
             detail: io_detail(&e),
         })?;
         let path = netns.clone();
-        let (interfaces, routes, neighbors) = netns::run(&netns, &ns, move |handle| {
-            setup_in_netns(handle, path, mode)
+        let (pass, join_sysfs) = (policy.clone(), sysfs.clone());
+        let (interfaces, vfs, routes, neighbors) = netns::run(&netns, &ns, move |handle| {
+            setup_in_netns(handle, path, mode, pass, join_sysfs)
         })?;
-        let done = interfaces.is_empty();
-        Ok(PodNetwork {
-            netns: Some(netns),
-            ns: (!done).then_some(ns),
+        let mut network = PodNetwork {
+            netns: Some(netns.clone()),
+            ns: Some(ns),
             interfaces,
+            passed: Vec::new(),
+            sysfs,
             routes,
             neighbors,
-            done,
-        })
+            done: false,
+        };
+        // On error, dropping `network` gives back what is bound already
+        // and removes the taps.
+        for vf in vfs {
+            let passthrough_error = |source| NetworkError::Passthrough {
+                netns: netns.clone(),
+                interface: vf.config.name.clone(),
+                source,
+            };
+            let sysfs = &network.sysfs;
+            let function = sysfs.check_passable(&vf.bdf).map_err(passthrough_error)?;
+            sysfs
+                .unbind_host_driver(&function)
+                .map_err(passthrough_error)?;
+            if let Err(e) = sysfs.bind_vfio(&function) {
+                // Back on its host driver: its netdev is in the host's namespace.
+                let ns = network.ns.as_ref().expect("set above");
+                if let Err(undo) = return_netdev(
+                    sysfs,
+                    &netns,
+                    ns,
+                    &vf.bdf,
+                    &vf.config.name,
+                    vf.alias.clone(),
+                ) {
+                    tracing::warn!(error = %undo, "cannot put a VF back after a failed bind");
+                }
+                return Err(passthrough_error(e));
+            }
+            tracing::info!(netns = %netns.display(), interface = %vf.config.name,
+                function = %function, "passing an SR-IOV VF through to the VM");
+            network.passed.push(PassedVf {
+                config: vf.config,
+                alias: vf.alias,
+                function,
+            });
+        }
+        if network.is_empty() {
+            network.done = true;
+            network.ns = None;
+        }
+        Ok(network)
     }
 
     /// The joined interfaces, in the guest's order (its first NIC first).
@@ -265,7 +365,28 @@ impl PodNetwork {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.interfaces.is_empty()
+        self.interfaces.is_empty() && self.passed.is_empty()
+    }
+
+    /// The sysfs paths (`/sys/bus/pci/devices/<BDF>`) of the functions
+    /// bound to vfio-pci for the VM.
+    pub fn passthrough_functions(&self) -> Vec<PathBuf> {
+        self.passed
+            .iter()
+            .map(|vf| vf.function.sysfs_path.clone())
+            .collect()
+    }
+
+    /// Leaves the passed functions bound to vfio-pci at teardown: a VM
+    /// that may still run holds them, and unbinding would wait for it.
+    pub fn keep_functions_bound(&mut self, why: &str) {
+        for vf in self.passed.drain(..) {
+            tracing::error!(function = %vf.function, interface = %vf.config.name, why,
+                "leaving the VF bound to vfio-pci; give it back by hand: echo {bdf} > \
+                 /sys/bus/pci/drivers/vfio-pci/unbind; echo > \
+                 /sys/bus/pci/devices/{bdf}/driver_override; echo {bdf} > \
+                 /sys/bus/pci/drivers_probe", bdf = vf.function.bdf);
+        }
     }
 
     /// The namespace, None for [`PodNetwork::empty`].
@@ -273,10 +394,16 @@ impl PodNetwork {
         self.netns.as_deref()
     }
 
-    /// The configuration the guest agent applies.
+    /// The configuration the guest agent applies: the NICs on taps first,
+    /// then the VFs' (the guest finds each by its MAC).
     pub fn guest_config(&self) -> GuestNetworkConfig {
         GuestNetworkConfig {
-            interfaces: self.interfaces.iter().map(|i| i.config.clone()).collect(),
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|i| i.config.clone())
+                .chain(self.passed.iter().map(|vf| vf.config.clone()))
+                .collect(),
             routes: self.routes.clone(),
             neighbors: self.neighbors.clone(),
         }
@@ -285,7 +412,9 @@ impl PodNetwork {
     /// Removes the taps (or macvtaps), and the qdiscs and filters runv
     /// added to the CNI interfaces. An interface or namespace that is already gone is fine.
     /// Copies of a tap fd held elsewhere (a hypervisor that still runs) do
-    /// not keep the tap: it is deleted all the same.
+    /// not keep the tap: it is deleted all the same. Gives each passed
+    /// function back to its host driver and its netdev back to the pod's
+    /// namespace under its name, for CNI's DEL: the VM must be gone.
     pub fn teardown(mut self) -> Result<(), NetworkError> {
         self.release()
     }
@@ -302,7 +431,7 @@ impl PodNetwork {
         // runv's copies of the fds first: a tap whose last fd closes goes.
         self.interfaces.clear();
         let path = netns.clone();
-        netns::run(&netns, &ns, move |handle| async move {
+        let mut first_error = netns::run(&netns, &ns, move |handle| async move {
             let mut first_error = None;
             for joined in &joined {
                 if let Err(e) = unjoin(&handle, &path, joined).await {
@@ -312,6 +441,14 @@ impl PodNetwork {
             }
             first_error.map_or(Ok(()), Err)
         })
+        .err();
+        for vf in std::mem::take(&mut self.passed) {
+            if let Err(e) = give_back(&self.sysfs, &netns, &ns, vf) {
+                tracing::warn!(error = %e, "pod network teardown");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -355,14 +492,42 @@ struct Found {
     mtu: u32,
     up: bool,
     addresses: Vec<IpAddress>,
+    /// The PCI function (BDF) whose netdev it is, if any.
+    pci: Option<String>,
+    alias: Option<String>,
 }
 
-type Inspected = (Vec<PodInterface>, Vec<RouteConfig>, Vec<NeighborConfig>);
+impl Found {
+    fn config(&self) -> InterfaceConfig {
+        InterfaceConfig {
+            mac: self.mac,
+            name: self.name.clone(),
+            mtu: self.mtu,
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+/// A VF to pass through, as found in the namespace.
+struct FoundVf {
+    bdf: String,
+    config: InterfaceConfig,
+    alias: Option<String>,
+}
+
+type Inspected = (
+    Vec<PodInterface>,
+    Vec<FoundVf>,
+    Vec<RouteConfig>,
+    Vec<NeighborConfig>,
+);
 
 async fn setup_in_netns(
     handle: Handle,
     netns: PathBuf,
     mode: Interconnect,
+    policy: VfPolicy,
+    sysfs: Sysfs,
 ) -> Result<Inspected, NetworkError> {
     let ns_error = |operation: &str, e: rtnetlink::Error| NetworkError::Namespace {
         netns: netns.clone(),
@@ -382,11 +547,17 @@ async fn setup_in_netns(
         let mut name = None;
         let mut mac = None;
         let mut mtu = 1500;
+        let (mut parent, mut parent_bus, mut alias) = (None, None, None);
         for attribute in &link.attributes {
             match attribute {
                 LinkAttribute::IfName(n) => name = Some(n.clone()),
                 LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                 LinkAttribute::Mtu(m) => mtu = *m,
+                // The device behind the netdev (Linux 5.16+): sysfs's
+                // /sys/class/net shows the shim's namespace, not the pod's.
+                LinkAttribute::ParentDevName(n) => parent = Some(n.clone()),
+                LinkAttribute::ParentDevBusName(b) => parent_bus = Some(b.clone()),
+                LinkAttribute::IfAlias(a) => alias = Some(a.clone()),
                 _ => {}
             }
         }
@@ -410,6 +581,8 @@ async fn setup_in_netns(
                 mtu,
                 up,
                 addresses: Vec::new(),
+                pci: parent.filter(|_| parent_bus.as_deref() == Some("pci")),
+                alias,
             },
         );
     }
@@ -448,7 +621,7 @@ async fn setup_in_netns(
     // Interfaces that are up or have an address; lo is already out.
     found.retain(|_, f| f.up || !f.addresses.is_empty());
     if found.is_empty() {
-        return Ok((Vec::new(), Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), Vec::new(), Vec::new()));
     }
     let routes = list_routes(&handle, &found)
         .await
@@ -456,8 +629,28 @@ async fn setup_in_netns(
     let neighbors = list_neighbors(&handle, &found)
         .await
         .map_err(|e| ns_error("list the neighbours", e))?;
+    let mut vfs = Vec::new();
+    let mut to_join = Vec::new();
+    for found in found.into_values() {
+        match found.pci.as_deref().filter(|bdf| sysfs.is_vf(bdf)) {
+            Some(bdf) if policy == VfPolicy::PassThrough => vfs.push(FoundVf {
+                bdf: bdf.to_owned(),
+                config: found.config(),
+                alias: found.alias,
+            }),
+            Some(bdf) => {
+                if let VfPolicy::Join { reason } = &policy {
+                    tracing::info!(netns = %netns.display(), interface = %found.name,
+                        function = bdf, reason = %reason,
+                        "joining an SR-IOV VF with a tap instead of passing it through");
+                }
+                to_join.push(found);
+            }
+            None => to_join.push(found),
+        }
+    }
     let mut interfaces = Vec::new();
-    for (n, found) in found.into_values().enumerate() {
+    for (n, found) in to_join.into_iter().enumerate() {
         match join(&handle, &netns, mode, n, found).await {
             Ok(interface) => interfaces.push(interface),
             Err(e) => {
@@ -470,7 +663,7 @@ async fn setup_in_netns(
             }
         }
     }
-    Ok((interfaces, routes, neighbors))
+    Ok((interfaces, vfs, routes, neighbors))
 }
 
 /// The main table's unicast routes through the interfaces, less those the
@@ -642,12 +835,7 @@ async fn join(
         ),
     })?;
     let mut interface = PodInterface {
-        config: InterfaceConfig {
-            mac: found.mac,
-            name: found.name.clone(),
-            mtu: found.mtu,
-            addresses: found.addresses.clone(),
-        },
+        config: found.config(),
         tap: Arc::new(tap),
         tap_name: tap_name.clone(),
         index: found.index,
@@ -1067,6 +1255,84 @@ async fn unjoin(handle: &Handle, netns: &Path, joined: &Joined) -> Result<(), Ne
         }
     }
     Ok(())
+}
+
+/// Gives `vf`'s function back to its host driver, then moves the netdev
+/// that driver makes (in the host's namespace) into the pod's namespace
+/// `ns` with the name and alias it had there, for CNI's DEL to find.
+fn give_back(sysfs: &Sysfs, netns: &Path, ns: &File, vf: PassedVf) -> Result<(), NetworkError> {
+    let passthrough_error = |source| NetworkError::Passthrough {
+        netns: netns.to_owned(),
+        interface: vf.config.name.clone(),
+        source,
+    };
+    // A step that failed (logged by give_back) leaves the rest to do: the
+    // reprobe may have worked.
+    let given = sysfs.give_back(&vf.function);
+    return_netdev(
+        sysfs,
+        netns,
+        ns,
+        &vf.function.bdf,
+        &vf.config.name,
+        vf.alias.clone(),
+    )?;
+    given.map_err(passthrough_error)
+}
+
+/// Waits for the netdev that the host driver of `bdf` makes (in the host's
+/// namespace) and moves it into the pod's namespace `ns` as `name`, with
+/// `alias`.
+fn return_netdev(
+    sysfs: &Sysfs,
+    netns: &Path,
+    ns: &File,
+    bdf: &str,
+    name: &str,
+    alias: Option<String>,
+) -> Result<(), NetworkError> {
+    let netdev = sysfs
+        .wait_for_netdev(bdf, NETDEV_RETURN_TIMEOUT)
+        .map_err(|source| NetworkError::Passthrough {
+            netns: netns.to_owned(),
+            interface: name.to_owned(),
+            source,
+        })?;
+    let host_ns = Path::new("/proc/self/ns/net");
+    let host = File::open(host_ns).map_err(|e| NetworkError::Namespace {
+        netns: host_ns.to_owned(),
+        operation: "open the host's namespace".into(),
+        detail: io_detail(&e),
+    })?;
+    let pod_ns = ns.try_clone().map_err(|e| NetworkError::Namespace {
+        netns: netns.to_owned(),
+        operation: "duplicate the namespace fd".into(),
+        detail: io_detail(&e),
+    })?;
+    let name = name.to_owned();
+    let pod_path = netns.to_owned();
+    netns::run(host_ns, &host, move |handle| async move {
+        let mut link = LinkUnspec::new_with_index(netdev.index)
+            .setns_by_fd(pod_ns.as_raw_fd())
+            .name(name.clone());
+        if let Some(alias) = alias {
+            link = link.append_extra_attribute(LinkAttribute::IfAlias(alias));
+        }
+        handle
+            .link()
+            .set(link.build())
+            .execute()
+            .await
+            .map_err(|e| NetworkError::Interface {
+                netns: pod_path,
+                interface: name,
+                operation: format!(
+                    "move it back from the host's namespace (where it is {})",
+                    netdev.name
+                ),
+                detail: netlink_detail(&e),
+            })
+    })
 }
 
 /// The name of the link with index `index`, None if there is none.

@@ -238,6 +238,27 @@ fn namespace_with_only_lo_gives_an_empty_network() {
     assert!(!ns.links().contains("_runv"));
 }
 
+/// With VFs passed through, an interface that is no PCI function (a
+/// veth) is joined all the same, and nothing in sysfs is looked at beyond it.
+#[test]
+fn vf_passthrough_joins_interfaces_that_are_no_vf() {
+    skip_unless_able!();
+    let ns = TestNetns::with_eth0();
+    let sysfs = runv_network::Sysfs::at("/nonexistent/sys", "/nonexistent/dev/vfio");
+    let network = PodNetwork::setup_with_vfs(
+        &ns.path(),
+        Interconnect::TcMirred,
+        &runv_network::VfPolicy::PassThrough,
+        sysfs,
+    )
+    .unwrap();
+    assert_eq!(network.interfaces().len(), 1);
+    assert!(network.passthrough_functions().is_empty());
+    assert_eq!(network.guest_config().interfaces[0].name, "eth0");
+    network.teardown().unwrap();
+    assert!(!ns.links().contains("_runv"));
+}
+
 /// CNI may delete the interface or the namespace's path before runv tears
 /// down; dropping without teardown tears down too.
 #[test]

@@ -78,6 +78,7 @@ async fn boot_with_a_nic(kernel: PathBuf, initramfs: PathBuf, mode: Interconnect
             tap: interface.tap.clone(),
             mac: interface.mac(),
         }],
+        vfio_devices: Vec::new(),
     };
     let mut vm = QemuVm::new(spec, QemuConfig::default());
     vm.start().await.expect("the VM starts with a NIC");

@@ -17,7 +17,7 @@ use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
 use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
-pub use runv_hypervisor::{BlockDevice, NetDevice};
+pub use runv_hypervisor::{vfio_support, BlockDevice, NetDevice};
 pub use timeline::BootTimeline;
 
 /// Console lines quoted when the guest fails to come up.
@@ -157,6 +157,7 @@ impl PodVm {
             console_log,
             shared_dir: None,
             net_devices: Vec::new(),
+            vfio_devices: Vec::new(),
         }
     }
 

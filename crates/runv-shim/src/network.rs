@@ -2,13 +2,15 @@
 //! the sandbox's spec) holds the interfaces CNI created; each gets a tap
 //! joined to it (runv-network) and a virtio-net NIC in the VM with its
 //! MAC, and the agent gives the guest NIC the interface's addresses,
-//! routes and neighbours. A pod without a namespace path (host network,
-//! `ctr run`) gets no NIC.
+//! routes and neighbours. An SR-IOV VF there is passed to the VM whole
+//! (bound to vfio-pci) where the config and the hypervisor allow, and the
+//! guest's driver for it makes the NIC. A pod without a namespace path
+//! (host network, `ctr run`) gets no NIC.
 
 use std::path::{Path, PathBuf};
 
-use runv_config::NetworkInterconnect;
-use runv_network::{format_mac, GuestNetworkConfig, IpFamily, PodNetwork};
+use runv_config::{Config, HypervisorKind};
+use runv_network::{format_mac, GuestNetworkConfig, IpFamily, PodNetwork, Sysfs, VfPolicy};
 use runv_protocol::agent::{ConfigureNetworkRequest, IpAddress, Neighbor, NetworkInterface, Route};
 use runv_sandbox::NetDevice;
 use serde_json::Value;
@@ -32,22 +34,50 @@ pub fn netns_path(spec: &Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Joins the interfaces of `netns` to taps the way `interconnect` says,
-/// off the async runtime (it enters the namespace on a thread of its own).
-pub async fn setup(
-    netns: Option<PathBuf>,
-    interconnect: NetworkInterconnect,
-) -> Result<PodNetwork> {
+/// Joins the interfaces of `netns` to taps the way the config's
+/// interconnect says, and binds its VFs to vfio-pci where [`vf_policy`]
+/// says so, off the async runtime (it enters the namespace on a thread of
+/// its own). Must run before the VM starts: the VM takes the VFs at boot.
+pub async fn setup(netns: Option<PathBuf>, config: &Config) -> Result<PodNetwork> {
     let Some(netns) = netns else {
         return Ok(PodNetwork::empty());
     };
-    tokio::task::spawn_blocking(move || PodNetwork::setup_with(&netns, interconnect))
-        .await
-        .map_err(|e| ShimError::Internal(format!("the network setup thread failed: {e}")))?
-        .map_err(|e| ShimError::Internal(format!("cannot set up the pod's network: {e}")))
+    let interconnect = config.network.interconnect;
+    let policy = vf_policy(
+        config.network.vf_passthrough,
+        config.hypervisor,
+        runv_sandbox::vfio_support(config.hypervisor),
+    );
+    tokio::task::spawn_blocking(move || {
+        PodNetwork::setup_with_vfs(&netns, interconnect, &policy, Sysfs::default())
+    })
+    .await
+    .map_err(|e| ShimError::Internal(format!("the network setup thread failed: {e}")))?
+    .map_err(|e| ShimError::Internal(format!("cannot set up the pod's network: {e}")))
 }
 
-/// Removes the taps, qdiscs and filters runv made, off the async runtime.
+/// Whether VFs are passed through: the config must want it and the
+/// hypervisor (`support`, from `runv_sandbox::vfio_support`) be able to;
+/// else the reason, which runv-network logs for each VF it joins instead.
+fn vf_policy(
+    wanted: bool,
+    hypervisor: HypervisorKind,
+    support: std::result::Result<(), &str>,
+) -> VfPolicy {
+    match (wanted, support) {
+        (false, _) => VfPolicy::Join {
+            reason: "network.vf_passthrough = false in the runv config".into(),
+        },
+        (true, Err(why)) => VfPolicy::Join {
+            reason: format!("hypervisor {hypervisor}: {why}"),
+        },
+        (true, Ok(())) => VfPolicy::PassThrough,
+    }
+}
+
+/// Removes the taps, qdiscs and filters runv made, and gives passed VFs
+/// back to the host and the pod's namespace, off the async runtime. The VM
+/// must be gone: a VFIO function cannot be taken from a running VM.
 pub async fn teardown(network: PodNetwork) {
     let netns = network.netns().map(Path::to_owned);
     match tokio::task::spawn_blocking(move || network.teardown()).await {
@@ -138,6 +168,26 @@ mod tests {
         let fresh = json!({"linux": {"namespaces": [{"type": "network"}]}});
         assert_eq!(netns_path(&fresh), None);
         assert_eq!(netns_path(&json!({})), None);
+    }
+
+    #[test]
+    fn vfs_pass_through_only_where_wanted_and_possible() {
+        assert_eq!(
+            vf_policy(true, HypervisorKind::Builtin, Ok(())),
+            VfPolicy::PassThrough
+        );
+        let VfPolicy::Join { reason } = vf_policy(false, HypervisorKind::Builtin, Ok(())) else {
+            panic!("joined when not wanted");
+        };
+        assert_eq!(reason, "network.vf_passthrough = false in the runv config");
+        let why = runv_sandbox::vfio_support(HypervisorKind::Qemu).unwrap_err();
+        let VfPolicy::Join { reason } = vf_policy(true, HypervisorKind::Qemu, Err(why)) else {
+            panic!("joined when qemu cannot");
+        };
+        assert!(
+            reason.starts_with("hypervisor qemu: the qemu hypervisor cannot pass PCI functions"),
+            "{reason}"
+        );
     }
 
     #[test]

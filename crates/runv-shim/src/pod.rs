@@ -58,7 +58,7 @@ impl Pod {
                 runv_config::DEFAULT_CONFIG_PATH
             ))
         })?;
-        let network = network::setup(netns, config.network.interconnect).await?;
+        let network = network::setup(netns, &config).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
         let shared = match SharedDir::create(dir.join("shared")) {
@@ -75,6 +75,7 @@ impl Pod {
         let mut spec = PodVm::spec(&config, &vm_id, dir.join("console.log"));
         spec.shared_dir = Some(shared.path().to_owned());
         spec.net_devices = network::net_devices(&network);
+        spec.vfio_devices = network.passthrough_functions();
         let connect = ConnectOptions::new(config.vm.agent_timeout());
         let booted = match PodVm::boot(&config, spec, &connect).await {
             Ok(vm) => configure_guest_network(vm, &network).await,
@@ -152,7 +153,7 @@ impl Pod {
             shared,
             dir,
             containers,
-            network,
+            mut network,
             ..
         } = self;
         // Dropping the processes ends their exit watchers, which hold the VM.
@@ -174,8 +175,12 @@ impl Pod {
                 tracing::info!(exit = %report.exit, forced = report.forced, "pod VM off");
             }
             // Still in use by a call in flight: the VM helpers die with
-            // the shim, which exits next.
-            None => tracing::error!("the pod VM is still in use; it ends with the shim"),
+            // the shim, which exits next. Its VFs stay with vfio-pci: an
+            // unbind would wait for the VM to let go.
+            None => {
+                tracing::error!("the pod VM is still in use; it ends with the shim");
+                network.keep_functions_bound("the pod VM is still in use");
+            }
         }
         shared.remove();
         remove_pod_dir(&dir);
