@@ -276,6 +276,13 @@ pub fn vfio_support(kind: HypervisorKind) -> Result<(), &'static str> {
     }
 }
 
+/// The guest's PCI address of `VmSpec.vfio_devices[index]`: the builtin
+/// VMM puts the functions on bus 0 as devices 1, 2, ... in the list's
+/// order (device 0 is its host bridge).
+pub fn guest_pci_address(index: usize) -> String {
+    format!("0000:00:{:02x}.0", index + 1)
+}
+
 /// The hypervisor the configuration names, for `spec`.
 pub fn create(config: &Config, spec: VmSpec) -> Box<dyn Hypervisor> {
     match config.hypervisor {

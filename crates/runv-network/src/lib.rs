@@ -133,6 +133,11 @@ pub struct InterfaceConfig {
     /// IPv4 and global IPv6 addresses; IPv6 link-local ones are left to
     /// the guest, which derives the same from the same MAC.
     pub addresses: Vec<IpAddress>,
+    /// For a VF passed through whole: its index in
+    /// [`PodNetwork::passthrough_functions`]. The guest's driver may not
+    /// know the MAC above (a VF the PF gave none makes one up), so the
+    /// guest finds this NIC by its PCI address instead, and sets the MAC.
+    pub passed_function: Option<usize>,
 }
 
 /// A route of the pod's namespace through one of its interfaces.
@@ -402,7 +407,15 @@ impl PodNetwork {
                 .interfaces
                 .iter()
                 .map(|i| i.config.clone())
-                .chain(self.passed.iter().map(|vf| vf.config.clone()))
+                .chain(
+                    self.passed
+                        .iter()
+                        .enumerate()
+                        .map(|(index, vf)| InterfaceConfig {
+                            passed_function: Some(index),
+                            ..vf.config.clone()
+                        }),
+                )
                 .collect(),
             routes: self.routes.clone(),
             neighbors: self.neighbors.clone(),
@@ -504,6 +517,7 @@ impl Found {
             name: self.name.clone(),
             mtu: self.mtu,
             addresses: self.addresses.clone(),
+            passed_function: None,
         }
     }
 }
@@ -1072,12 +1086,7 @@ async fn join_macvtap(
     .await;
     match result {
         Ok(fd) => Ok(PodInterface {
-            config: InterfaceConfig {
-                mac: found.mac,
-                name: found.name,
-                mtu: found.mtu,
-                addresses: found.addresses,
-            },
+            config: found.config(),
             tap: Arc::new(fd),
             tap_name: name,
             index: found.index,

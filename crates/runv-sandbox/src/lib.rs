@@ -17,7 +17,7 @@ use runv_config::Config;
 use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
 use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
-pub use runv_hypervisor::{vfio_support, BlockDevice, NetDevice};
+pub use runv_hypervisor::{guest_pci_address, vfio_support, BlockDevice, NetDevice};
 pub use timeline::BootTimeline;
 
 /// Console lines quoted when the guest fails to come up.

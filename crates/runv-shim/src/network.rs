@@ -114,6 +114,10 @@ pub fn guest_request(config: &GuestNetworkConfig) -> ConfigureNetworkRequest {
                 mac: format_mac(&interface.mac),
                 name: interface.name.clone(),
                 mtu: interface.mtu,
+                pci_address: interface
+                    .passed_function
+                    .map(runv_sandbox::guest_pci_address)
+                    .unwrap_or_default(),
                 addresses: interface
                     .addresses
                     .iter()
@@ -197,12 +201,22 @@ mod tests {
             prefix_len,
         };
         let config = GuestNetworkConfig {
-            interfaces: vec![InterfaceConfig {
-                mac: [0x0a, 0x58, 0x0a, 0x58, 0, 5],
-                name: "eth0".into(),
-                mtu: 1450,
-                addresses: vec![address("10.88.0.5", 16), address("fd00::5", 64)],
-            }],
+            interfaces: vec![
+                InterfaceConfig {
+                    mac: [0x0a, 0x58, 0x0a, 0x58, 0, 5],
+                    name: "eth0".into(),
+                    mtu: 1450,
+                    addresses: vec![address("10.88.0.5", 16), address("fd00::5", 64)],
+                    passed_function: None,
+                },
+                InterfaceConfig {
+                    mac: [0x0a, 0x58, 0x0a, 0x59, 0, 5],
+                    name: "net1".into(),
+                    mtu: 1500,
+                    addresses: vec![address("10.89.0.5", 16)],
+                    passed_function: Some(1),
+                },
+            ],
             routes: vec![
                 RouteConfig {
                     destination: Some(address("10.88.0.0", 16)),
@@ -235,6 +249,11 @@ mod tests {
         );
         assert_eq!(nic.addresses[1].address, "fd00::5");
         assert_eq!(nic.addresses[1].prefix_len, 64);
+        assert_eq!(nic.pci_address, "", "a tap's NIC is found by MAC");
+        assert_eq!(
+            request.interfaces[1].pci_address, "0000:00:02.0",
+            "the second passed VF is the VM's PCI device 2"
+        );
         let (link, default) = (&request.routes[0], &request.routes[1]);
         assert_eq!(link.destination, "10.88.0.0/16");
         assert_eq!(

@@ -645,13 +645,73 @@ mod tests {
         assert!(!mount_point.exists(), "no mount point left behind");
     }
 
-    /// The whole round on a real disk, as root:
-    /// `RUNV_TEST_BLOCK_DEVICE=/dev/loopN cargo test -p runv-agent -- --ignored`
-    /// with an ext4 file system on that (otherwise unused) device.
+    /// An ext4 image on a loop device of its own, detached when dropped.
+    struct LoopDisk {
+        device: PathBuf,
+        _image: tempfile::TempPath,
+    }
+
+    impl LoopDisk {
+        /// None, saying why, where loop devices cannot be made (not root).
+        fn new() -> Option<LoopDisk> {
+            let image = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+            fs::File::options()
+                .write(true)
+                .open(&image)
+                .and_then(|file| file.set_len(16 << 20))
+                .unwrap();
+            let run = |program: &str, args: &[&std::ffi::OsStr]| {
+                std::process::Command::new(program)
+                    .args(args)
+                    .output()
+                    .map_err(|e| format!("{program}: {e}"))
+                    .and_then(|out| match out.status.success() {
+                        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+                        false => Err(format!(
+                            "{program}: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )),
+                    })
+            };
+            let made = run(
+                "mkfs.ext4",
+                &["-q".as_ref(), "-F".as_ref(), image.as_os_str()],
+            )
+            .and_then(|_| {
+                run(
+                    "losetup",
+                    &["--find".as_ref(), "--show".as_ref(), image.as_os_str()],
+                )
+            });
+            match made {
+                Ok(device) => Some(LoopDisk {
+                    device: PathBuf::from(device),
+                    _image: image,
+                }),
+                Err(why) => {
+                    println!("SKIPPED: a loop device with ext4 needs root and e2fsprogs: {why}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for LoopDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.device)
+                .status();
+        }
+    }
+
+    /// The whole round on a real disk: an ext4 loop device made here.
     #[test]
-    #[ignore = "needs root and an ext4 block device in RUNV_TEST_BLOCK_DEVICE"]
     fn mounts_detects_refuses_busy_and_unmounts_a_real_disk() {
-        let device = PathBuf::from(std::env::var("RUNV_TEST_BLOCK_DEVICE").unwrap());
+        let Some(disk) = LoopDisk::new() else {
+            return;
+        };
+        let device = disk.device.clone();
         let dir = tempfile::tempdir().unwrap();
         let mount_point = dir.path().join("a/disk");
         let opts = ["nodev,noatime".to_owned(), "errors=remount-ro".to_owned()];

