@@ -17,7 +17,7 @@ pub mod agent_ttrpc {
 
 /// The protocol version this build speaks. Bump it whenever a message or a
 /// method changes meaning; the shim refuses an agent of another version.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The vsock port on which the agent serves ttrpc.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -63,6 +63,8 @@ pub struct PluggedBlock {
     pub slot: u32,
     /// Its device node in the guest, e.g. "/dev/vdb".
     pub guest_device: String,
+    /// That node's device number (major, minor) in the guest.
+    pub guest_number: (u32, u32),
 }
 
 /// Ends a VM whose boot failed, and returns the last lines of its console
@@ -284,7 +286,10 @@ impl PodVm {
     pub async fn plug_block(&self, device: &BlockDevice) -> Result<PluggedBlock, SandboxError> {
         let slot = self.hypervisor.attach_block(device).await?;
         let taken = match self.agent.plug_virtio_mmio(slot).await {
-            Ok(response) if !response.block_device.is_empty() => Ok(response.block_device),
+            Ok(response) if !response.block_device.is_empty() => Ok((
+                response.block_device,
+                (response.block_major, response.block_minor),
+            )),
             Ok(response) => Err(format!(
                 "it became {} (virtio device ID {}, driver {:?}), not a block device",
                 response.device_name, response.device_id, response.driver
@@ -292,10 +297,14 @@ impl PodVm {
             Err(e) => Err(e.to_string()),
         };
         match taken {
-            Ok(guest_device) => {
+            Ok((guest_device, guest_number)) => {
                 tracing::info!(slot, path = %device.path.display(), %guest_device,
                     read_only = device.read_only, "block device plugged");
-                Ok(PluggedBlock { slot, guest_device })
+                Ok(PluggedBlock {
+                    slot,
+                    guest_device,
+                    guest_number,
+                })
             }
             Err(reason) => {
                 // The guest may have bound the slot before failing.

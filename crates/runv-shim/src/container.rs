@@ -1,6 +1,6 @@
 //! A container of the pod: its processes, and what it holds on the host
 //! and in the VM (the rootfs mounted in its bundle, its binds in the shared
-//! directory, its disks).
+//! directory, its disks and raw block devices).
 
 use std::{
     collections::HashMap,
@@ -11,6 +11,7 @@ use containerd_shim::protos::api::Mount;
 use runv_protocol::GUEST_SHARED_DIR;
 
 use crate::{
+    devices,
     disks::DiskMount,
     error::{Result, ShimError},
     mounts,
@@ -96,7 +97,19 @@ impl HostMounts {
         rootfs: &[Mount],
     ) -> Result<Vec<u8>> {
         let id = self.container_id.as_str();
+        // Before anything is plugged or mounted: a device the VM cannot
+        // pass refuses the container.
+        let host_blocks = devices::host_blocks(&host_spec)
+            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
         let vm = pod.vm();
+        let mut plugged_blocks = Vec::new();
+        for block in host_blocks {
+            let guest_number = pod
+                .disks
+                .attach_raw(&vm, id, &block.node, block.read_only())
+                .await?;
+            plugged_blocks.push((block, guest_number));
+        }
         let mut disks = DiskPlacement::default();
         let mut shared_root = None;
         match DiskMount::rootfs(rootfs) {
@@ -122,8 +135,9 @@ impl HostMounts {
             disks.volumes.insert(index, guest_mount);
         }
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
-        let guest = spec::for_guest(host_spec, &guest_dir, &disks)
+        let mut guest = spec::for_guest(host_spec, &guest_dir, &disks)
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
+        devices::for_guest(&mut guest.spec, &plugged_blocks);
         let shared = pod.shared();
         if let Some(root) = &shared_root {
             shared

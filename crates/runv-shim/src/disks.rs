@@ -119,11 +119,16 @@ fn is_disk_source(source: &Path, fs_type: &str, options: &[String]) -> bool {
     }
 }
 
-/// A disk plugged into the pod VM and mounted there.
+/// A disk plugged into the pod VM.
 struct PluggedDisk {
     slot: u32,
     read_only: bool,
-    guest_mount: PathBuf,
+    /// Its node in the guest, e.g. "/dev/vdb", and that node's number.
+    guest_device: String,
+    guest_number: (u32, u32),
+    /// Where the agent mounted it; none while its containers only use it
+    /// as a raw device (see `devices`).
+    guest_mount: Option<PathBuf>,
     /// The containers that use it.
     users: BTreeSet<String>,
 }
@@ -137,65 +142,96 @@ pub struct PodDisks {
 impl PodDisks {
     /// Plugs `disk` into the VM for `container_id` and mounts it there (or
     /// joins the disk already plugged from the same source), and returns
-    /// the guest mount point.
+    /// the guest mount point. On error the container may still be among
+    /// the disk's users: [`PodDisks::release`] lets go of it.
     pub async fn attach(
         &mut self,
         vm: &PodVm,
         container_id: &str,
         disk: &DiskMount,
     ) -> Result<PathBuf> {
-        let key = fs::canonicalize(&disk.source).map_err(|e| {
-            ShimError::InvalidArgument(format!("disk {}: {e}", disk.source.display()))
-        })?;
-        if let Some(plugged) = self.plugged.get_mut(&key) {
-            if plugged.read_only && !disk.read_only {
-                return Err(ShimError::FailedPrecondition(format!(
-                    "{} is already in the pod read-only; a container cannot mount it \
-                     read-write (give every container `ro`, or none)",
-                    disk.source.display()
-                )));
-            }
-            plugged.users.insert(container_id.to_owned());
-            return Ok(plugged.guest_mount.clone());
+        let plugged = self
+            .plug(vm, container_id, &disk.source, disk.read_only)
+            .await?;
+        if let Some(guest_mount) = &plugged.guest_mount {
+            return Ok(guest_mount.clone());
         }
-        let device = BlockDevice {
-            path: key.clone(),
-            read_only: disk.read_only,
-        };
-        let block = vm.plug_block(&device).await.map_err(|e| {
-            ShimError::Internal(format!(
-                "cannot plug {} into the pod VM: {e}",
-                disk.source.display()
-            ))
-        })?;
-        let guest_mount = Path::new(GUEST_DISKS_DIR).join(block.slot.to_string());
-        let mounted = vm
-            .agent()
+        let guest_mount = Path::new(GUEST_DISKS_DIR).join(plugged.slot.to_string());
+        vm.agent()
             .mount(
-                &block.guest_device,
+                &plugged.guest_device,
                 &disk.fs_type,
                 &disk.options,
                 &guest_mount.to_string_lossy(),
             )
-            .await;
-        if let Err(e) = mounted {
-            unplug(vm, block.slot, &disk.source).await;
-            return Err(ShimError::InvalidArgument(format!(
-                "cannot mount {} (guest {}) in the pod VM: {e}",
-                disk.source.display(),
-                block.guest_device
+            .await
+            .map_err(|e| {
+                ShimError::InvalidArgument(format!(
+                    "cannot mount {} (guest {}) in the pod VM: {e}",
+                    disk.source.display(),
+                    plugged.guest_device
+                ))
+            })?;
+        plugged.guest_mount = Some(guest_mount.clone());
+        Ok(guest_mount)
+    }
+
+    /// Plugs the block device `source` into the VM for `container_id` to
+    /// use raw, unmounted (or joins the disk already plugged from it), and
+    /// returns the guest's device number for it.
+    pub async fn attach_raw(
+        &mut self,
+        vm: &PodVm,
+        container_id: &str,
+        source: &Path,
+        read_only: bool,
+    ) -> Result<(u32, u32)> {
+        let plugged = self.plug(vm, container_id, source, read_only).await?;
+        Ok(plugged.guest_number)
+    }
+
+    /// The disk plugged from `source`, plugged now if no container of the
+    /// pod has it yet, with `container_id` among its users.
+    async fn plug(
+        &mut self,
+        vm: &PodVm,
+        container_id: &str,
+        source: &Path,
+        read_only: bool,
+    ) -> Result<&mut PluggedDisk> {
+        let key = fs::canonicalize(source)
+            .map_err(|e| ShimError::InvalidArgument(format!("disk {}: {e}", source.display())))?;
+        if !self.plugged.contains_key(&key) {
+            let device = BlockDevice {
+                path: key.clone(),
+                read_only,
+            };
+            let block = vm.plug_block(&device).await.map_err(|e| {
+                ShimError::Internal(format!(
+                    "cannot plug {} into the pod VM: {e}",
+                    source.display()
+                ))
+            })?;
+            let disk = PluggedDisk {
+                slot: block.slot,
+                read_only,
+                guest_device: block.guest_device,
+                guest_number: block.guest_number,
+                guest_mount: None,
+                users: BTreeSet::new(),
+            };
+            self.plugged.insert(key.clone(), disk);
+        }
+        let plugged = self.plugged.get_mut(&key).expect("plugged above");
+        if plugged.read_only && !read_only {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{} is already in the pod read-only; a container cannot have it read-write \
+                 (give every container `ro`, or none)",
+                source.display()
             )));
         }
-        self.plugged.insert(
-            key,
-            PluggedDisk {
-                slot: block.slot,
-                read_only: disk.read_only,
-                guest_mount: guest_mount.clone(),
-                users: BTreeSet::from([container_id.to_owned()]),
-            },
-        );
-        Ok(guest_mount)
+        plugged.users.insert(container_id.to_owned());
+        Ok(plugged)
     }
 
     /// Lets go of `container_id`'s disks: those it was the last user of are
@@ -210,13 +246,14 @@ impl PodDisks {
             .collect();
         for source in unused {
             let disk = self.plugged.remove(&source).expect("listed above");
-            let mount_point = disk.guest_mount.to_string_lossy();
-            if let Err(e) = vm.agent().unmount(&mount_point).await {
-                // Unplugging a mounted disk would lose the guest's unwritten
-                // data: the disk stays until the VM goes.
-                tracing::error!(disk = %source.display(), error = %e,
-                    "cannot unmount the disk in the guest; it stays plugged until the pod ends");
-                continue;
+            if let Some(guest_mount) = &disk.guest_mount {
+                if let Err(e) = vm.agent().unmount(&guest_mount.to_string_lossy()).await {
+                    // Unplugging a mounted disk would lose the guest's
+                    // unwritten data: the disk stays until the VM goes.
+                    tracing::error!(disk = %source.display(), error = %e,
+                        "cannot unmount the disk in the guest; it stays plugged until the pod ends");
+                    continue;
+                }
             }
             unplug(vm, disk.slot, &source).await;
         }

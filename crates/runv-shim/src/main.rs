@@ -2,6 +2,7 @@
 //! `io.containerd.runv.v2`, one shim process and one microVM per pod.
 
 mod container;
+mod devices;
 mod disks;
 mod error;
 mod events;

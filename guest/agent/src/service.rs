@@ -89,6 +89,16 @@ async fn on_blocking_thread<T: Send + 'static>(
         .map_err(hotplug_status)
 }
 
+/// The device number of a block device node, which the host needs to give
+/// a container the disk as a raw device.
+fn device_number(node: &std::path::Path) -> ttrpc::Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(node)
+        .map_err(|e| internal(&format!("stat {}", node.display()), e))?
+        .rdev();
+    Ok((nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32))
+}
+
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
     async fn check(
@@ -169,6 +179,10 @@ impl agent_ttrpc::Agent for AgentService {
         let device =
             on_blocking_thread(move || PlatformBus::system().plug(slot, PLUG_TIMEOUT)).await?;
         tracing::info!(slot, device = %device.name, id = device.device_id, driver = ?device.driver, block_device = ?device.block_device, "virtio-mmio device plugged");
+        let (block_major, block_minor) = match &device.block_device {
+            Some(node) => device_number(node)?,
+            None => (0, 0),
+        };
         Ok(agent::PlugVirtioMmioResponse {
             device_name: device.name,
             device_id: device.device_id,
@@ -177,6 +191,8 @@ impl agent_ttrpc::Agent for AgentService {
                 .block_device
                 .map(|node| node.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            block_major,
+            block_minor,
             ..Default::default()
         })
     }
