@@ -10,7 +10,7 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    ContainerFilter, ContainerState, ContainerStatsRequest, CreateContainerRequest,
+    ContainerFilter, ContainerState, ContainerStatsRequest, CreateContainerRequest, Device,
     ListContainersRequest, Mount, NamespaceMode, RemoveContainerRequest, StartContainerRequest,
     StopContainerRequest, VersionRequest,
 };
@@ -20,7 +20,7 @@ use runv_tests::{
         app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
         start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
     },
-    disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
+    disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
 };
 
@@ -218,18 +218,11 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
-    let guest_disks = || async {
-        let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
-        let partitions = exec_sync(&mut cri, &keeper, &["cat", "/proc/partitions"]).await;
-        assert_eq!(partitions.exit_code, 0, "reading the guest's partitions");
-        String::from_utf8_lossy(&partitions.stdout)
-            .lines()
-            .filter_map(|line| line.split_whitespace().nth(3))
-            .filter(|name| name.starts_with("vd"))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(guest_disks().await, Vec::<String>::new(), "no disk yet");
+    assert_eq!(
+        guest_disks(&mut cri, &keeper).await,
+        Vec::<String>::new(),
+        "no disk yet"
+    );
 
     let mut config = app_config("disk-user");
     config.mounts = vec![Mount {
@@ -248,45 +241,142 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
         mount.starts_with("/dev/vd") && mount.contains(" /vol ext4 rw"),
         "/vol is the plugged disk: {mount}"
     );
-    let plugged = guest_disks().await;
-    assert_eq!(plugged.len(), 1, "one disk in the guest: {plugged:?}");
-    let holders = processes_holding(disk.path());
-    assert!(
-        holders.iter().any(|h| h.contains(HYPERVISOR)),
-        "the hypervisor holds the disk: {holders:?}"
+    assert_plugged(&mut cri, &keeper, &[disk.path()]).await;
+    remove_app(&mut cri, &user).await;
+    assert_unplugged(&mut cri, &keeper, &[disk.path()]).await;
+    assert_eq!(
+        read_ext4_file(disk.path(), "/out").as_deref(),
+        Some("from-cri\n")
     );
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
+    containerd.stop();
+}
 
+/// Host block devices given to a container of a running pod as raw devices
+/// (CRI's ContainerConfig.devices, as a Kubernetes raw block volume comes):
+/// each is hot-plugged, not mounted, and the container's node at its
+/// device path is the guest disk. It reads the host's bytes and writes its
+/// own, except on the device given with "r" only; removing the container
+/// unplugs both while the pod runs on, and the host has the write.
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_block_devices_hot_plug_into_a_running_pod() {
+    if let Some(why) = disks::unavailable() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let (rw_image, ro_image) = (scratch.path().join("rw.img"), scratch.path().join("ro.img"));
+    raw_image(&rw_image, 8, b"read-write volume");
+    raw_image(&ro_image, 8, b"read-only volume!");
+    let (rw, ro) = (LoopDevice::attach(&rw_image), LoopDevice::attach(&ro_image));
+
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
+    let pod_id = run_pod(&mut cri, &pod_config).await;
+    let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
+    let mut config = app_config("raw-user");
+    config.devices = vec![
+        Device {
+            container_path: "/dev/xvdb".into(),
+            host_path: rw.path_str().into(),
+            permissions: "rw".into(),
+        },
+        Device {
+            container_path: "/dev/xvdc".into(),
+            host_path: ro.path_str().into(),
+            permissions: "r".into(),
+        },
+    ];
+    let user = start_app(&mut cri, &pod_id, &pod_config, config).await;
+    let script = "head -c 17 /dev/xvdb; echo; head -c 17 /dev/xvdc; echo; \
+        printf 'from the pod' | dd of=/dev/xvdb bs=512 seek=1 conv=notrunc 2>/dev/null \
+        && echo rw-written; \
+        printf 'x' | dd of=/dev/xvdc conv=notrunc 2>/dev/null && echo ro-written; \
+        sync";
+    let used = exec_sync(&mut cri, &user, &["sh", "-c", script]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&used.stdout),
+        "read-write volume\nread-only volume!\nrw-written\n",
+        "{}",
+        String::from_utf8_lossy(&used.stderr)
+    );
+    assert_plugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
+    remove_app(&mut cri, &user).await;
+    assert_unplugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
+    assert_eq!(read_at(&rw_image, 512, 12), b"from the pod");
+    assert_eq!(read_at(&ro_image, 0, 17), b"read-only volume!");
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
+    containerd.stop();
+}
+
+/// The disks the guest has (its `vd*` block devices), as `keeper`, a
+/// container of the pod, sees them.
+async fn guest_disks(cri: &mut CriClient, keeper: &str) -> Vec<String> {
+    let partitions = exec_sync(cri, keeper, &["cat", "/proc/partitions"]).await;
+    assert_eq!(partitions.exit_code, 0, "reading the guest's partitions");
+    String::from_utf8_lossy(&partitions.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter(|name| name.starts_with("vd"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Each of `host_disks` is in the guest, the hypervisor holding it.
+async fn assert_plugged(cri: &mut CriClient, keeper: &str, host_disks: &[&Path]) {
+    let plugged = guest_disks(cri, keeper).await;
+    assert_eq!(plugged.len(), host_disks.len(), "in the guest: {plugged:?}");
+    for disk in host_disks {
+        let holders = processes_holding(disk);
+        assert!(
+            holders.iter().any(|h| h.contains(HYPERVISOR)),
+            "the hypervisor holds {}: {holders:?}",
+            disk.display()
+        );
+    }
+}
+
+/// The guest has no disk left and nothing on the host holds
+/// `host_disks`, while the pod (its `keeper`) runs on.
+async fn assert_unplugged(cri: &mut CriClient, keeper: &str, host_disks: &[&Path]) {
+    assert_eq!(
+        guest_disks(cri, keeper).await,
+        Vec::<String>::new(),
+        "unplugged in the guest"
+    );
+    for disk in host_disks {
+        assert_eq!(
+            processes_holding(disk),
+            Vec::<String>::new(),
+            "nothing on the host holds {}",
+            disk.display()
+        );
+    }
+    let alive = exec_sync(cri, keeper, &["echo", "still here"]).await;
+    assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
+}
+
+async fn remove_app(cri: &mut CriClient, id: &str) {
     cri.runtime
         .stop_container(StopContainerRequest {
-            container_id: user.clone(),
+            container_id: id.to_owned(),
             timeout: 5,
         })
         .await
         .expect("StopContainer");
     cri.runtime
         .remove_container(RemoveContainerRequest {
-            container_id: user.clone(),
+            container_id: id.to_owned(),
         })
         .await
         .expect("RemoveContainer");
-    assert_eq!(
-        guest_disks().await,
-        Vec::<String>::new(),
-        "unplugged in the guest"
-    );
-    assert_eq!(
-        processes_holding(disk.path()),
-        Vec::<String>::new(),
-        "nothing on the host holds the disk"
-    );
-    assert_eq!(
-        read_ext4_file(disk.path(), "/out").as_deref(),
-        Some("from-cri\n")
-    );
-    let alive = exec_sync(&mut cri, &keeper, &["echo", "still here"]).await;
-    assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
-    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
-    containerd.stop();
 }
 
 /// Prints the proportional set size (PSS) of every host process runv runs

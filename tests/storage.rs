@@ -2,14 +2,16 @@
 //! device handed to the Task API as a snapshotter of block devices would,
 //! block and image volumes hot-plugged into the running pod VM as
 //! virtio-blk, bind volumes shared with virtio-fs, read-only honoured,
-//! data on the host after the pod is gone, and nothing left holding a disk.
+//! data on the host after the pod is gone, and nothing left holding a disk;
+//! raw block devices (`ctr run --device`) and the refusal of host character
+//! devices.
 
 use std::{fs, os::unix::fs::PermissionsExt};
 
 use runv_tests::{
     busybox::build_busybox_rootfs,
     containerd::Containerd,
-    disks::{self, ext4_image, processes_holding, read_ext4_file, LoopDevice},
+    disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
 };
 
 fn started() -> Option<Containerd> {
@@ -159,6 +161,68 @@ fn block_and_bind_volumes() {
     assert_eq!(read_ext4_file(&loop_image, "/x"), None);
     assert_eq!(fs::read_to_string(rw_dir.join("kept")).unwrap(), "kept\n");
     assert!(!ro_dir.join("x").exists());
+    containerd.assert_nothing_running();
+    containerd.stop();
+}
+
+/// `ctr run --device` of a host loop device: the container gets the
+/// plugged disk at the host device's path, under the guest's numbers,
+/// reads the host's bytes and writes its own, which the host finds once
+/// the container is gone and nothing holds the device.
+#[test]
+fn raw_block_device() {
+    let Some(containerd) = started() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let image = scratch.path().join("raw.img");
+    raw_image(&image, 8, b"raw bytes from the host");
+    let device = LoopDevice::attach(&image);
+    let path = device.path_str();
+    let script = format!(
+        "head -c 23 {path}; echo; \
+         printf 'written by the container' | dd of={path} bs=512 seek=1 conv=notrunc 2>/dev/null; \
+         sync; set -- $(ls -l {path} | tr -d ,); grep DEVNAME /sys/dev/block/$5:$6/uevent"
+    );
+    let id = "raw-device";
+    let out = containerd.ctr_ok(&containerd.runv_run_args(
+        "--rm",
+        &["--device", path],
+        id,
+        &["sh", "-c", &script],
+    ));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("raw bytes from the host"));
+    let named = lines.next().unwrap_or_default();
+    assert!(
+        named.starts_with("DEVNAME=vd"),
+        "the node has the numbers of the guest's virtio-blk disk: {named}"
+    );
+    let holders = processes_holding(device.path());
+    assert!(holders.is_empty(), "{path} held by {holders:?}");
+    assert_eq!(read_at(&image, 512, 24), b"written by the container");
+    containerd.assert_nothing_running();
+    containerd.stop();
+}
+
+/// A host character device other than the standard ones cannot be given
+/// to a container in a VM: ctr says which and why.
+#[test]
+fn host_character_devices_are_refused() {
+    let Some(containerd) = started() else { return };
+    let args = containerd.runv_run_args(
+        "--rm",
+        &["--device", "/dev/loop-control"],
+        "char-device",
+        &["true"],
+    );
+    let output = containerd.ctr(&args);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr
+            .contains("a VM sandbox cannot pass host character device /dev/loop-control (10:237)")
+            && stderr.contains("use runc for it"),
+        "{stderr}"
+    );
     containerd.assert_nothing_running();
     containerd.stop();
 }

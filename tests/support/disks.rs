@@ -1,5 +1,5 @@
 //! Disks for storage tests: ext4 images made without mounting anything
-//! (`mkfs.ext4 -d`), loop devices that detach when dropped, reading an
+//! (`mkfs.ext4 -d`), raw images with known bytes, loop devices that detach when dropped, reading an
 //! image's files from the host (`debugfs`), and who holds a device open.
 
 use std::{
@@ -37,6 +37,23 @@ pub fn ext4_image(image: &Path, size_mib: u32, contents: Option<&Path>) {
         .status()
         .expect("running mkfs.ext4");
     assert!(status.success(), "mkfs.ext4 {} failed", image.display());
+}
+
+/// A raw disk image of `size_mib` MiB at `image` that starts with `head`
+/// (zeros after it), for a container to use as a raw block device.
+pub fn raw_image(image: &Path, size_mib: u64, head: &[u8]) {
+    let file = fs::File::create(image).expect("creating a raw image");
+    file.set_len(size_mib << 20).expect("sizing the raw image");
+    std::os::unix::fs::FileExt::write_all_at(&file, head, 0).expect("writing the raw image");
+}
+
+/// `len` bytes of `image` at `offset`.
+pub fn read_at(image: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    let file = fs::File::open(image).expect("opening the image");
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, offset)
+        .expect("reading the image");
+    bytes
 }
 
 /// The contents of `path` inside the ext4 file system of `disk` (an image

@@ -63,7 +63,11 @@ pub fn host_blocks(spec: &Value) -> Result<Vec<HostBlock>, String> {
 
 /// [`host_blocks`], with the host's `/sys/dev/block` and `/dev` at
 /// `sys_dev_block` and `dev`.
-fn host_blocks_in(spec: &Value, sys_dev_block: &Path, dev: &Path) -> Result<Vec<HostBlock>, String> {
+fn host_blocks_in(
+    spec: &Value,
+    sys_dev_block: &Path,
+    dev: &Path,
+) -> Result<Vec<HostBlock>, String> {
     let rules = cgroup_rules(spec);
     let mut blocks: Vec<HostBlock> = Vec::new();
     for entry in entries(spec) {
@@ -119,11 +123,9 @@ pub fn for_guest(spec: &mut Value, plugged: &[(HostBlock, DeviceNumber)]) {
         .flatten()
         .filter_map(Value::as_object_mut)
     {
-        let renumbered = (entry.get("type").and_then(Value::as_str) == Some("b"))
-            .then(|| entry_number(entry, ""))
-            .and_then(Result::ok)
-            .and_then(guest_number);
-        if let Some(guest) = renumbered {
+        let is_block = entry.get("type").and_then(Value::as_str) == Some("b");
+        let renumbered = device_number(entry).and_then(guest_number);
+        if let Some(guest) = renumbered.filter(|_| is_block) {
             set_number(entry, guest);
         }
     }
@@ -170,18 +172,18 @@ fn cgroup_rules(spec: &Value) -> &[Value] {
 }
 
 fn entry_number(entry: &Map<String, Value>, path: &str) -> Result<DeviceNumber, String> {
+    device_number(entry)
+        .ok_or_else(|| format!("linux.devices entry {path} has no valid major and minor number"))
+}
+
+fn device_number(entry: &Map<String, Value>) -> Option<DeviceNumber> {
     let field = |key: &str| {
         entry
             .get(key)
             .and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
     };
-    match (field("major"), field("minor")) {
-        (Some(major), Some(minor)) => Ok((major, minor)),
-        _ => Err(format!(
-            "linux.devices entry {path} has no valid major and minor number"
-        )),
-    }
+    Some((field("major")?, field("minor")?))
 }
 
 fn set_number(object: &mut Map<String, Value>, (major, minor): DeviceNumber) {
@@ -214,8 +216,10 @@ fn host_node(
     let node = dev.join(name);
     let is_it = fs::metadata(&node).is_ok_and(|meta| {
         meta.file_type().is_block_device()
-            && (nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev()))
-                == (u64::from(major), u64::from(minor))
+            && (
+                nix::sys::stat::major(meta.rdev()),
+                nix::sys::stat::minor(meta.rdev()),
+            ) == (u64::from(major), u64::from(minor))
     });
     if !is_it {
         return Err(format!(
@@ -303,7 +307,11 @@ mod tests {
         }
 
         fn blocks(&self, spec: &Value) -> Result<Vec<HostBlock>, String> {
-            host_blocks_in(spec, &self.dir.path().join("sys"), &self.dir.path().join("dev"))
+            host_blocks_in(
+                spec,
+                &self.dir.path().join("sys"),
+                &self.dir.path().join("dev"),
+            )
         }
     }
 
@@ -391,8 +399,10 @@ mod tests {
                 {"path": "/dev/xvda", "type": "b", "major": major, "minor": minor},
                 {"path": "/dev/xvdb", "type": "b", "major": major, "minor": minor}
             ]),
-            rules_with(json!({"allow": true, "type": "b", "major": major, "minor": minor,
-                "access": access})),
+            rules_with(
+                json!({"allow": true, "type": "b", "major": major, "minor": minor,
+                "access": access}),
+            ),
         )
     }
 

@@ -96,7 +96,10 @@ fn device_number(node: &std::path::Path) -> ttrpc::Result<(u32, u32)> {
     let rdev = std::fs::metadata(node)
         .map_err(|e| internal(&format!("stat {}", node.display()), e))?
         .rdev();
-    Ok((nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32))
+    Ok((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ))
 }
 
 #[async_trait]
