@@ -10,15 +10,15 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    ContainerFilter, ContainerState, ContainerStatsRequest, CreateContainerRequest, Device,
-    ListContainersRequest, Mount, NamespaceMode, RemoveContainerRequest, StartContainerRequest,
-    StopContainerRequest, VersionRequest,
+    ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
+    CreateContainerRequest, Device, ListContainersRequest, Mount, NamespaceMode,
+    RemoveContainerRequest, StartContainerRequest, StopContainerRequest, VersionRequest,
 };
 use runv_tests::{
     containerd::Containerd,
     cri::{
-        app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
-        start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
+        app_config, build_pause_image, create_app, exec_sync, pod_config, pod_processes,
+        remove_pods, run_pod, start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
     },
     disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
@@ -281,20 +281,22 @@ async fn raw_block_devices_hot_plug_into_a_running_pod() {
     let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
-    let mut config = app_config("raw-user");
-    config.devices = vec![
-        Device {
-            container_path: "/dev/xvdb".into(),
-            host_path: rw.path_str().into(),
-            permissions: "rw".into(),
-        },
-        Device {
-            container_path: "/dev/xvdc".into(),
-            host_path: ro.path_str().into(),
-            permissions: "r".into(),
-        },
-    ];
-    let user = start_app(&mut cri, &pod_id, &pod_config, config).await;
+    let with_devices = |name: &str| ContainerConfig {
+        devices: vec![
+            Device {
+                container_path: "/dev/xvdb".into(),
+                host_path: rw.path_str().into(),
+                permissions: "rw".into(),
+            },
+            Device {
+                container_path: "/dev/xvdc".into(),
+                host_path: ro.path_str().into(),
+                permissions: "r".into(),
+            },
+        ],
+        ..app_config(name)
+    };
+    let user = start_app(&mut cri, &pod_id, &pod_config, with_devices("raw-user")).await;
     let script = "head -c 17 /dev/xvdb; echo; head -c 17 /dev/xvdc; echo; \
         printf 'from the pod' | dd of=/dev/xvdb bs=512 seek=1 conv=notrunc 2>/dev/null \
         && echo rw-written; \
@@ -308,10 +310,40 @@ async fn raw_block_devices_hot_plug_into_a_running_pod() {
         String::from_utf8_lossy(&used.stderr)
     );
     assert_plugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
+    let read_only = exec_sync(&mut cri, &keeper, &["sh", "-c", "cat /sys/block/vd*/ro"]).await;
+    let mut read_only: Vec<_> = String::from_utf8_lossy(&read_only.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    read_only.sort();
+    assert_eq!(read_only, ["0", "1"], "the `r` device is a read-only disk");
     remove_app(&mut cri, &user).await;
     assert_unplugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
     assert_eq!(read_at(&rw_image, 512, 12), b"from the pod");
     assert_eq!(read_at(&ro_image, 0, 17), b"read-only volume!");
+
+    // A create that fails once the devices are plugged unplugs them.
+    let broken = ContainerConfig {
+        command: vec!["/no/such/program".into()],
+        args: Vec::new(),
+        ..with_devices("broken")
+    };
+    let broken = create_app(&mut cri, &pod_id, &pod_config, broken).await;
+    let refused = cri
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: broken.clone(),
+        })
+        .await
+        .expect_err("a container without its program does not start");
+    println!("refused: {refused}");
+    assert_unplugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
+    cri.runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: broken,
+        })
+        .await
+        .expect("RemoveContainer");
     remove_pods(&containerd, &mut cri, &[&pod_id]).await;
     containerd.stop();
 }

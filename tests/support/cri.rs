@@ -166,8 +166,30 @@ pub async fn start_app(
         .as_ref()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let id = cri
-        .runtime
+    let id = create_app(cri, pod_id, pod_config, config).await;
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
+/// Creates an app container in the pod (CRI's create: containerd's
+/// container, not yet the task that runs in the VM); returns its ID.
+pub async fn create_app(
+    cri: &mut CriClient,
+    pod_id: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    cri.runtime
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id.into(),
             config: Some(config),
@@ -176,14 +198,7 @@ pub async fn start_app(
         .await
         .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
         .into_inner()
-        .container_id;
-    cri.runtime
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-    id
+        .container_id
 }
 
 /// A pod named `name` whose logs go to `log_dir`, in the network namespace
