@@ -142,9 +142,7 @@ pub fn for_guest(spec: &mut Value, plugged: &[(HostBlock, DeviceNumber)]) {
         .or_insert_with(|| json!([]))
         .as_array_mut();
     let Some(rules) = rules else { return };
-    rules.retain(|rule| {
-        !exact_block_rule(rule).is_some_and(|number| guest_number(number).is_some())
-    });
+    rules.retain(|rule| exact_block_rule(rule).and_then(guest_number).is_none());
     for (host, guest) in plugged {
         if !host.access.is_empty() {
             let mut rule = Map::new();
@@ -240,11 +238,10 @@ fn access(rules: &[Value], number: DeviceNumber) -> String {
         .filter(|&wanted| {
             rules
                 .iter()
-                .filter(|rule| {
+                .rfind(|rule| {
                     let rule_access = rule.get("access").and_then(Value::as_str).unwrap_or("rwm");
                     rule_access.contains(wanted) && matches_block(rule, number)
                 })
-                .last()
                 .is_some_and(|rule| rule.get("allow").and_then(Value::as_bool) == Some(true))
         })
         .collect()
