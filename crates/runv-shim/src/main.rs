@@ -13,6 +13,7 @@ mod pod;
 mod process;
 mod service;
 mod shim;
+mod sizing;
 mod spec;
 mod stats;
 mod stdio;
