@@ -45,16 +45,15 @@ impl PodResources {
     /// would OOM-kill its containers below them.
     pub fn from_spec(spec: &Value, pod_id: &str) -> Result<PodResources, String> {
         let annotation = |key: &str| spec.get("annotations")?.get(key)?.as_str();
-        let limit =
-            |key: &str| {
-                match annotation(key) {
+        let limit = |key: &str| {
+            match annotation(key) {
             None => Ok(0),
             // Negative: "no limit", as for cgroups' quota of -1.
             Some(text) => text.trim().parse::<i64>().map(|v| v.max(0) as u64).map_err(|_| {
                 format!("the sandbox annotation {key} is {text:?}; containerd writes an integer")
             }),
         }
-            };
+        };
         let pod = match (
             annotation(NAMESPACE_ANNOTATION),
             annotation(NAME_ANNOTATION),
