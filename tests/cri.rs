@@ -291,7 +291,8 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
 
 /// A pod's VM has the VM's base (the test config: 2 vCPUs, 256 MiB) plus
 /// the limits the pod declares, which containerd passes to the shim as
-/// annotations on the sandbox's spec; a pod declaring none gets the base.
+/// annotations on the sandbox's spec; a pod declaring none gets the base,
+/// and one declaring more than the caps gets the caps.
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_vm_is_sized_by_the_pods_limits() {
     let Some(containerd) = Containerd::start_with_cri() else {
@@ -333,7 +334,27 @@ async fn pod_vm_is_sized_by_the_pods_limits() {
     let app = start_app(&mut cri, &plain_id, &plain, app_config("base")).await;
     assert_guest_size(&mut cri, &app, 2, 256).await;
 
-    remove_pods(&containerd, &mut cri, &[&limited_id, &plain_id]).await;
+    // 16 CPUs: more than max_vcpus, which the VM gets, with a warning.
+    let mut greedy = pod_config("greedy", &log_dir, NamespaceMode::Node);
+    greedy.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 1_600_000,
+        ..Default::default()
+    });
+    let greedy_id = run_pod(&mut cri, &greedy).await;
+    let app = start_app(&mut cri, &greedy_id, &greedy, app_config("capped")).await;
+    assert_guest_size(&mut cri, &app, 4, 256).await;
+    let log = fs::read_to_string(containerd.dir().join("containerd.log")).unwrap();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("default/greedy") && line.contains("max_vcpus"));
+    println!("cap warning: {warning:?}");
+    assert!(
+        warning.is_some_and(|line| line.contains("18 vCPUs") && line.contains("it gets 4")),
+        "no cap warning for default/greedy in containerd's log"
+    );
+
+    remove_pods(&containerd, &mut cri, &[&limited_id, &plain_id, &greedy_id]).await;
     containerd.stop();
 }
 
