@@ -11,8 +11,9 @@ use std::{
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
-    CreateContainerRequest, Device, ListContainersRequest, Mount, NamespaceMode,
-    RemoveContainerRequest, StartContainerRequest, StopContainerRequest, VersionRequest,
+    CreateContainerRequest, Device, LinuxContainerResources, ListContainersRequest, Mount,
+    NamespaceMode, RemoveContainerRequest, StartContainerRequest, StopContainerRequest,
+    VersionRequest,
 };
 use runv_tests::{
     containerd::Containerd,
@@ -409,6 +410,109 @@ async fn remove_app(cri: &mut CriClient, id: &str) {
         })
         .await
         .expect("RemoveContainer");
+}
+
+/// A pod's VM has the VM's base (the test config: 2 vCPUs, 256 MiB) plus
+/// the limits the pod declares, which containerd passes to the shim as
+/// annotations on the sandbox's spec; a pod declaring none gets the base,
+/// and one declaring more than the caps gets the caps.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_vm_is_sized_by_the_pods_limits() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    // The vCPU cap defaults to the host's CPUs, two on small CI hosts.
+    let mut runv_config = fs::read_to_string(containerd.runv_config()).unwrap();
+    runv_config.push_str("max_vcpus = 4\n");
+    fs::write(containerd.runv_config(), runv_config).unwrap();
+    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+
+    // What the kubelet declares for containers limited to 2 CPUs and
+    // 512 MiB in all.
+    let mut limited = pod_config("limited", &log_dir, NamespaceMode::Node);
+    limited.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 200_000,
+        cpu_shares: 2048,
+        memory_limit_in_bytes: 512 << 20,
+        ..Default::default()
+    });
+    let limited_id = run_pod(&mut cri, &limited).await;
+    let annotations = sandbox_annotations(&containerd, &limited_id);
+    println!("sandbox annotations: {annotations}");
+    assert_eq!(
+        annotations["io.kubernetes.cri.sandbox-memory"],
+        (512u64 << 20).to_string()
+    );
+    assert_eq!(annotations["io.kubernetes.cri.sandbox-cpu-quota"], "200000");
+    let app = start_app(&mut cri, &limited_id, &limited, app_config("sized")).await;
+    assert_guest_size(&mut cri, &app, 2 + 2, 256 + 512).await;
+
+    let plain = pod_config("plain", &log_dir, NamespaceMode::Node);
+    let plain_id = run_pod(&mut cri, &plain).await;
+    let app = start_app(&mut cri, &plain_id, &plain, app_config("base")).await;
+    assert_guest_size(&mut cri, &app, 2, 256).await;
+
+    // 16 CPUs: more than max_vcpus, which the VM gets, with a warning.
+    let mut greedy = pod_config("greedy", &log_dir, NamespaceMode::Node);
+    greedy.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 1_600_000,
+        ..Default::default()
+    });
+    let greedy_id = run_pod(&mut cri, &greedy).await;
+    let app = start_app(&mut cri, &greedy_id, &greedy, app_config("capped")).await;
+    assert_guest_size(&mut cri, &app, 4, 256).await;
+    let log = fs::read_to_string(containerd.dir().join("containerd.log")).unwrap();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("default/greedy") && line.contains("max_vcpus"));
+    println!("cap warning: {warning:?}");
+    assert!(
+        warning.is_some_and(|line| line.contains("18 vCPUs") && line.contains("it gets 4")),
+        "no cap warning for default/greedy in containerd's log"
+    );
+
+    remove_pods(&containerd, &mut cri, &[&limited_id, &plain_id, &greedy_id]).await;
+    containerd.stop();
+}
+
+/// The annotations containerd put on sandbox `id`'s spec, from its bundle.
+fn sandbox_annotations(containerd: &Containerd, id: &str) -> serde_json::Value {
+    let bundle = containerd
+        .dir()
+        .join("state/io.containerd.runtime.v2.task/k8s.io")
+        .join(id);
+    let spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    spec["annotations"].clone()
+}
+
+/// Asserts that container `id` sees `vcpus` vCPUs and `memory_mib` of
+/// memory, less what the guest kernel keeps for itself (under a quarter).
+async fn assert_guest_size(cri: &mut CriClient, id: &str, vcpus: u32, memory_mib: u64) {
+    let script = "nproc; grep MemTotal /proc/meminfo";
+    let seen = exec_sync(cri, id, &["sh", "-c", script]).await;
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    let mut lines = seen.lines();
+    let nproc: Option<u32> = lines.next().and_then(|n| n.trim().parse().ok());
+    let mem_total_kib: Option<u64> = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1)?.parse().ok());
+    let (Some(nproc), Some(mem_total_kib)) = (nproc, mem_total_kib) else {
+        panic!("cannot read the guest's size from {seen:?}");
+    };
+    let mib = mem_total_kib / 1024;
+    println!("{id}: {nproc} vCPUs, MemTotal {mib} MiB (asked {vcpus}, {memory_mib} MiB)");
+    assert_eq!(nproc, vcpus, "vCPUs the container sees");
+    assert!(
+        mib <= memory_mib && mib >= memory_mib * 3 / 4,
+        "the guest sees {mib} MiB of {memory_mib}"
+    );
 }
 
 /// Prints the proportional set size (PSS) of every host process runv runs

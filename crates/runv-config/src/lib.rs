@@ -138,8 +138,16 @@ pub struct VmConfig {
     pub initramfs: PathBuf,
     /// Extra guest kernel command line parameters, appended to runv's own.
     pub kernel_params: String,
+    /// The VM's own vCPUs (guest kernel, agent); a pod's CPU limits come
+    /// on top (the shim's `sizing`).
     pub vcpus: u32,
+    /// The VM's own memory; a pod's memory limit comes on top.
     pub memory_mib: u32,
+    /// The most vCPUs a pod VM gets, base and limits together. None: the
+    /// CPUs the shim may run on (its VM's vCPU threads run where it does).
+    pub max_vcpus: Option<u32>,
+    /// The most memory a pod VM gets, base and limit together.
+    pub max_memory_mib: u32,
     /// How long to wait for the guest agent to answer after the VM starts.
     pub agent_timeout_secs: u64,
     /// How long a VM may take to power off before it is killed.
@@ -191,6 +199,8 @@ impl Default for VmConfig {
             kernel_params: String::new(),
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: None,
+            max_memory_mib: 16384,
             agent_timeout_secs: 30,
             shutdown_timeout_secs: 5,
         }
@@ -209,7 +219,9 @@ impl Default for QemuConfig {
 }
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
-const MAX_VCPUS: u32 = 255;
+/// The builtin VMM's MP table gives the vCPUs APIC IDs 0 to n-1 and the
+/// IOAPIC n, below the broadcast ID 0xff: at most 254 vCPUs.
+const MAX_VCPUS: u32 = 254;
 const MIN_MEMORY_MIB: u32 = 64;
 
 impl Config {
@@ -275,6 +287,23 @@ impl Config {
                 ),
             ));
         }
+        if let Some(max) = self.vm.max_vcpus {
+            if !(self.vm.vcpus..=MAX_VCPUS).contains(&max) {
+                return Err(invalid(
+                    "vm.max_vcpus",
+                    format!("is {max}; use vm.vcpus ({}) to {MAX_VCPUS}", self.vm.vcpus),
+                ));
+            }
+        }
+        if self.vm.max_memory_mib < self.vm.memory_mib {
+            return Err(invalid(
+                "vm.max_memory_mib",
+                format!(
+                    "is {}; it must be at least vm.memory_mib ({})",
+                    self.vm.max_memory_mib, self.vm.memory_mib
+                ),
+            ));
+        }
         if self.vm.agent_timeout_secs == 0 {
             return Err(invalid("vm.agent_timeout_secs", "must be above 0".into()));
         }
@@ -301,6 +330,16 @@ impl Config {
 }
 
 impl VmConfig {
+    /// The most vCPUs a pod VM gets: `max_vcpus`, else the CPUs the shim
+    /// may run on; never fewer than `vcpus`, never more than a VM can have.
+    pub fn vcpu_cap(&self) -> u32 {
+        let cap = self.max_vcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(MAX_VCPUS))
+        });
+        cap.clamp(self.vcpus, MAX_VCPUS)
+    }
+
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
     }
@@ -355,7 +394,32 @@ mod tests {
     #[test]
     fn bad_values_are_named_with_the_fix() {
         let err = parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
-        assert!(err.contains("`vm.vcpus` is 0; use 1 to 255"), "{err}");
+        assert!(err.contains("`vm.vcpus` is 0; use 1 to 254"), "{err}");
+        let err = parse("[vm]\nvcpus = 255\n").unwrap_err().to_string();
+        assert!(err.contains("`vm.vcpus` is 255; use 1 to 254"), "{err}");
+        let err = parse("[vm]\nvcpus = 2\nmax_vcpus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`vm.max_vcpus` is 1; use vm.vcpus (2) to 254"),
+            "{err}"
+        );
+        let err = parse("[vm]\nmax_vcpus = -1\n").unwrap_err().to_string();
+        assert!(err.contains("max_vcpus"), "{err}");
+        let err = parse("[vm]\nmax_memory_mib = 128\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`vm.max_memory_mib` is 128; it must be at least vm.memory_mib (256)"),
+            "{err}"
+        );
+        let err = parse("[vm]\nmax_memory_mib = \"4G\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_memory_mib") && err.contains("expected u32"),
+            "{err}"
+        );
         let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
         assert!(err.contains("`vm.memory_mib`"), "{err}");
         let err = parse("log_level = \"loud\"\n").unwrap_err().to_string();
@@ -389,6 +453,20 @@ mod tests {
             err.contains("`qemu.virtiofsd_binary` is empty; name a program"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn vcpu_cap_defaults_to_the_host_and_keeps_the_base() {
+        let config = parse("").unwrap();
+        assert_eq!(config.vm.max_vcpus, None);
+        assert_eq!(config.vm.max_memory_mib, 16384);
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(config.vm.vcpu_cap(), host.min(MAX_VCPUS));
+        let config = parse("[vm]\nvcpus = 2\nmax_vcpus = 6\n").unwrap();
+        assert_eq!(config.vm.vcpu_cap(), 6);
+        // A base above the host's CPUs is the operator's choice: kept.
+        let big_base = parse(&format!("[vm]\nvcpus = {}\n", host + 1)).unwrap();
+        assert_eq!(big_base.vm.vcpu_cap(), host + 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use runv_config::BuiltinConfig;
 use runv_protocol::SHARED_FS_TAG;
 use runv_vmm::{
-    device_manager::SlotIndex, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig,
+    device_manager::SlotIndex, mptable, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig,
     VfioConfig, VmEnd, VmmError, VsockConfig,
 };
 use tokio::sync::watch;
@@ -73,12 +73,17 @@ impl BuiltinVm {
             ),
             source,
         })?;
-        let vcpus = u8::try_from(spec.vcpus).map_err(|_| {
-            HypervisorError::Accel(format!(
-                "{} vCPUs asked; the builtin hypervisor runs at most 255",
-                spec.vcpus
-            ))
-        })?;
+        // The MP table, which tells the guest its CPUs, bounds the count.
+        let vcpus = u8::try_from(spec.vcpus)
+            .ok()
+            .filter(|vcpus| *vcpus <= mptable::MAX_VCPUS)
+            .ok_or_else(|| {
+                HypervisorError::Accel(format!(
+                    "{} vCPUs asked; the builtin hypervisor runs at most {}",
+                    spec.vcpus,
+                    mptable::MAX_VCPUS
+                ))
+            })?;
         // The caller keeps its tap; the device gets a descriptor of its
         // own (which shares the open file: the device makes it
         // non-blocking and sets its header size and offloads).

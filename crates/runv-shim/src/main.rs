@@ -14,6 +14,7 @@ mod pod;
 mod process;
 mod service;
 mod shim;
+mod sizing;
 mod spec;
 mod stats;
 mod stdio;

@@ -21,6 +21,7 @@ use crate::{
     error::{Result, ShimError},
     mounts::SharedDir,
     network,
+    sizing::{self, PodResources},
 };
 
 /// The file in a container's bundle that names its pod's shared
@@ -42,13 +43,15 @@ pub struct Pod {
 
 impl Pod {
     /// Boots the pod VM of `pod_id` with the runv configuration at
-    /// `config_path` (the default file when none), with a NIC for each
-    /// interface CNI made in the network namespace `netns` (none: no NIC).
+    /// `config_path` (the default file when none), sized for `resources`,
+    /// with a NIC for each interface CNI made in the network namespace
+    /// `netns` (none: no NIC).
     /// On error nothing is left: no VM, tap, mount or directory.
     pub async fn boot(
         config_path: Option<&Path>,
         namespace: &str,
         pod_id: &str,
+        resources: &PodResources,
         netns: Option<PathBuf>,
     ) -> Result<Pod> {
         let config = Config::load_or_default(config_path).map_err(|e| {
@@ -73,6 +76,15 @@ impl Pod {
             }
         };
         let mut spec = PodVm::spec(&config, &vm_id, dir.join("console.log"));
+        let size = sizing::vm_size(&config.vm, resources);
+        tracing::info!(
+            pod = %resources.pod,
+            vcpus = size.vcpus,
+            memory_mib = size.memory_mib,
+            "pod VM size"
+        );
+        spec.vcpus = size.vcpus;
+        spec.memory_mib = size.memory_mib;
         spec.shared_dir = Some(shared.path().to_owned());
         spec.net_devices = network::net_devices(&network);
         spec.vfio_devices = network.passthrough_functions();

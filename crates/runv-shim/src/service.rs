@@ -27,6 +27,7 @@ use crate::{
     network, options,
     pod::Pod,
     process::{self, Process},
+    sizing::PodResources,
     spec, stats,
     stdio::{self, ProcessRef, StdioPaths},
 };
@@ -66,8 +67,19 @@ impl TaskService {
                 options::config_path(req.options.as_ref()).map_err(ShimError::InvalidArgument)?;
             let host_spec = spec::read(&bundle).map_err(ShimError::InvalidArgument)?;
             let pod_id = spec::pod_id(&host_spec, &req.id);
+            let resources =
+                PodResources::from_spec(&host_spec, &pod_id).map_err(ShimError::InvalidArgument)?;
             let netns = network::netns_path(&host_spec);
-            *slot = Some(Pod::boot(config_path.as_deref(), &self.namespace, &pod_id, netns).await?);
+            *slot = Some(
+                Pod::boot(
+                    config_path.as_deref(),
+                    &self.namespace,
+                    &pod_id,
+                    &resources,
+                    netns,
+                )
+                .await?,
+            );
         }
         let pod = slot.as_mut().expect("booted above");
         let created = self.create_container(pod, &req).await;
