@@ -777,8 +777,10 @@ impl Pod<'_> {
             ),
             "{err}"
         );
+        // The agent waits 5 s by the guest's clock, which under TCG can run
+        // ahead of the host's by a few percent (seen: 4.94 s here).
         assert!(
-            (Duration::from_secs(5)..Duration::from_secs(9)).contains(&waited),
+            (Duration::from_millis(4500)..Duration::from_secs(9)).contains(&waited),
             "answered after {waited:?}"
         );
         println!("ConfigureNetwork of a missing NIC after {waited:?}: {err}");

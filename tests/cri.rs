@@ -18,8 +18,8 @@ use k8s_cri::v1::{
 use runv_tests::{
     containerd::Containerd,
     cri::{
-        app_config, build_pause_image, create_app, exec_sync, pod_config, pod_processes,
-        remove_pods, run_pod, start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
+        app_config, create_app, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
+        start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
     },
     disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
@@ -33,9 +33,7 @@ async fn pod_runs_in_one_vm() {
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     let version = cri
         .runtime
         .version(VersionRequest::default())
@@ -203,9 +201,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     let scratch = tempfile::tempdir().unwrap();
     let contents = scratch.path().join("contents");
     fs::create_dir(&contents).unwrap();
@@ -268,9 +264,7 @@ async fn raw_block_devices_hot_plug_into_a_running_pod() {
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     let scratch = tempfile::tempdir().unwrap();
     let (rw_image, ro_image) = (scratch.path().join("rw.img"), scratch.path().join("ro.img"));
     raw_image(&rw_image, 8, b"read-write volume");
@@ -421,13 +415,11 @@ async fn pod_vm_is_sized_by_the_pods_limits() {
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
     // The vCPU cap defaults to the host's CPUs, two on small CI hosts.
     let mut runv_config = fs::read_to_string(containerd.runv_config()).unwrap();
     runv_config.push_str("max_vcpus = 4\n");
     fs::write(containerd.runv_config(), runv_config).unwrap();
-    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
 

@@ -21,10 +21,7 @@ use k8s_cri::v1::{NamespaceMode, PodSandboxStatsRequest};
 use runv_tests::{
     cni::{self, pod_ip, wait_network_ready, TestNetwork},
     containerd::Containerd,
-    cri::{
-        app_config, build_pause_image, exec_sync, pod_config, remove_pods, run_pod, start_app,
-        CriClient,
-    },
+    cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
 };
 
 /// The page the pod serves.
@@ -42,10 +39,7 @@ async fn pods_reach_the_host_and_each_other() {
     };
     let network = TestNetwork::new();
     network.install(&containerd);
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let socket = containerd.dir().join("containerd.sock");
-    let mut cri = CriClient::connect(&socket).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     wait_network_ready(&mut cri).await;
 
     let log_dir = containerd.dir().join("pod-logs");
@@ -172,10 +166,7 @@ async fn vf_passthrough_gives_the_vf_to_the_vm_and_back() {
     )
     .unwrap();
     let _host_end = HostAddress::add(&pf, &format!("{host_ip}/24"));
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let socket = containerd.dir().join("containerd.sock");
-    let mut cri = CriClient::connect(&socket).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     wait_network_ready(&mut cri).await;
 
     let log_dir = containerd.dir().join("pod-logs");

@@ -319,9 +319,10 @@ impl Containerd {
         full
     }
 
-    /// Waits (at most 30 s) until task `id` has stopped.
+    /// Waits (at most 120 s: a guest under TCG, sharing the host's CPUs
+    /// with other tests' guests, can take long) until task `id` has stopped.
     pub fn wait_stopped(&self, id: &str) {
-        for _ in 0..300 {
+        for _ in 0..1200 {
             let tasks = self.ctr_ok(&["task", "ls"]);
             if tasks
                 .lines()

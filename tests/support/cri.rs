@@ -108,6 +108,14 @@ impl CriClient {
             images: ImageServiceClient::new(channel),
         }
     }
+
+    /// Imports what pods run (busybox and a pause image) into
+    /// `containerd`, then connects to its CRI socket.
+    pub async fn with_pod_images(containerd: &Containerd) -> CriClient {
+        containerd.import_busybox();
+        containerd.import_image(&build_pause_image(containerd.dir()));
+        CriClient::connect(&containerd.dir().join("containerd.sock")).await
+    }
 }
 
 /// Stops and removes the pods, then requires that no shim, VM or helper
@@ -154,6 +162,15 @@ pub async fn run_pod(cri: &mut CriClient, config: &PodSandboxConfig) -> String {
         .pod_sandbox_id
 }
 
+/// The name in a container config's metadata, for messages.
+fn container_name(config: &ContainerConfig) -> String {
+    config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default()
+}
+
 /// Creates and starts an app container in the pod; returns its ID.
 pub async fn start_app(
     cri: &mut CriClient,
@@ -161,11 +178,7 @@ pub async fn start_app(
     pod_config: &PodSandboxConfig,
     config: ContainerConfig,
 ) -> String {
-    let name = config
-        .metadata
-        .as_ref()
-        .map(|m| m.name.clone())
-        .unwrap_or_default();
+    let name = container_name(&config);
     let id = create_app(cri, pod_id, pod_config, config).await;
     cri.runtime
         .start_container(StartContainerRequest {
@@ -184,11 +197,7 @@ pub async fn create_app(
     pod_config: &PodSandboxConfig,
     config: ContainerConfig,
 ) -> String {
-    let name = config
-        .metadata
-        .as_ref()
-        .map(|m| m.name.clone())
-        .unwrap_or_default();
+    let name = container_name(&config);
     cri.runtime
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id.into(),
