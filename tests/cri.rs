@@ -416,7 +416,8 @@ async fn remove_app(cri: &mut CriClient, id: &str) {
 /// and with `shareProcessNamespace` its PID namespace, as CRI asks through
 /// `/proc/<sandbox pid>/ns/<type>` paths in their specs. Apps `a` and `b`
 /// share the PID namespace (the kubelet's `pid: POD`); `c` has its own,
-/// as in a pod without `shareProcessNamespace`. The pod is on the host
+/// as in a pod without `shareProcessNamespace`; b's end ends the child
+/// b's init leaves in the shared namespace. The pod is on the host
 /// network (no CNI needed): its sandbox gets a UTS namespace of its own
 /// for the pod's hostname, which CRI has the apps join.
 #[tokio::test(flavor = "multi_thread")]
@@ -456,7 +457,12 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
     };
     let a = app("a", NamespaceMode::Pod, "echo started a; exec sleep 12345");
     let a = start_app(&mut cri, &pod_id, &pod, a).await;
-    let b = app("b", NamespaceMode::Pod, "echo started b; exec sleep 3600");
+    // b's shell leaves a child behind when it ends.
+    let b = app(
+        "b",
+        NamespaceMode::Pod,
+        "echo started b; sleep 23456 & wait $!",
+    );
     let b = start_app(&mut cri, &pod_id, &pod, b).await;
     let c = app(
         "c",
@@ -501,6 +507,21 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
         let queues = exec_sync(&mut cri, id, &["ls", "/dev/mqueue"]).await;
         assert_eq!(String::from_utf8_lossy(&queues.stdout), "runv-shared\n");
     }
+    // Its init's end ends b: no PID namespace teardown kills b's child,
+    // the agent does (or it would hold b's stdio for good).
+    let stop = cri.runtime.stop_container(StopContainerRequest {
+        container_id: b.clone(),
+        timeout: 10,
+    });
+    tokio::time::timeout(Duration::from_secs(60), stop)
+        .await
+        .expect("b stops")
+        .expect("StopContainer b");
+    let in_a = exec_sync(&mut cri, &a, &["ps", "-o", "args"]).await;
+    assert!(
+        !String::from_utf8_lossy(&in_a.stdout).contains("sleep 23456"),
+        "b's child outlived it"
+    );
 
     remove_pods(&containerd, &mut cri, &[&pod_id]).await;
     containerd.stop();
