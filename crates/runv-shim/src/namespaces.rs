@@ -2,8 +2,8 @@
 //!
 //! CRI makes a pod's containers share namespaces by naming, in each app
 //! container's spec, `/proc/<pid>/ns/<type>` where `<pid>` is the task PID
-//! the runtime reported for the sandbox (or, for `kubectl debug --target`
-//! and `shareProcessNamespace`, the target's). runv reports the guest PID
+//! the runtime reported for the sandbox (for `kubectl debug --target`'s
+//! PID namespace, the target container's). runv reports the guest PID
 //! of a container's init as the agent sees it: the agent is the guest's
 //! PID 1 and its /proc is the root PID namespace's, where the OCI runtime
 //! opens the path before entering the container's mount namespace. Such a
@@ -57,8 +57,8 @@ fn names_a_pod_namespace(kind: &str, path: &str, pod_inits: &[u32]) -> bool {
 /// CRI runs a host-network pod in the host's UTS namespace yet still names
 /// its hostname, which an OCI runtime refuses to set without a UTS
 /// namespace of its own. In the VM the host's UTS namespace is the VM's,
-/// shared by every pod container: the container gets its own instead, so
-/// the hostname applies to it alone.
+/// shared by every pod: the sandbox gets its own instead, which CRI has
+/// the pod's app containers join.
 fn give_hostname_a_namespace(namespaces: &mut Vec<Value>) {
     let has_uts = namespaces
         .iter()
