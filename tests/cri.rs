@@ -11,9 +11,9 @@ use std::{
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
-    CreateContainerRequest, Device, LinuxContainerResources, ListContainersRequest, Mount,
-    NamespaceMode, RemoveContainerRequest, StartContainerRequest, StopContainerRequest,
-    VersionRequest,
+    CreateContainerRequest, Device, LinuxContainerConfig, LinuxContainerResources,
+    LinuxContainerSecurityContext, ListContainersRequest, Mount, NamespaceMode, NamespaceOption,
+    RemoveContainerRequest, StartContainerRequest, StopContainerRequest, VersionRequest,
 };
 use runv_tests::{
     containerd::Containerd,
@@ -404,6 +404,133 @@ async fn remove_app(cri: &mut CriClient, id: &str) {
         })
         .await
         .expect("RemoveContainer");
+}
+
+/// A pod's containers share its IPC and UTS namespaces (the sandbox's),
+/// and with `shareProcessNamespace` its PID namespace, as CRI asks through
+/// `/proc/<sandbox pid>/ns/<type>` paths in their specs. Apps `a` and `b`
+/// share the PID namespace (the kubelet's `pid: POD`); `c` has its own,
+/// as in a pod without `shareProcessNamespace`; b's end ends the child
+/// b's init leaves in the shared namespace. The pod is on the host
+/// network (no CNI needed): its sandbox gets a UTS namespace of its own
+/// for the pod's hostname, which CRI has the apps join.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    containerd.import_busybox();
+    containerd.import_image(&build_pause_image(containerd.dir()));
+    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let mut pod = pod_config("shared", &log_dir, NamespaceMode::Node);
+    let sandbox_namespaces = pod
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+        .and_then(|context| context.namespace_options.as_mut())
+        .unwrap();
+    sandbox_namespaces.pid = NamespaceMode::Pod as i32;
+    let sandbox_namespaces = sandbox_namespaces.clone();
+    let pod_id = run_pod(&mut cri, &pod).await;
+    let app = |name: &str, pid: NamespaceMode, script: &str| ContainerConfig {
+        args: vec![script.into()],
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                // The pod's options, as the kubelet copies them.
+                namespace_options: Some(NamespaceOption {
+                    pid: pid as i32,
+                    ..sandbox_namespaces.clone()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..app_config(name)
+    };
+    let a = app("a", NamespaceMode::Pod, "echo started a; exec sleep 12345");
+    let a = start_app(&mut cri, &pod_id, &pod, a).await;
+    // b's shell leaves a child behind when it ends.
+    let b = app(
+        "b",
+        NamespaceMode::Pod,
+        "echo started b; sleep 23456 & wait $!",
+    );
+    let b = start_app(&mut cri, &pod_id, &pod, b).await;
+    let c = app(
+        "c",
+        NamespaceMode::Container,
+        "echo started c; exec sleep 3600",
+    );
+    let c = start_app(&mut cri, &pod_id, &pod, c).await;
+
+    // In the shared PID namespace the sandbox's pause is PID 1.
+    for kind in ["ipc", "uts", "pid"] {
+        let own = format!("/proc/self/ns/{kind}");
+        let pause = namespace(&mut cri, &a, &format!("/proc/1/ns/{kind}")).await;
+        let of_a = namespace(&mut cri, &a, &own).await;
+        let of_b = namespace(&mut cri, &b, &own).await;
+        let of_c = namespace(&mut cri, &c, &own).await;
+        assert_eq!(of_a, pause, "{kind}: a and the sandbox");
+        assert_eq!(of_b, pause, "{kind}: b and the sandbox");
+        match kind {
+            "pid" => assert_ne!(of_c, pause, "c has a PID namespace of its own"),
+            _ => assert_eq!(of_c, pause, "{kind}: c and the sandbox"),
+        }
+    }
+    for id in [&a, &b, &c] {
+        let hostname = exec_sync(&mut cri, id, &["hostname"]).await;
+        assert_eq!(String::from_utf8_lossy(&hostname.stdout), "shared\n");
+    }
+    // b sees a's process; c does not.
+    let sees_a = |output: &[u8]| String::from_utf8_lossy(output).contains("sleep 12345");
+    let in_b = exec_sync(&mut cri, &b, &["ps", "-o", "pid,args"]).await;
+    assert!(sees_a(&in_b.stdout), "b does not see a's process");
+    let in_c = exec_sync(&mut cri, &c, &["ps", "-o", "pid,args"]).await;
+    assert!(!sees_a(&in_c.stdout), "c sees a's process");
+    // A POSIX message queue (IPC) made in a is there in b and c.
+    let made = exec_sync(&mut cri, &a, &["touch", "/dev/mqueue/runv-shared"]).await;
+    assert_eq!(
+        made.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for id in [&b, &c] {
+        let queues = exec_sync(&mut cri, id, &["ls", "/dev/mqueue"]).await;
+        assert_eq!(String::from_utf8_lossy(&queues.stdout), "runv-shared\n");
+    }
+    // Its init's end ends b: no PID namespace teardown kills b's child,
+    // the agent does (or it would hold b's stdio for good).
+    let stop = cri.runtime.stop_container(StopContainerRequest {
+        container_id: b.clone(),
+        timeout: 10,
+    });
+    tokio::time::timeout(Duration::from_secs(60), stop)
+        .await
+        .expect("b stops")
+        .expect("StopContainer b");
+    let in_a = exec_sync(&mut cri, &a, &["ps", "-o", "args"]).await;
+    assert!(
+        !String::from_utf8_lossy(&in_a.stdout).contains("sleep 23456"),
+        "b's child outlived it"
+    );
+
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
+    containerd.stop();
+}
+
+/// The namespace `path` (a /proc/<pid>/ns file) names, seen in container `id`.
+async fn namespace(cri: &mut CriClient, id: &str, path: &str) -> String {
+    let link = exec_sync(cri, id, &["readlink", path]).await;
+    assert_eq!(
+        link.exit_code,
+        0,
+        "readlink {path} in {id}: {}",
+        String::from_utf8_lossy(&link.stderr)
+    );
+    String::from_utf8_lossy(&link.stdout).trim().to_owned()
 }
 
 /// A pod's VM has the VM's base (the test config: 2 vCPUs, 256 MiB) plus

@@ -135,7 +135,7 @@ impl HostMounts {
             disks.volumes.insert(index, guest_mount);
         }
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
-        let mut guest = spec::for_guest(host_spec, &guest_dir, &disks)
+        let mut guest = spec::for_guest(host_spec, &guest_dir, &disks, &pod.running_inits())
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
         devices::for_guest(&mut guest.spec, &plugged_blocks);
         let shared = pod.shared();

@@ -7,6 +7,7 @@ mod disks;
 mod error;
 mod events;
 mod mounts;
+mod namespaces;
 mod network;
 mod oom;
 mod options;

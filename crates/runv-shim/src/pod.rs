@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use containerd_shim::protos::api::Status;
 use runv_agent_client::{AgentClient, ConnectOptions};
 use runv_config::Config;
 use runv_network::PodNetwork;
@@ -136,6 +137,17 @@ impl Pod {
     /// The host PIDs of the VM (for Connect's task PID).
     pub fn vm_pids(&self) -> Vec<u32> {
         self.vm.pids()
+    }
+
+    /// The guest PIDs of the pod's running container inits: the processes
+    /// whose namespaces CRI names for a container to share (see
+    /// `namespaces`).
+    pub fn running_inits(&self) -> Vec<u32> {
+        self.containers
+            .values()
+            .filter(|container| container.init.status() == Status::RUNNING)
+            .map(|container| container.init.pid)
+            .collect()
     }
 
     pub fn container(&self, id: &str) -> Result<&Container> {

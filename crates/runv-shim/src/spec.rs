@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::{Map, Value};
 
+use crate::namespaces;
+
 /// A host path the guest reaches through the shared directory: the caller
 /// bind-mounts `source` at `<shared>/<container id>/<share_name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,14 +74,13 @@ const GUEST_OWNED_SOURCES: [&str; 3] = ["/dev", "/proc", "/sys"];
 
 /// Rewrites `spec` (a bundle's config.json) for container `id` whose guest
 /// share directory is `guest_dir` (`GUEST_SHARED_DIR/<id>`), with its disks
-/// where `disks` says:
+/// where `disks` says, in a pod whose running container inits have the
+/// guest PIDs `pod_inits`:
 /// - `root.path` becomes the root disk's mount or `<guest_dir>/rootfs`;
 /// - each disk volume becomes a bind of its guest mount;
 /// - each bind mount of a host path becomes a bind of its share;
-/// - the network namespace goes (the pod VM is the pod's network
-///   boundary), and namespace paths go (they are host paths);
-/// - a hostname gets a UTS namespace to be set in (see
-///   [`give_hostname_a_namespace`]);
+/// - namespaces as [`namespaces::for_guest`] says: the network namespace
+///   goes, paths naming a pod container's IPC, UTS or PID namespace stay;
 /// - the cgroups path goes: it names the host's hierarchy (systemd's
 ///   `slice:prefix:name` form included), the agent places the container
 ///   in the guest's;
@@ -88,6 +89,7 @@ pub fn for_guest(
     mut spec: Value,
     guest_dir: &Path,
     disks: &DiskPlacement,
+    pod_inits: &[u32],
 ) -> Result<GuestSpec, String> {
     let root = spec.get_mut("root").and_then(Value::as_object_mut).ok_or(
         "config.json has no `root`: containerd always writes one; is the bundle complete?",
@@ -114,33 +116,13 @@ pub fn for_guest(
         linux.remove("mountLabel");
         linux.remove("cgroupsPath");
         if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
-            namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
-            for namespace in namespaces.iter_mut().filter_map(Value::as_object_mut) {
-                namespace.remove("path");
-            }
-            if has_hostname {
-                give_hostname_a_namespace(namespaces);
-            }
+            namespaces::for_guest(namespaces, pod_inits, has_hostname);
         }
     }
     if let Some(process) = object.get_mut("process").and_then(Value::as_object_mut) {
         strip_host_labels(process);
     }
     Ok(GuestSpec { spec, binds })
-}
-
-/// CRI runs a host-network pod in the host's UTS namespace yet still names
-/// its hostname, which an OCI runtime refuses to set without a UTS
-/// namespace of its own. In the VM the host's UTS namespace is the VM's,
-/// shared by every pod container: the container gets its own instead, so
-/// the hostname applies to it alone.
-fn give_hostname_a_namespace(namespaces: &mut Vec<Value>) {
-    let has_uts = namespaces
-        .iter()
-        .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"));
-    if !has_uts {
-        namespaces.push(serde_json::json!({"type": "uts"}));
-    }
 }
 
 /// An exec's OCI process (containerd's JSON) as the guest must see it.
@@ -285,6 +267,7 @@ mod tests {
             cri_like_spec(),
             Path::new("/run/runv/shared/c1"),
             &no_disks(),
+            &[],
         )
         .unwrap();
         let spec = &guest.spec;
@@ -323,7 +306,7 @@ mod tests {
             root: Some("/run/runv/disks/2".into()),
             volumes: BTreeMap::from([(2, PathBuf::from("/run/runv/disks/3"))]),
         };
-        let guest = for_guest(cri_like_spec(), Path::new("/g"), &disks).unwrap();
+        let guest = for_guest(cri_like_spec(), Path::new("/g"), &disks, &[]).unwrap();
         assert_eq!(guest.spec["root"]["path"], "/run/runv/disks/2");
         assert_eq!(
             guest.spec["mounts"][2],
@@ -336,7 +319,7 @@ mod tests {
 
     #[test]
     fn host_only_settings_go() {
-        let spec = for_guest(cri_like_spec(), Path::new("/g"), &no_disks())
+        let spec = for_guest(cri_like_spec(), Path::new("/g"), &no_disks(), &[])
             .unwrap()
             .spec;
         assert!(spec.get("hooks").is_none());
@@ -353,7 +336,9 @@ mod tests {
         let spec = json!({"root": {"path": "rootfs"}, "hostname": "node-1",
             "linux": {"namespaces": [{"type": "pid"}],
                       "cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:c1"}});
-        let spec = for_guest(spec, Path::new("/g"), &no_disks()).unwrap().spec;
+        let spec = for_guest(spec, Path::new("/g"), &no_disks(), &[])
+            .unwrap()
+            .spec;
         assert_eq!(
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "uts"}])
@@ -361,7 +346,7 @@ mod tests {
         assert!(spec["linux"].get("cgroupsPath").is_none());
         let no_hostname = json!({"root": {"path": "rootfs"},
             "linux": {"namespaces": [{"type": "pid"}]}});
-        let spec = for_guest(no_hostname, Path::new("/g"), &no_disks())
+        let spec = for_guest(no_hostname, Path::new("/g"), &no_disks(), &[])
             .unwrap()
             .spec;
         assert_eq!(spec["linux"]["namespaces"], json!([{"type": "pid"}]));
@@ -369,11 +354,12 @@ mod tests {
 
     #[test]
     fn bad_specs_name_the_problem() {
-        let no_root = for_guest(json!({"process": {}}), Path::new("/g"), &no_disks()).unwrap_err();
+        let no_root =
+            for_guest(json!({"process": {}}), Path::new("/g"), &no_disks(), &[]).unwrap_err();
         assert!(no_root.contains("no `root`"), "{no_root}");
         let relative = json!({"root": {"path": "rootfs"},
             "mounts": [{"destination": "/x", "type": "bind", "source": "data"}]});
-        let relative = for_guest(relative, Path::new("/g"), &no_disks()).unwrap_err();
+        let relative = for_guest(relative, Path::new("/g"), &no_disks(), &[]).unwrap_err();
         assert!(relative.contains("relative source"), "{relative}");
         assert!(process_for_guest(b"[").is_err());
     }

@@ -28,6 +28,7 @@ use crate::{
     oci_runtime::{ChildStdio, OciRuntime},
     process_io::{ChildPipes, Connection, ProcessIo, Streams},
     reaper::{Exit, ExitWatch, Reaper},
+    shared_pid,
     tty::ConsoleSocket,
 };
 
@@ -271,6 +272,9 @@ impl Containers {
         let created = self.create_init(&id, &bundle, &stdio).await;
         match created {
             Ok(init) => {
+                if !shared_pid::has_own_namespace(&spec) {
+                    self.kill_leftovers_after(&id, &init);
+                }
                 let container = Container {
                     bundle,
                     processes: Mutex::new(HashMap::from([(String::new(), Arc::new(init))])),
@@ -282,6 +286,18 @@ impl Containers {
             Err(e) => {
                 let _ = fs::remove_dir_all(&bundle);
                 Err(e)
+            }
+        }
+    }
+
+    /// See `shared_pid`. A container whose cgroup is unknown still runs;
+    /// its leftovers then keep it until they end.
+    fn kill_leftovers_after(&self, id: &str, init: &Process) {
+        let exit = init.exit.get().expect("a created init is watched").clone();
+        match self.runtime.cgroup_dir(id) {
+            Ok(cgroup_dir) => shared_pid::kill_leftovers_after(exit, id.to_owned(), cgroup_dir),
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "no cgroup to clean up after its init")
             }
         }
     }

@@ -17,6 +17,7 @@ mod reaper;
 mod root_switch;
 mod service;
 mod share;
+mod shared_pid;
 mod stdio_listener;
 mod tty;
 

@@ -1,0 +1,127 @@
+//! A container's `linux.namespaces` as the guest must see them.
+//!
+//! CRI makes a pod's containers share namespaces by naming, in each app
+//! container's spec, `/proc/<pid>/ns/<type>` where `<pid>` is the task PID
+//! the runtime reported for the sandbox (for `kubectl debug --target`'s
+//! PID namespace, the target container's). runv reports the guest PID
+//! of a container's init as the agent sees it: the agent is the guest's
+//! PID 1 and its /proc is the root PID namespace's, where the OCI runtime
+//! opens the path before entering the container's mount namespace. Such a
+//! path therefore already names the right namespace inside the guest, and
+//! is kept; any other path names something on the host, which a VM cannot
+//! join, and goes (with a warning) for a namespace of the container's own.
+
+use serde_json::{json, Value};
+
+/// The types whose paths may name a pod container's namespace; their
+/// OCI type is also their file's name under /proc/<pid>/ns. The network
+/// namespace never reaches the guest: the VM is the pod's network boundary.
+const SHAREABLE: [&str; 3] = ["ipc", "uts", "pid"];
+
+/// Rewrites `namespaces` for the guest, where `pod_inits` are the guest
+/// PIDs of this pod's running container inits (the only processes whose
+/// namespaces a spec may name); a `hostname` needs a UTS namespace.
+pub fn for_guest(namespaces: &mut Vec<Value>, pod_inits: &[u32], has_hostname: bool) {
+    namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+    for namespace in namespaces.iter_mut().filter_map(Value::as_object_mut) {
+        let Some(path) = namespace.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        let kind = namespace.get("type").and_then(Value::as_str).unwrap_or("");
+        if !names_a_pod_namespace(kind, path, pod_inits) {
+            tracing::warn!(
+                namespace = kind,
+                path,
+                "the container gets a {kind} namespace of its own: \
+                 the path names no namespace of this pod's containers in the VM"
+            );
+            namespace.remove("path");
+        }
+    }
+    if has_hostname {
+        give_hostname_a_namespace(namespaces);
+    }
+}
+
+/// Whether `path` is `/proc/<pid>/ns/<kind>` for a shareable `kind` and
+/// the init of one of the pod's running containers. A PID of a container
+/// that has ended may have been reused by another process.
+fn names_a_pod_namespace(kind: &str, path: &str, pod_inits: &[u32]) -> bool {
+    let pid = path
+        .strip_prefix("/proc/")
+        .and_then(|rest| rest.strip_suffix(&format!("/ns/{kind}")))
+        .and_then(|pid| pid.parse::<u32>().ok());
+    SHAREABLE.contains(&kind) && pid.is_some_and(|pid| pod_inits.contains(&pid))
+}
+
+/// CRI runs a host-network pod in the host's UTS namespace yet still names
+/// its hostname, which an OCI runtime refuses to set without a UTS
+/// namespace of its own. In the VM the host's UTS namespace is the VM's,
+/// shared by every pod: the sandbox gets its own instead, which CRI has
+/// the pod's app containers join.
+fn give_hostname_a_namespace(namespaces: &mut Vec<Value>) {
+    let has_uts = namespaces
+        .iter()
+        .any(|ns| ns.get("type").and_then(Value::as_str) == Some("uts"));
+    if !has_uts {
+        namespaces.push(json!({"type": "uts"}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(namespaces: Value, pod_inits: &[u32]) -> Value {
+        let mut namespaces = serde_json::from_value(namespaces).unwrap();
+        for_guest(&mut namespaces, pod_inits, false);
+        Value::Array(namespaces)
+    }
+
+    #[test]
+    fn paths_to_a_pod_containers_namespaces_are_kept() {
+        let cri_app = json!([
+            {"type": "pid", "path": "/proc/7/ns/pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "uts", "path": "/proc/7/ns/uts"},
+            {"type": "mount"}
+        ]);
+        assert_eq!(
+            rewritten(cri_app, &[3, 7]),
+            json!([
+                {"type": "pid", "path": "/proc/7/ns/pid"},
+                {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                {"type": "uts", "path": "/proc/7/ns/uts"},
+                {"type": "mount"}
+            ])
+        );
+    }
+
+    #[test]
+    fn other_paths_give_namespaces_of_the_containers_own() {
+        let elsewhere = json!([
+            // A host process, or a container that has ended.
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            // Another type's file of a pod container.
+            {"type": "uts", "path": "/proc/7/ns/ipc"},
+            // Not a type the pod shares.
+            {"type": "mount", "path": "/proc/7/ns/mount"},
+            // A bind-mounted namespace file on the host.
+            {"type": "pid", "path": "/run/ns/pid"},
+            {"type": "pid", "path": "/proc/7/../7/ns/pid"}
+        ]);
+        assert_eq!(
+            rewritten(elsewhere, &[7]),
+            json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                   {"type": "pid"}, {"type": "pid"}])
+        );
+    }
+
+    #[test]
+    fn a_joined_uts_namespace_takes_no_other() {
+        let mut joined = vec![json!({"type": "uts", "path": "/proc/7/ns/uts"})];
+        for_guest(&mut joined, &[7], true);
+        assert_eq!(joined, [json!({"type": "uts", "path": "/proc/7/ns/uts"})]);
+    }
+}
