@@ -419,9 +419,7 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    containerd.import_busybox();
-    containerd.import_image(&build_pause_image(containerd.dir()));
-    let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+    let mut cri = CriClient::with_pod_images(&containerd).await;
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
     let mut pod = pod_config("shared", &log_dir, NamespaceMode::Node);
