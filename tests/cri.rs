@@ -188,20 +188,27 @@ async fn pod_runs_in_one_vm() {
     containerd.stop();
 }
 
+/// containerd with its CRI plugin and the pod images, for tests of host
+/// block devices; None (after saying why) where loop devices cannot be made.
+async fn cri_with_disks() -> Option<(Containerd, CriClient)> {
+    if let Some(why) = disks::unavailable() {
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    let containerd = Containerd::start_with_cri()?;
+    let cri = CriClient::with_pod_images(&containerd).await;
+    Some((containerd, cri))
+}
+
 /// A block device given to a container of a running pod (a CRI mount of a
 /// host block device) is hot-plugged into the pod VM, mounted, readable
 /// and writable; when that container is removed the disk leaves the guest
 /// and the hypervisor lets go of it, while the pod runs on.
 #[tokio::test(flavor = "multi_thread")]
 async fn block_volume_hot_plugs_into_a_running_pod() {
-    if let Some(why) = disks::unavailable() {
-        println!("SKIPPED: {why}");
-        return;
-    }
-    let Some(containerd) = Containerd::start_with_cri() else {
+    let Some((containerd, mut cri)) = cri_with_disks().await else {
         return;
     };
-    let mut cri = CriClient::with_pod_images(&containerd).await;
     let scratch = tempfile::tempdir().unwrap();
     let contents = scratch.path().join("contents");
     fs::create_dir(&contents).unwrap();
@@ -257,14 +264,9 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
 /// unplugs both while the pod runs on, and the host has the write.
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_block_devices_hot_plug_into_a_running_pod() {
-    if let Some(why) = disks::unavailable() {
-        println!("SKIPPED: {why}");
-        return;
-    }
-    let Some(containerd) = Containerd::start_with_cri() else {
+    let Some((containerd, mut cri)) = cri_with_disks().await else {
         return;
     };
-    let mut cri = CriClient::with_pod_images(&containerd).await;
     let scratch = tempfile::tempdir().unwrap();
     let (rw_image, ro_image) = (scratch.path().join("rw.img"), scratch.path().join("ro.img"));
     raw_image(&rw_image, 8, b"read-write volume");

@@ -1159,8 +1159,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn too_many_network_interfaces_are_refused_before_anything_starts() {
+    /// A directory with empty boot files, and a config whose binaries are
+    /// `sh`: enough for a start that must refuse before running anything.
+    fn refusal_setup() -> (tempfile::TempDir, QemuConfig) {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
         std::fs::write(tmp.path().join("initrd"), "").unwrap();
@@ -1169,6 +1170,12 @@ mod tests {
             vhost_vsock_binary: "sh".into(),
             ..QemuConfig::default()
         };
+        (tmp, config)
+    }
+
+    #[tokio::test]
+    async fn too_many_network_interfaces_are_refused_before_anything_starts() {
+        let (tmp, config) = refusal_setup();
         let mut vm = QemuVm::new(spec_with_nics(tmp.path(), 3), config);
         let err = vm.start().await.unwrap_err().to_string();
         assert!(
@@ -1184,14 +1191,7 @@ mod tests {
 
     #[tokio::test]
     async fn pci_functions_are_refused_before_anything_starts() {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
-        std::fs::write(tmp.path().join("initrd"), "").unwrap();
-        let config = QemuConfig {
-            binary: "sh".into(),
-            vhost_vsock_binary: "sh".into(),
-            ..QemuConfig::default()
-        };
+        let (tmp, config) = refusal_setup();
         let mut spec = spec(tmp.path());
         spec.vfio_devices = vec!["/sys/bus/pci/devices/0000:3b:02.1".into()];
         let err = QemuVm::new(spec, config)
