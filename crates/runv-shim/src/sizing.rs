@@ -32,6 +32,15 @@ pub struct PodResources {
     pub memory_bytes: u64,
 }
 
+/// An annotation's limit; a negative one means "no limit" (0), as
+/// cgroups' quota of -1 does.
+fn parse_limit(key: &str, text: &str) -> Result<u64, String> {
+    let value = text.trim().parse::<i64>().map_err(|_| {
+        format!("the sandbox annotation {key} is {text:?}; containerd writes an integer")
+    })?;
+    Ok(value.max(0) as u64)
+}
+
 /// What the VM boots with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
@@ -45,15 +54,7 @@ impl PodResources {
     /// would OOM-kill its containers below them.
     pub fn from_spec(spec: &Value, pod_id: &str) -> Result<PodResources, String> {
         let annotation = |key: &str| spec.get("annotations")?.get(key)?.as_str();
-        let limit = |key: &str| {
-            match annotation(key) {
-            None => Ok(0),
-            // Negative: "no limit", as for cgroups' quota of -1.
-            Some(text) => text.trim().parse::<i64>().map(|v| v.max(0) as u64).map_err(|_| {
-                format!("the sandbox annotation {key} is {text:?}; containerd writes an integer")
-            }),
-        }
-        };
+        let limit = |key: &str| annotation(key).map_or(Ok(0), |text| parse_limit(key, text));
         let pod = match (
             annotation(NAMESPACE_ANNOTATION),
             annotation(NAME_ANNOTATION),

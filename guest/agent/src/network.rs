@@ -409,7 +409,7 @@ fn check_pci_address(text: &str) -> Result<String, String> {
 }
 
 /// A network interface of the guest, as netlink reports it, with the PCI
-/// function behind it (from sysfs) if there is one.
+/// function behind it (from sysfs, read only when a plan names NICs by it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Link {
     index: u32,
@@ -497,8 +497,16 @@ pub fn configure(plan: &Plan, wait: Duration) -> Result<(), NetworkError> {
         .map_err(|e| failed(format!("bringing up lo: {e}")))?;
 
     let start = Instant::now();
+    // Only a passed function's NIC is looked up by PCI address: the other
+    // NICs' sysfs is left unread.
+    let by_pci = plan.interfaces.iter().any(|i| i.pci_address.is_some());
     let links = loop {
-        let links = netlink.links().map_err(listing)?;
+        let mut links = netlink.links().map_err(listing)?;
+        if by_pci {
+            for link in &mut links {
+                link.pci_address = nic_pci_address(Path::new(SYS_CLASS_NET), &link.name);
+            }
+        }
         match match_nics(&plan.interfaces, &links) {
             Ok(_) => break links,
             Err(message) if start.elapsed() >= wait => {
@@ -743,7 +751,6 @@ impl Netlink {
                     _ => {}
                 }
             }
-            link.pci_address = nic_pci_address(Path::new(SYS_CLASS_NET), &link.name);
             links.push(link);
         }
         Ok(links)
