@@ -6,6 +6,7 @@ mod block_mount;
 mod boot_clock;
 mod cgroup_stats;
 mod containers;
+mod host_only;
 mod hotplug;
 mod init;
 mod network;
@@ -24,7 +25,9 @@ mod tty;
 use std::{process, sync::Arc};
 
 use runv_protocol::{agent_ttrpc, AGENT_VSOCK_PORT};
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 use tracing::Level;
+use ttrpc::r#async::transport::Listener;
 
 fn main() {
     let is_init = process::id() == 1;
@@ -71,8 +74,13 @@ async fn serve(init_started: u64, is_init: bool) -> ttrpc::Result<()> {
     tokio::spawn(stdio_listener::serve(stdio, containers.clone()));
     let service = service::AgentService::new(init_started, is_init, containers);
     let service = Arc::new(service);
+    let listener =
+        VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_VSOCK_PORT)).map_err(|e| {
+            ttrpc::Error::Others(format!("listening on vsock port {AGENT_VSOCK_PORT}: {e}"))
+        })?;
+    // The agent accepts, so that ttrpc only ever sees the host's connections.
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))?
+        .add_listener(Listener::new(host_only::incoming(listener)))
         .register_service(agent_ttrpc::create_agent(service.clone()));
     server.start().await?;
     service.mark_ready(boot_clock::now());

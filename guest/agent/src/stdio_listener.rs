@@ -11,7 +11,7 @@ use runv_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
-use crate::containers::Containers;
+use crate::{containers::Containers, host_only};
 
 /// A host that connects but never names its stream is dropped after this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,8 +23,8 @@ pub fn listen() -> std::io::Result<VsockListener> {
 /// Attaches every incoming stream to its process.
 pub async fn serve(listener: VsockListener, containers: Arc<Containers>) {
     loop {
-        let mut connection = match listener.accept().await {
-            Ok((connection, _)) => connection,
+        let mut connection = match host_only::accept(&listener).await {
+            Ok(connection) => connection,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a stdio stream");
                 continue;
