@@ -20,7 +20,10 @@ use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint};
 
 pub use event_manager::SubscriberId;
 
-use crate::VmmError;
+use crate::{
+    seccomp::{self, ThreadKind},
+    VmmError,
+};
 
 /// A device as the loop holds it: shared with whoever else drives the
 /// device (a virtio transport on a vCPU thread, for one).
@@ -34,26 +37,34 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop on a thread called `name`.
+    /// Starts the loop on a thread called `name`, under the event loop's
+    /// seccomp filter.
     pub fn spawn(name: &str) -> Result<EventLoop, VmmError> {
+        Self::spawn_confined(name, ThreadKind::EventLoop, || Ok(()))
+    }
+
+    /// Starts the loop on a thread called `name` that runs `setup`, then
+    /// installs `kind`'s seccomp filter, before it serves anything.
+    pub(crate) fn spawn_confined(
+        name: &str,
+        kind: ThreadKind,
+        setup: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<EventLoop, VmmError> {
         let mut manager =
             EventManager::<Subscriber>::new().map_err(manager_error("creating the event loop"))?;
         let endpoint = manager.remote_endpoint();
         let stopping = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn({
-                let stopping = stopping.clone();
-                move || {
-                    while !stopping.load(Ordering::Acquire) {
-                        if let Err(e) = manager.run() {
-                            tracing::error!(error = %e, "event loop failed; device I/O stops");
-                            break;
-                        }
+        let thread = seccomp::spawn_confined(name, kind, setup, {
+            let stopping = stopping.clone();
+            move || {
+                while !stopping.load(Ordering::Acquire) {
+                    if let Err(e) = manager.run() {
+                        tracing::error!(error = %e, "event loop failed; device I/O stops");
+                        break;
                     }
                 }
-            })
-            .map_err(|e| VmmError::Device(format!("starting the event loop thread: {e}")))?;
+            }
+        })?;
         Ok(EventLoop {
             endpoint,
             stopping,

@@ -19,7 +19,7 @@ thread_local! {
     static RUNNING: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-fn kick_signal() -> c_int {
+pub(crate) fn kick_signal() -> c_int {
     SIGRTMIN()
 }
 

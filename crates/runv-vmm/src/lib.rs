@@ -14,6 +14,7 @@ mod machine;
 pub mod memory;
 pub mod mptable;
 pub mod pci;
+pub mod seccomp;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod vcpu;

@@ -21,6 +21,7 @@ use crate::{
     memory::create_guest_memory,
     mptable,
     pci::{BarAllocator, PciConfigIo, PciRoot, CONFIG_IO_PORT, CONFIG_IO_PORT_LEN},
+    seccomp::{self, ThreadKind},
     vcpu::{VcpuHandle, VcpuStop},
     vfio::{DmaMapping, VfioHost, VfioPciDevice},
     virtio::{
@@ -98,6 +99,14 @@ enum Event {
     StopRequested,
 }
 
+/// How an attached device gets its I/O done.
+enum Registration {
+    /// On the VM's event loop, under this ID.
+    Shared(SubscriberId),
+    /// On a worker of its own (virtio-fs), whose end takes the device off.
+    Worker(EventLoop),
+}
+
 /// A running microVM. Dropping it ends the VM.
 pub struct MicroVm {
     /// The IOMMU's view of guest RAM for passed-through functions. Dropped
@@ -109,8 +118,9 @@ pub struct MicroVm {
     devices: DeviceManager,
     /// Taken and stopped by the supervisor when the VM ends.
     event_loop: Arc<Mutex<Option<EventLoop>>>,
-    /// Each attached device's registration with the event loop.
-    subscribers: Mutex<HashMap<SlotIndex, SubscriberId>>,
+    /// How each attached device is served; shared with the supervisor,
+    /// which stops the fs workers when the VM ends.
+    registrations: Arc<Mutex<HashMap<SlotIndex, Registration>>>,
     events: mpsc::Sender<Event>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -128,20 +138,21 @@ impl MicroVm {
         add_legacy_devices(&mut vm, config.console)?;
         let devices = DeviceManager::new(&mut vm, DEVICE_SLOTS)?;
         let event_loop = EventLoop::spawn(&format!("{THREAD_NAME_PREFIX}events"))?;
-        let mut subscribers = HashMap::new();
+        let mut registrations = HashMap::new();
         if let Some(vsock) = config.vsock {
             let device = Vsock::new(vsock.guest_cid, vsock.uds_path)?;
             let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
-            subscribers.insert(slot, id);
+            registrations.insert(slot, Registration::Shared(id));
         }
         for fs in config.filesystems {
-            let (slot, id) = plug(&vm, &devices, &event_loop, Fs::new(fs)?)?;
-            subscribers.insert(slot, id);
+            let (slot, worker) = plug_fs(&vm, &devices, fs)?;
+            registrations.insert(slot, worker);
         }
         for net in config.net_devices {
             let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
-            subscribers.insert(slot, id);
+            registrations.insert(slot, Registration::Shared(id));
         }
+        let registrations = Arc::new(Mutex::new(registrations));
         let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
         let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
@@ -178,8 +189,16 @@ impl MicroVm {
         let supervisor = std::thread::Builder::new()
             .name(format!("{THREAD_NAME_PREFIX}vmm"))
             .spawn({
-                let (name, event_loop) = (name.clone(), event_loop.clone());
-                move || supervise(&name, events_rx, handles, &event_loop, on_end)
+                let (name, event_loop, registrations) =
+                    (name.clone(), event_loop.clone(), registrations.clone());
+                move || {
+                    let threads = VmThreads {
+                        vcpus: handles,
+                        event_loop: &event_loop,
+                        registrations: &registrations,
+                    };
+                    supervise(&name, events_rx, threads, on_end)
+                }
             })
             .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
         tracing::info!(vm = %name, "microVM started");
@@ -189,7 +208,7 @@ impl MicroVm {
             vm,
             devices,
             event_loop,
-            subscribers: Mutex::new(subscribers),
+            registrations,
             events,
             supervisor: Mutex::new(Some(supervisor)),
         })
@@ -213,7 +232,15 @@ impl MicroVm {
 
     /// Hot-plugs a virtio-fs device into a free slot.
     pub fn attach_fs(&self, config: FsConfig) -> Result<SlotIndex, VmmError> {
-        self.attach_on_loop(Fs::new(config)?)
+        if self.event_loop.lock().expect("event loop lock").is_none() {
+            return Err(vm_ended());
+        }
+        let (slot, worker) = plug_fs(&self.vm, &self.devices, config)?;
+        self.registrations
+            .lock()
+            .expect("registrations lock")
+            .insert(slot, worker);
+        Ok(slot)
     }
 
     /// Hot-plugs a virtio-net device on a tap into a free slot; the guest
@@ -230,26 +257,30 @@ impl MicroVm {
         let event_loop = self.event_loop.lock().expect("event loop lock");
         let event_loop = event_loop.as_ref().ok_or_else(vm_ended)?;
         let (slot, id) = plug(&self.vm, &self.devices, event_loop, device)?;
-        self.subscribers
+        self.registrations
             .lock()
-            .expect("subscribers lock")
-            .insert(slot, id);
+            .expect("registrations lock")
+            .insert(slot, Registration::Shared(id));
         Ok(slot)
     }
 
-    /// Empties `slot` and takes its device off the event loop, which drops
-    /// the device. The guest must have unbound the slot first
+    /// Empties `slot` and takes its device off the event loop (or stops
+    /// its worker), which drops the device. The guest must have unbound the slot first
     /// (`UnplugVirtioMmio`).
     pub fn detach(&self, slot: SlotIndex) -> Result<(), VmmError> {
         self.devices.detach(&self.vm, slot)?;
-        let id = self
-            .subscribers
+        let registration = self
+            .registrations
             .lock()
-            .expect("subscribers lock")
+            .expect("registrations lock")
             .remove(&slot);
         let event_loop = self.event_loop.lock().expect("event loop lock");
-        match (id, event_loop.as_ref()) {
-            (Some(id), Some(event_loop)) => event_loop.remove_subscriber(id),
+        match (registration, event_loop.as_ref()) {
+            (Some(Registration::Shared(id)), Some(event_loop)) => event_loop.remove_subscriber(id),
+            (Some(Registration::Worker(worker)), _) => {
+                worker.stop();
+                Ok(())
+            }
             // A device without I/O of its own, or a VM that has ended
             // and dropped every subscriber with its loop.
             _ => Ok(()),
@@ -275,16 +306,41 @@ impl Drop for MicroVm {
     }
 }
 
-/// Waits for the first vCPU to stop or for the owner's request, then ends
-/// every thread of the VM and reports how it ended.
-fn supervise(
-    name: &str,
-    events: mpsc::Receiver<Event>,
+/// The threads of a VM the supervisor ends.
+struct VmThreads<'a> {
     vcpus: Vec<VcpuHandle>,
-    event_loop: &Mutex<Option<EventLoop>>,
-    on_end: OnEnd,
-) {
-    let end = match events.recv() {
+    event_loop: &'a Mutex<Option<EventLoop>>,
+    registrations: &'a Mutex<HashMap<SlotIndex, Registration>>,
+}
+
+/// Waits for the first vCPU to stop or for the owner's request, then ends
+/// every thread of the VM and reports how it ended. Confines itself first:
+/// a VM whose supervisor cannot be confined is ended at once.
+fn supervise(name: &str, events: mpsc::Receiver<Event>, threads: VmThreads, on_end: OnEnd) {
+    let end = match seccomp::install(ThreadKind::Supervisor) {
+        Ok(()) => wait_for_end(name, &events),
+        Err(why) => {
+            tracing::error!(vm = %name, %why, "ending the VM");
+            VmEnd::Failed(why)
+        }
+    };
+    stop_vcpus(threads.vcpus);
+    if let Some(event_loop) = threads.event_loop.lock().expect("event loop lock").take() {
+        event_loop.stop();
+    }
+    // Stops the fs workers; the shared loop's IDs mean nothing any more.
+    threads
+        .registrations
+        .lock()
+        .expect("registrations lock")
+        .clear();
+    tracing::info!(vm = %name, ?end, "microVM ended");
+    on_end(end);
+}
+
+/// How the VM ends: the first vCPU to stop, or the owner.
+fn wait_for_end(name: &str, events: &mpsc::Receiver<Event>) -> VmEnd {
+    match events.recv() {
         Ok(Event::Vcpu(id, Ok(stop))) => {
             tracing::info!(vm = %name, id, ?stop, "vCPU stopped");
             match stop {
@@ -299,13 +355,7 @@ fn supervise(
         }
         // The owner asked, or went away without asking.
         Ok(Event::StopRequested) | Err(_) => VmEnd::Stopped,
-    };
-    stop_vcpus(vcpus);
-    if let Some(event_loop) = event_loop.lock().expect("event loop lock").take() {
-        event_loop.stop();
     }
-    tracing::info!(vm = %name, ?end, "microVM ended");
-    on_end(end);
 }
 
 /// Puts the functions of `configs` on a PCI root bus of the guest's, and
@@ -360,6 +410,18 @@ where
             Err(e)
         }
     }
+}
+
+/// Starts a virtio-fs device on its own worker and puts it in a free slot;
+/// the worker stops (dropping the device) if no slot takes it.
+fn plug_fs(
+    vm: &Vm,
+    devices: &DeviceManager,
+    config: FsConfig,
+) -> Result<(SlotIndex, Registration), VmmError> {
+    let (device, worker) = Fs::new(config)?;
+    let slot = devices.attach(vm, Box::new(device))?;
+    Ok((slot, Registration::Worker(worker)))
 }
 
 fn vm_ended() -> VmmError {

@@ -13,7 +13,12 @@ use std::{
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::{kick, vm::Vm, VmmError};
+use crate::{
+    kick,
+    seccomp::{self, ThreadKind},
+    vm::Vm,
+    VmmError,
+};
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,10 +180,9 @@ impl VcpuHandle {
         // default action, which ends the process.
         kick::install_handler().map_err(VmmError::Device)?;
         let kicked = vcpu.kicked.clone();
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || body(&mut vcpu))
-            .map_err(|e| VmmError::Device(format!("cannot start a vCPU thread: {e}")))?;
+        // Confined before the first KVM_RUN.
+        let thread =
+            seccomp::spawn_confined(&name, ThreadKind::Vcpu, || Ok(()), move || body(&mut vcpu))?;
         Ok(VcpuHandle { thread, kicked })
     }
 

@@ -87,14 +87,74 @@ fn start(config: MicroVmConfig) -> (MicroVm, mpsc::Receiver<VmEnd>) {
     (vm, end)
 }
 
-fn vmm_threads() -> Vec<String> {
+/// This process's VMM threads: name, and the /proc directory of each.
+fn vmm_tasks() -> Vec<(String, PathBuf)> {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
-        .map(|name| name.trim_end().to_owned())
-        .filter(|name| name.starts_with(THREAD_NAME_PREFIX))
+        .filter_map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            Some((name.trim_end().to_owned(), task.path()))
+        })
+        .filter(|(name, _)| name.starts_with(THREAD_NAME_PREFIX))
         .collect()
+}
+
+fn vmm_threads() -> Vec<String> {
+    vmm_tasks().into_iter().map(|(name, _)| name).collect()
+}
+
+/// Every VMM thread runs under a seccomp filter of its own (mode 2) with
+/// no_new_privs, and each virtio-fs worker's root is one of `shares`.
+fn assert_confined(shares: &[&Path]) {
+    let shares: Vec<PathBuf> = shares.iter().map(|s| s.canonicalize().unwrap()).collect();
+    for (name, task) in vmm_tasks() {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        for line in ["Seccomp:\t2", "NoNewPrivs:\t1"] {
+            assert!(
+                status.lines().any(|l| l == line),
+                "{name}: no {line:?} in its status"
+            );
+        }
+        let root = std::fs::read_link(task.join("root")).unwrap();
+        if name == FS_WORKER {
+            assert!(shares.contains(&root), "{name}'s root is {root:?}");
+        } else {
+            assert_eq!(root, Path::new("/"), "{name}'s root");
+        }
+    }
+}
+
+/// Hot-plugged devices other than shares add no thread: they run on the
+/// VM's event loop.
+fn assert_on_the_event_loop() {
+    let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
+    let threads = vmm_threads();
+    assert!(
+        threads
+            .iter()
+            .all(|t| own_threads.contains(t) || t == FS_WORKER),
+        "the devices run on the VM's event loop: {threads:?}"
+    );
+}
+
+const FS_WORKER: &str = runv_vmm::virtio::fs::worker::THREAD_NAME;
+
+fn fs_workers() -> usize {
+    vmm_threads().iter().filter(|t| *t == FS_WORKER).count()
+}
+
+/// Whether `done` holds within a second: a joined thread lingers in /proc
+/// while the kernel finishes its exit.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 fn assert_gone(vsock: &Path) {
@@ -152,9 +212,10 @@ fn the_owner_ends_a_guest_that_never_stops() {
     threads.sort();
     assert_eq!(
         threads,
-        ["events", "vcpu0", "vcpu1", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}")),
-        "one event loop, one thread per vCPU, one supervisor"
+        ["events", "fs", "vcpu0", "vcpu1", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}")),
+        "one event loop, one fs worker per share, one thread per vCPU, one supervisor"
     );
+    assert_confined(&[guest._dir.path()]);
     vm.shutdown();
     assert_eq!(end.try_recv(), Ok(VmEnd::Stopped));
     assert!(String::from_utf8_lossy(&console.bytes()).contains("spinning"));
@@ -231,12 +292,9 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
     };
     assert_eq!(vm.attach_fs(fs).unwrap(), SlotIndex(3));
     assert_eq!(open_descriptors_on(&image), 1);
-    let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
-    let threads = vmm_threads();
-    assert!(
-        threads.iter().all(|t| own_threads.contains(t)),
-        "the devices run on the VM's event loop: {threads:?}"
-    );
+    assert_on_the_event_loop();
+    assert_eq!(fs_workers(), 2, "each share has a worker of its own");
+    assert_confined(&[guest._dir.path(), &shared]);
 
     vm.detach(SlotIndex(2)).unwrap();
     assert_eq!(open_descriptors_on(&image), 0, "the device is gone");
@@ -254,6 +312,11 @@ fn devices_are_plugged_and_unplugged_while_the_guest_runs() {
     assert!(
         !guest.vsock.exists(),
         "the detached vsock removed its socket"
+    );
+    vm.detach(SlotIndex(3)).unwrap();
+    assert!(
+        eventually(|| fs_workers() == 1),
+        "a detached share's worker ends"
     );
     assert!(end.try_recv().is_err(), "the guest still runs");
 
@@ -305,12 +368,7 @@ fn network_interfaces_are_plugged_at_boot_and_while_the_guest_runs() {
         "vsock 0, shared directory 1, the boot interface 2"
     );
     assert_eq!(open_taps(), taps_before + 1, "the device holds its tap");
-    let threads = vmm_threads();
-    let own_threads = ["events", "vcpu0", "vmm"].map(|t| format!("{THREAD_NAME_PREFIX}{t}"));
-    assert!(
-        threads.iter().all(|t| own_threads.contains(t)),
-        "the device runs on the VM's event loop: {threads:?}"
-    );
+    assert_on_the_event_loop();
     vm.detach(SlotIndex(3)).unwrap();
     assert_eq!(open_taps(), taps_before, "the device's tap is closed");
     // SAFETY: F_GETFD on a descriptor we hold.

@@ -17,4 +17,5 @@ mod request;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use backend::{BLKDISCARD, BLKZEROOUT};
 pub use device::{Block, BlockConfig, DEVICE_TYPE};

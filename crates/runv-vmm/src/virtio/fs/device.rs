@@ -20,6 +20,7 @@ use super::{
     gate,
 };
 use crate::{
+    event_loop::EventLoop,
     memory::GuestMemory,
     virtio::{
         queue_device::{QueueDevice, QueueHandler},
@@ -55,16 +56,18 @@ struct Active {
 
 /// A virtio-fs device whose FUSE server runs in the VMM.
 pub struct Fs {
-    server: Server<PassthroughFs>,
+    server: Server<Arc<PassthroughFs>>,
     read_only: bool,
     config: [u8; MAX_TAG_LEN + 4],
     active: Option<Active>,
 }
 
 impl Fs {
-    /// Opens the shared directory; wire the result as in
-    /// [`crate::virtio::queue_device`].
-    pub fn new(config: FsConfig) -> Result<Arc<Mutex<QueueDevice<Fs>>>, VmmError> {
+    /// Opens the shared directory and starts the device's own worker, the
+    /// event loop that answers its queues in a file system root that is
+    /// the share (see [`super::worker`]). Put the device in a slot;
+    /// stopping the worker takes it off its queues.
+    pub fn new(config: FsConfig) -> Result<(Arc<Mutex<QueueDevice<Fs>>>, EventLoop), VmmError> {
         if config.tag.is_empty() || config.tag.len() > MAX_TAG_LEN {
             return Err(VmmError::Device(format!(
                 "virtio-fs tag {:?} must be 1 to {MAX_TAG_LEN} bytes",
@@ -83,34 +86,35 @@ impl Fs {
         {
             return Err(shared_error(std::io::ErrorKind::NotADirectory.into()));
         }
-        let root_dir = config
-            .shared_dir
-            .to_str()
-            .ok_or_else(|| VmmError::Device("virtio-fs shared directory is not UTF-8".into()))?
-            .to_owned();
+        // The file system is opened here, where /proc is reachable (it keeps
+        // /proc/self/fd and /proc/self/mountinfo open), and its root is
+        // imported on the worker, once that thread's root is the share.
         let fs = PassthroughFs::new(PassthroughConfig {
-            root_dir,
+            root_dir: "/".into(),
             ..Default::default()
         })
+        .map(Arc::new)
         .map_err(shared_error)?;
-        fs.import().map_err(shared_error)?;
         // struct virtio_fs_config: tag, then num_request_queues.
         let mut config_space = [0u8; MAX_TAG_LEN + 4];
         config_space[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         config_space[MAX_TAG_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
-        QueueDevice::shared(Fs {
-            server: Server::new(fs),
+        let device = QueueDevice::shared(Fs {
+            server: Server::new(fs.clone()),
             read_only: config.read_only,
             config: config_space,
             active: None,
-        })
+        })?;
+        let worker = super::worker::spawn(&config.shared_dir, move || fs.import())?;
+        worker.add_subscriber(device.clone())?;
+        Ok((device, worker))
     }
 }
 
 /// Serves one request; returns the length of the reply written into the
 /// chain (0 for a request that has none).
 fn serve(
-    server: &Server<PassthroughFs>,
+    server: &Server<Arc<PassthroughFs>>,
     read_only: bool,
     memory: &FuseMemory,
     chain: DescriptorChain<&FuseMemory>,

@@ -47,17 +47,14 @@ struct Client {
     _event_loop: EventLoop,
 }
 
-/// A device on `dir`, registered with a fresh event loop.
+/// A device on `dir`, served by its own worker.
 fn device(dir: &Path, read_only: bool) -> (Arc<Mutex<QueueDevice<Fs>>>, EventLoop) {
-    let device = Fs::new(FsConfig {
+    Fs::new(FsConfig {
         tag: TAG.into(),
         shared_dir: dir.to_owned(),
         read_only,
     })
-    .unwrap();
-    let event_loop = EventLoop::spawn("fs-test").unwrap();
-    event_loop.add_subscriber(device.clone()).unwrap();
-    (device, event_loop)
+    .unwrap()
 }
 
 /// A client of a device activated directly, kicked through eventfds.
