@@ -243,6 +243,41 @@ impl Containerd {
         self.grpc_call("Tasks/Start", &protobuf_field(1, id.as_bytes()));
     }
 
+    /// Runs a process in task `id` through Tasks.Exec with `process_json`
+    /// (an OCI process, as CRI or a Go client would give it, where `ctr
+    /// task exec` can only copy the container's) as its spec, its stdout
+    /// and stderr going to the file `output`; waits for it to end and
+    /// deletes it.
+    pub fn exec_with_spec(&self, id: &str, exec_id: &str, process_json: &str, output: &Path) {
+        let output = format!("file://{}", output.display());
+        let spec = [
+            protobuf_field(
+                1,
+                b"types.containerd.io/opencontainers/runtime-spec/1/Process",
+            ),
+            protobuf_field(2, process_json.as_bytes()),
+        ]
+        .concat();
+        let request = [
+            protobuf_field(1, id.as_bytes()),
+            protobuf_field(3, output.as_bytes()),
+            protobuf_field(4, output.as_bytes()),
+            protobuf_field(6, &spec),
+            protobuf_field(7, exec_id.as_bytes()),
+        ]
+        .concat();
+        self.grpc_call("Tasks/Exec", &request);
+        // Start, Wait and DeleteProcess name the process the same way.
+        let process = [
+            protobuf_field(1, id.as_bytes()),
+            protobuf_field(2, exec_id.as_bytes()),
+        ]
+        .concat();
+        for method in ["Tasks/Start", "Tasks/Wait", "Tasks/DeleteProcess"] {
+            self.grpc_call(method, &process);
+        }
+    }
+
     /// Calls `containerd.services.tasks.v1.<method>` with the protobuf
     /// `request` through curl's HTTP/2 on containerd's socket, and requires
     /// gRPC status 0.
