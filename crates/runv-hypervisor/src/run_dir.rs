@@ -2,6 +2,7 @@
 
 use std::{
     fs, io,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -14,17 +15,25 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `parent/id`. A leftover of a crashed VM with the same id is
-    /// removed first: ids are unique among live VMs.
+    /// Creates `parent/id`, 0700. A leftover of a crashed VM with the same
+    /// id is removed first: ids are unique among live VMs. `parent`, runv's
+    /// run directory, is 0711 whatever the umask: nobody else lists it, and
+    /// a helper that runs under its own uid can still reach its VM's
+    /// directory (docs/security.md).
     pub fn create(parent: &Path, id: &str) -> io::Result<RunDir> {
         let path = parent.join(id);
-        fs::create_dir_all(parent)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(0o711))?;
         match fs::remove_dir_all(&path) {
             Ok(()) => tracing::warn!(path = %path.display(), "removed a stale VM directory"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        fs::create_dir(&path)?;
+        fs::DirBuilder::new().mode(0o700).create(&path)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
         Ok(RunDir { path })
     }
 
@@ -66,6 +75,9 @@ mod tests {
         fs::write(stale.join("old.sock"), "").unwrap();
         let dir = RunDir::create(parent.path(), "vm1").unwrap();
         assert!(!dir.join("old.sock").exists());
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&stale), 0o700);
+        assert_eq!(mode(parent.path()), 0o711);
         fs::write(dir.join("new.sock"), "").unwrap();
         drop(dir);
         assert!(!stale.exists());

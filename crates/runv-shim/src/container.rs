@@ -140,13 +140,19 @@ impl HostMounts {
         devices::for_guest(&mut guest.spec, &plugged_blocks);
         let shared = pod.shared();
         if let Some(root) = &shared_root {
+            // readOnlyRootFilesystem holds on the host, not only in the guest.
+            let read_only = guest
+                .spec
+                .pointer("/root/readonly")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
             shared
-                .bind(id, ROOTFS_SHARE, root)
+                .bind(id, ROOTFS_SHARE, root, read_only)
                 .map_err(ShimError::Internal)?;
         }
         for bind in &guest.binds {
             shared
-                .bind(id, &bind.share_name, &bind.source)
+                .bind(id, &bind.share_name, &bind.source, bind.read_only)
                 .map_err(ShimError::Internal)?;
         }
         Ok(serde_json::to_vec(&guest.spec).expect("a JSON value serializes"))

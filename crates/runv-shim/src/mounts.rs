@@ -1,14 +1,25 @@
 //! Host mounts: a container's root file system from containerd's mounts,
 //! and the pod's shared directory that virtio-fs exports to the guest,
 //! into which each container's rootfs and host bind sources are bound.
+//! The guest is hostile: nothing here resolves a path through a directory
+//! it can write (docs/security.md).
 
 use std::{
     fs, io,
     path::{Path, PathBuf},
 };
 
+use std::os::{
+    fd::{AsRawFd, OwnedFd},
+    unix::fs::{DirBuilderExt, PermissionsExt},
+};
+
 use containerd_shim::{asynchronous::util::mount_rootfs, protos::api::Mount};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use rustix::{
+    fs::{openat2, Mode, OFlags, ResolveFlags, CWD},
+    mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags},
+};
 
 /// Where containerd expects a task's root file system: `<bundle>/rootfs`.
 pub fn bundle_rootfs(bundle: &Path) -> PathBuf {
@@ -35,79 +46,211 @@ pub async fn mount_bundle_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<(), 
     Ok(())
 }
 
-/// The pod's shared directory. It is made a mount point of its own with
-/// shared propagation, so that binds added after the VM started still
-/// reach virtiofsd, which serves it from a mount namespace of its own.
+/// The pod's shared directory, in two views of one tree so that the guest
+/// never writes where the shim resolves paths (the class of Kata's
+/// CVE-2020-2026):
+/// - `<pod>/share`, the skeleton: the directories and file mount targets,
+///   made only by the shim and never exported;
+/// - `<pod>/shared`, what virtio-fs exports: a read-only, nosuid, nodev
+///   bind of the skeleton with shared propagation (binds added after the
+///   VM started still reach virtiofsd's own mount namespace). Each bind
+///   sits on a target in this view, resolved from the view's root without
+///   following a symlink or crossing into another mount, and attached with
+///   its attributes already set, so the guest sees no bind rw for an
+///   instant.
 pub struct SharedDir {
-    path: PathBuf,
+    skeleton: PathBuf,
+    view: PathBuf,
 }
 
 impl SharedDir {
-    pub fn create(path: PathBuf) -> io::Result<SharedDir> {
-        fs::create_dir_all(&path)?;
-        let shared = SharedDir { path };
-        let made_shared = mount(
-            Some(&shared.path),
-            &shared.path,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .and_then(|()| {
-            mount(
-                None::<&str>,
-                &shared.path,
-                None::<&str>,
-                MsFlags::MS_SHARED,
-                None::<&str>,
-            )
-        });
-        if let Err(e) = made_shared {
-            let message = format!("cannot make {} a shared mount: {e}", shared.path.display());
+    /// Creates the two views under the pod directory `pod_dir`.
+    pub fn create(pod_dir: &Path) -> io::Result<SharedDir> {
+        let shared = SharedDir {
+            skeleton: pod_dir.join("share"),
+            view: pod_dir.join("shared"),
+        };
+        let made = private_dir(&shared.skeleton)
+            .and_then(|()| private_dir(&shared.view))
+            .and_then(|()| {
+                let tree = clone_tree(&shared.skeleton)?;
+                set_attributes(&tree, MountAttributes::read_only(true))?;
+                attach(&tree, &shared.view)
+            })
+            .and_then(|()| {
+                // A peer group of its own: a clone of a shared mount joins
+                // its source's, and binds on the view would show up in the
+                // skeleton too.
+                [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED]
+                    .into_iter()
+                    .try_for_each(|propagation| {
+                        mount(
+                            None::<&str>,
+                            &shared.view,
+                            None::<&str>,
+                            propagation,
+                            None::<&str>,
+                        )
+                    })
+                    .map_err(io::Error::from)
+            });
+        if let Err(e) = made {
+            let message = format!(
+                "cannot make {} a read-only shared view of {}: {e}",
+                shared.view.display(),
+                shared.skeleton.display()
+            );
             shared.remove();
             return Err(io::Error::other(message));
         }
         Ok(shared)
     }
 
+    /// The directory virtio-fs exports.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.view
     }
 
     /// Binds `source` (a directory or a file) at
-    /// `<shared>/<container_id>/<share_name>`.
-    pub fn bind(&self, container_id: &str, share_name: &str, source: &Path) -> Result<(), String> {
-        let target = self.path.join(container_id).join(share_name);
-        let bound = create_mount_target(source, &target).and_then(|()| {
-            mount(
-                Some(source),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(io::Error::from)
+    /// `<shared>/<container_id>/<share_name>`, read-only on the host when
+    /// `read_only`, always nosuid and nodev.
+    pub fn bind(
+        &self,
+        container_id: &str,
+        share_name: &str,
+        source: &Path,
+        read_only: bool,
+    ) -> Result<(), String> {
+        let relative = Path::new(container_id).join(share_name);
+        let bound = create_mount_target(source, &self.skeleton.join(&relative)).and_then(|()| {
+            let tree = clone_tree(source)?;
+            set_attributes(&tree, MountAttributes::read_only(read_only))?;
+            let view = fs::File::open(&self.view)?;
+            let target = resolve_beneath(&view, &relative)?;
+            attach_at(&tree, &target)
         });
         bound.map_err(|e| {
             format!(
                 "cannot share {} with the guest at {}: {e}",
                 source.display(),
-                target.display()
+                self.view.join(&relative).display()
             )
         })
     }
 
     /// Unmounts and removes everything shared for `container_id`.
     pub fn unshare(&self, container_id: &str) -> io::Result<()> {
-        remove_unmounted(&self.path.join(container_id))
+        unmount_tree(&self.view.join(container_id))?;
+        remove_unmounted(&self.skeleton.join(container_id))
     }
 
-    /// Unmounts and removes the whole directory, whatever is still in it.
+    /// Unmounts and removes both views, whatever is still in them.
     pub fn remove(self) {
-        if let Err(e) = remove_unmounted(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the shared directory");
+        for dir in [&self.view, &self.skeleton] {
+            if let Err(e) = remove_unmounted(dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove the shared directory");
+            }
         }
     }
+}
+
+/// Creates `dir` and its missing parents, each 0700 whatever the umask:
+/// runv's state is root's alone.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// The attributes of a bind runv makes: never setuid or device files on
+/// the host, read-only on request (recursively: submounts too).
+struct MountAttributes(u64);
+
+impl MountAttributes {
+    fn read_only(read_only: bool) -> MountAttributes {
+        let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+        if read_only {
+            set |= libc::MOUNT_ATTR_RDONLY;
+        }
+        MountAttributes(set)
+    }
+}
+
+/// A detached copy of the mount tree at `source` (a recursive bind not
+/// yet attached anywhere).
+fn clone_tree(source: &Path) -> io::Result<OwnedFd> {
+    open_tree(
+        CWD,
+        source,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sets `attributes` on every mount of the detached tree `tree`.
+fn set_attributes(tree: &OwnedFd, attributes: MountAttributes) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: attributes.0,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `attr` (of the size passed) and an empty
+    // NUL-terminated path; neither outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens `relative` below the directory `root` as an O_PATH handle,
+/// refusing symlinks, `..` escapes and mount crossings on the way.
+fn resolve_beneath(root: &fs::File, relative: &Path) -> io::Result<OwnedFd> {
+    openat2(
+        root,
+        relative,
+        OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Attaches the detached tree `tree` at the path `target`, which only runv
+/// writes.
+fn attach(tree: &OwnedFd, target: &Path) -> io::Result<()> {
+    let target = fs::File::open(target)?;
+    attach_at(tree, &target.into())
+}
+
+/// Attaches the detached tree `tree` on the already resolved `target`.
+fn attach_at(tree: &OwnedFd, target: &OwnedFd) -> io::Result<()> {
+    move_mount(
+        tree,
+        c"",
+        target,
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Unmounts everything at or below `dir` (deepest first, detached so that
@@ -132,7 +275,7 @@ pub fn unmount_tree(dir: &Path) -> io::Result<()> {
     let mut points = mount_points_under(dir)?;
     points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for point in points {
-        match umount2(&point, MntFlags::MNT_DETACH) {
+        match umount2(&point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
             Err(e) => {
                 return Err(io::Error::other(format!(
@@ -206,11 +349,29 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/plain\0"), r"/plain\0");
     }
 
+    fn is_root() -> bool {
+        // SAFETY: geteuid only reads the process's credentials.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("SKIPPED: mounting needs root");
+        }
+        root
+    }
+
+    /// The options field (the 6th) of the mountinfo line of `point`.
+    fn mount_options(point: &Path) -> String {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = mountinfo
+            .lines()
+            .filter(|line| line.split(' ').nth(4) == Some(point.to_str().unwrap()))
+            .last()
+            .unwrap_or_else(|| panic!("{} is not a mount point", point.display()));
+        line.split(' ').nth(5).unwrap().to_owned()
+    }
+
     #[test]
     fn shares_binds_and_removes_without_touching_sources() {
-        // SAFETY: geteuid only reads the process's credentials.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: mounting needs root");
+        if !is_root() {
             return;
         }
         let scratch = tempfile::tempdir().unwrap();
@@ -220,19 +381,97 @@ mod tests {
         let file = scratch.path().join("hosts");
         fs::write(&file, "127.0.0.1 localhost\n").unwrap();
 
-        let shared = SharedDir::create(scratch.path().join("pod/shared")).unwrap();
-        shared.bind("c1", "rootfs", &source).unwrap();
-        shared.bind("c1", "mounts/1-hosts", &file).unwrap();
+        let pod = scratch.path().join("pod");
+        let shared = SharedDir::create(&pod).unwrap();
+        shared.bind("c1", "rootfs", &source, false).unwrap();
+        shared.bind("c1", "mounts/1-hosts", &file, true).unwrap();
         let seen = shared.path().join("c1/mounts/1-hosts");
-        assert_eq!(fs::read_to_string(seen).unwrap(), "127.0.0.1 localhost\n");
+        assert_eq!(fs::read_to_string(&seen).unwrap(), "127.0.0.1 localhost\n");
         assert!(shared.path().join("c1/rootfs/keep").is_file());
+        // Host-enforced: read-only where asked, never setuid or devices.
+        let options = mount_options(&seen);
+        assert!(options.starts_with("ro,"), "{options}");
+        assert!(
+            options.contains("nosuid") && options.contains("nodev"),
+            "{options}"
+        );
+        let options = mount_options(&shared.path().join("c1/rootfs"));
+        assert!(
+            options.starts_with("rw,") && options.contains("nosuid,nodev"),
+            "{options}"
+        );
+        assert_eq!(
+            fs::write(&seen, "overwritten").unwrap_err().raw_os_error(),
+            Some(libc::EROFS)
+        );
+        fs::write(shared.path().join("c1/rootfs/new"), "written").unwrap();
+        assert_eq!(
+            fs::metadata(&pod).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
 
         shared.unshare("c1").unwrap();
         assert!(!shared.path().join("c1").exists());
         assert_eq!(fs::read_to_string(source.join("keep")).unwrap(), "data");
-        let pod = scratch.path().join("pod/shared");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "127.0.0.1 localhost\n");
         shared.remove();
-        assert!(!pod.exists());
+        assert!(!pod.join("shared").exists() && !pod.join("share").exists());
+        assert!(mount_points_under(scratch.path()).unwrap().is_empty());
+    }
+
+    /// What the guest sees of the share it cannot change: no directory,
+    /// file or symlink appears in the exported view, whoever writes.
+    #[test]
+    fn the_exported_view_is_read_only_on_the_host() {
+        if !is_root() {
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let shared = SharedDir::create(&scratch.path().join("pod")).unwrap();
+        let view = shared.path().to_owned();
+        let refused = [
+            fs::create_dir(view.join("c1")),
+            fs::write(view.join("c1"), ""),
+            std::os::unix::fs::symlink("/etc", view.join("c1")),
+        ];
+        for attempt in refused {
+            assert_eq!(attempt.unwrap_err().raw_os_error(), Some(libc::EROFS));
+        }
+        let options = mount_options(&view);
+        assert!(
+            options.starts_with("ro,") && options.contains("nosuid,nodev"),
+            "{options}"
+        );
+        shared.remove();
+        assert!(mount_points_under(scratch.path()).unwrap().is_empty());
+    }
+
+    /// Were a symlink ever in a bind's way, the bind fails rather than
+    /// land where it points, and mounts nothing.
+    #[test]
+    fn a_bind_never_follows_a_symlink_in_its_target() {
+        if !is_root() {
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let elsewhere = scratch.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let source = scratch.path().join("volume");
+        fs::create_dir(&source).unwrap();
+        let pod = scratch.path().join("pod");
+        let shared = SharedDir::create(&pod).unwrap();
+        for planted in ["c1", "c1/rootfs"] {
+            let skeleton = pod.join("share");
+            let _ = fs::remove_dir_all(skeleton.join("c1"));
+            if planted == "c1/rootfs" {
+                fs::create_dir(skeleton.join("c1")).unwrap();
+            }
+            std::os::unix::fs::symlink(&elsewhere, skeleton.join(planted)).unwrap();
+            let error = shared.bind("c1", "rootfs", &source, false).unwrap_err();
+            assert!(error.contains("cannot share"), "{error}");
+            assert!(mount_points_under(&elsewhere).unwrap().is_empty());
+        }
+        shared.remove();
         assert!(mount_points_under(scratch.path()).unwrap().is_empty());
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     container::Container,
     disks::PodDisks,
     error::{Result, ShimError},
+    host_cgroup::{HostCgroup, Limits},
     mounts::SharedDir,
     network,
     sizing::{self, PodResources},
@@ -40,20 +41,24 @@ pub struct Pod {
     pub containers: HashMap<String, Container>,
     pub disks: PodDisks,
     network: PodNetwork,
+    /// The host cgroup the VM runs in: left once the VM is gone.
+    cgroup: Option<HostCgroup>,
 }
 
 impl Pod {
     /// Boots the pod VM of `pod_id` with the runv configuration at
     /// `config_path` (the default file when none), sized for `resources`,
     /// with a NIC for each interface CNI made in the network namespace
-    /// `netns` (none: no NIC).
-    /// On error nothing is left: no VM, tap, mount or directory.
+    /// `netns` (none: no NIC), in the host cgroup `cgroups_path` (the
+    /// sandbox spec's `linux.cgroupsPath`; none: the shim's own).
+    /// On error nothing is left: no VM, tap, mount, directory or cgroup.
     pub async fn boot(
         config_path: Option<&Path>,
         namespace: &str,
         pod_id: &str,
         resources: &PodResources,
         netns: Option<PathBuf>,
+        cgroups_path: Option<&str>,
     ) -> Result<Pod> {
         let config = Config::load_or_default(config_path).map_err(|e| {
             ShimError::InvalidArgument(format!(
@@ -65,7 +70,7 @@ impl Pod {
         let network = network::setup(netns, &config).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
-        let shared = match SharedDir::create(dir.join("shared")) {
+        let shared = match SharedDir::create(&dir) {
             Ok(shared) => shared,
             Err(e) => {
                 network::teardown(network).await;
@@ -90,12 +95,23 @@ impl Pod {
         spec.net_devices = network::net_devices(&network);
         spec.vfio_devices = network.passthrough_functions();
         let connect = ConnectOptions::new(config.vm.agent_timeout());
-        let booted = match PodVm::boot(&config, spec, &connect).await {
-            Ok(vm) => configure_guest_network(vm, &network).await,
-            Err(e) => Err(ShimError::Internal(format!("cannot boot the pod VM: {e}"))),
+        // Entered before the VM starts, so that its helpers are born in
+        // it; on a failed boot it goes after the VM (end of the arm).
+        let cgroup = cgroups_path
+            .map(|path| HostCgroup::enter(path, Limits::for_vm(size, resources)))
+            .transpose()
+            .map_err(ShimError::Internal);
+        let booted = match cgroup {
+            Ok(cgroup) => match PodVm::boot(&config, spec, &connect).await {
+                Ok(vm) => configure_guest_network(vm, &network)
+                    .await
+                    .map(|vm| (vm, cgroup)),
+                Err(e) => Err(ShimError::Internal(format!("cannot boot the pod VM: {e}"))),
+            },
+            Err(e) => Err(e),
         };
         match booted {
-            Ok(vm) => {
+            Ok((vm, cgroup)) => {
                 let vm = Arc::new(vm);
                 tokio::spawn(log_boot_timeline(vm.clone()));
                 Ok(Pod {
@@ -106,6 +122,7 @@ impl Pod {
                     containers: HashMap::new(),
                     disks: PodDisks::default(),
                     network,
+                    cgroup,
                 })
             }
             Err(e) => {
@@ -132,11 +149,6 @@ impl Pod {
 
     pub fn shared(&self) -> &SharedDir {
         &self.shared
-    }
-
-    /// The host PIDs of the VM (for Connect's task PID).
-    pub fn vm_pids(&self) -> Vec<u32> {
-        self.vm.pids()
     }
 
     /// The guest PIDs of the pod's running container inits: the processes
@@ -178,6 +190,7 @@ impl Pod {
             dir,
             containers,
             mut network,
+            cgroup,
             ..
         } = self;
         // Dropping the processes ends their exit watchers, which hold the VM.
@@ -197,6 +210,8 @@ impl Pod {
             Some(vm) => {
                 let report = vm.shutdown().await;
                 tracing::info!(exit = %report.exit, forced = report.forced, "pod VM off");
+                // Its helpers are reaped: the cgroup is empty but for the shim.
+                drop(cgroup);
             }
             // Still in use by a call in flight: the VM helpers die with
             // the shim, which exits next. Its VFs stay with vfio-pci: an

@@ -21,6 +21,8 @@ use crate::namespaces;
 pub struct HostBind {
     pub source: PathBuf,
     pub share_name: String,
+    /// The mount asked for `ro`: the host bind is read-only too.
+    pub read_only: bool,
 }
 
 /// What the guest reaches through disks the agent mounted rather than
@@ -192,20 +194,29 @@ fn share_bind_mounts(
             "source".into(),
             guest_dir.join(&share_name).to_string_lossy().into(),
         );
-        binds.push(HostBind { source, share_name });
+        let read_only = has_option(mount, "ro");
+        binds.push(HostBind {
+            source,
+            share_name,
+            read_only,
+        });
     }
     Ok(binds)
+}
+
+/// Whether the OCI mount `mount` lists `option`.
+fn has_option(mount: &Map<String, Value>, option: &str) -> bool {
+    mount
+        .get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|options| options.iter().any(|o| o.as_str() == Some(option)))
 }
 
 /// Makes `mount` a bind of the disk the agent mounted at `guest_mount`,
 /// read-only if the mount asked for it.
 fn bind_disk_mount(mount: &mut Map<String, Value>, guest_mount: &Path) {
-    let read_only = mount
-        .get("options")
-        .and_then(Value::as_array)
-        .is_some_and(|options| options.iter().any(|o| o.as_str() == Some("ro")));
     let mut options = vec!["rbind"];
-    if read_only {
+    if has_option(mount, "ro") {
         options.push("ro");
     }
     mount.insert("type".into(), "bind".into());
@@ -289,11 +300,13 @@ mod tests {
             vec![
                 HostBind {
                     source: "/var/lib/containerd/sandboxes/s1/hosts".into(),
-                    share_name: "mounts/1-hosts".into()
+                    share_name: "mounts/1-hosts".into(),
+                    read_only: false,
                 },
                 HostBind {
                     source: "/srv/data".into(),
-                    share_name: "mounts/2-data".into()
+                    share_name: "mounts/2-data".into(),
+                    read_only: true,
                 },
             ]
         );
