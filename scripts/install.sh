@@ -83,10 +83,18 @@ log "installed $prefix/bin/containerd-shim-runv-v2 (containerd CRI snippet: conf
 if [[ ! -e $config ]]; then
     install -d /etc/runv
     hypervisor=$("$prefix/bin/runv-ctl" --config "$repo/configs/runv.toml" pick-hypervisor)
+    # Without usable KVM, qemu runs the guest with TCG, which needs the
+    # explicit switch (TCG is not a security boundary; runv-ctl check says so).
+    allow_tcg=false
+    kvm=$("$prefix/bin/runv-ctl" --config "$repo/configs/runv.toml" check | grep '^kvm:' || true)
+    if [[ $hypervisor == qemu && ! $kvm =~ ^kvm:\ *usable ]]; then
+        allow_tcg=true
+    fi
     sed -e "s#/usr/local/share/runv#$share#" \
         -e "s#^hypervisor = .*#hypervisor = \"$hypervisor\"#" \
+        -e "s#^allow_tcg = .*#allow_tcg = $allow_tcg#" \
         "$repo/configs/runv.toml" >"$config"
-    log "wrote $config (hypervisor = \"$hypervisor\")"
+    log "wrote $config (hypervisor = \"$hypervisor\", allow_tcg = $allow_tcg)"
 else
     log "kept the existing $config"
 fi

@@ -557,13 +557,14 @@ fn write_runv_config(dir: &Path) {
     let text = format!(
         "hypervisor = \"qemu\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n[vm]\n\
          kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = {}\nmemory_mib = {}\n\
-         agent_timeout_secs = {}\n",
+         agent_timeout_secs = {}\n[qemu]\nallow_tcg = {}\n",
         config.run_dir.display(),
         config.vm.kernel.display(),
         config.vm.initramfs.display(),
         config.vm.vcpus,
         config.vm.memory_mib,
         config.vm.agent_timeout_secs,
+        config.qemu.allow_tcg,
     );
     fs::write(dir.join("runv.toml"), text).unwrap();
 }

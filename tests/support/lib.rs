@@ -56,6 +56,8 @@ pub fn test_config(scratch: &Path) -> Config {
     config.vm.vcpus = 2;
     // Several TCG guests may boot at once on two cores.
     config.vm.agent_timeout_secs = 180;
+    // Tests boot wherever QEMU can, TCG included (not a security boundary).
+    config.qemu.allow_tcg = true;
     config
 }
 

@@ -175,6 +175,10 @@ pub struct QemuConfig {
     /// for a VM that shares a host directory with its guest.
     pub virtiofsd_binary: PathBuf,
     pub accel: AccelMode,
+    /// Whether QEMU may run the guest under TCG software emulation. QEMU's
+    /// security policy does not treat TCG as a security boundary, so a host
+    /// without usable KVM must opt in.
+    pub allow_tcg: bool,
 }
 
 impl Default for Config {
@@ -214,6 +218,7 @@ impl Default for QemuConfig {
             vhost_vsock_binary: PathBuf::from("vhost-device-vsock"),
             virtiofsd_binary: PathBuf::from("virtiofsd"),
             accel: AccelMode::Auto,
+            allow_tcg: false,
         }
     }
 }
@@ -364,6 +369,7 @@ mod tests {
         assert!(!config.builtin.pvm_guest_kernel);
         assert_eq!(config.vm.vcpus, 1);
         assert_eq!(config.qemu.accel, AccelMode::Auto);
+        assert!(!config.qemu.allow_tcg);
         assert_eq!(config.qemu.virtiofsd_binary, Path::new("virtiofsd"));
         assert_eq!(config.vm.kernel, Path::new("/usr/local/share/runv/vmlinux"));
         assert_eq!(config.network.interconnect, NetworkInterconnect::TcMirred);

@@ -133,8 +133,16 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
         Ok(reason) => println!("builtin:     usable ({reason})"),
         Err(why) => println!("builtin:     not usable: {why}"),
     }
-    match runv_hypervisor::host::choose_accel(config.qemu.accel, &kvm) {
-        Ok((accel, reason)) => println!("qemu accel:  {accel} ({reason})"),
+    match runv_hypervisor::host::choose_accel(config.qemu.accel, config.qemu.allow_tcg, &kvm) {
+        Ok((accel, reason)) => {
+            println!("qemu accel:  {accel} ({reason})");
+            if accel == runv_hypervisor::Accel::Tcg {
+                println!(
+                    "             warning: {} (qemu.allow_tcg = true)",
+                    runv_hypervisor::host::TCG_NOT_A_BOUNDARY
+                );
+            }
+        }
         Err(e) => println!("qemu accel:  error: {e}"),
     }
     for (what, path) in [

@@ -92,26 +92,46 @@ pub fn builtin_usable(kvm: &KvmSupport, pvm_guest_kernel: bool) -> Result<String
         )),
         KvmSupport::Unavailable(reason) => Err(format!(
             "the builtin hypervisor needs KVM, and {reason}; set hypervisor = \"qemu\" in the \
-             runv config (it falls back to TCG software emulation)"
+             runv config (it falls back to TCG software emulation, with qemu.allow_tcg = true)"
         )),
     }
 }
 
-/// The accelerator for `mode` on a host with `kvm`, and the reason, for the log.
-pub fn choose_accel(mode: AccelMode, kvm: &KvmSupport) -> Result<(Accel, String), String> {
-    match (mode, kvm.why_not_usable()) {
-        (AccelMode::Tcg, _) => Ok((Accel::Tcg, "qemu.accel is \"tcg\"".into())),
+/// Why TCG needs `qemu.allow_tcg`, for errors and `runv-ctl check`.
+pub const TCG_NOT_A_BOUNDARY: &str = "TCG software emulation is not a security boundary \
+     (QEMU's security policy covers only KVM guests): a guest that exploits a TCG bug runs \
+     code in QEMU";
+
+/// The accelerator for `mode` on a host with `kvm`, and the reason, for the
+/// log. TCG is chosen only when `allow_tcg` (`qemu.allow_tcg`) says so.
+pub fn choose_accel(
+    mode: AccelMode,
+    allow_tcg: bool,
+    kvm: &KvmSupport,
+) -> Result<(Accel, String), String> {
+    let (accel, reason) = match (mode, kvm.why_not_usable()) {
+        (AccelMode::Tcg, _) => (Accel::Tcg, "qemu.accel is \"tcg\"".to_owned()),
         (AccelMode::Kvm | AccelMode::Auto, None) => {
             let KvmSupport::Hardware { extension } = kvm else {
                 unreachable!("only hardware support is usable")
             };
-            Ok((Accel::Kvm, format!("/dev/kvm with {extension}")))
+            return Ok((Accel::Kvm, format!("/dev/kvm with {extension}")));
         }
-        (AccelMode::Auto, Some(reason)) => Ok((Accel::Tcg, format!("KVM unusable: {reason}"))),
-        (AccelMode::Kvm, Some(reason)) => Err(format!(
-            "qemu.accel is \"kvm\" but {reason}; set qemu.accel = \"auto\" or \"tcg\""
-        )),
+        (AccelMode::Auto, Some(reason)) => (Accel::Tcg, format!("KVM unusable: {reason}")),
+        (AccelMode::Kvm, Some(reason)) => {
+            return Err(format!(
+                "qemu.accel is \"kvm\" but {reason}; set qemu.accel = \"auto\" or \"tcg\""
+            ))
+        }
+    };
+    if !allow_tcg {
+        return Err(format!(
+            "QEMU would run the guest with TCG ({reason}), and qemu.allow_tcg is false: \
+             {TCG_NOT_A_BOUNDARY}; use a host with usable KVM, or set qemu.allow_tcg = true \
+             in the runv config to accept that"
+        ));
     }
+    Ok((accel, reason))
 }
 
 #[cfg(test)]
@@ -150,7 +170,7 @@ mod tests {
     fn vmx_host_uses_kvm() {
         let kvm = FakeHost::new(true, false, "fpu vme vmx sse").probe();
         assert_eq!(kvm, KvmSupport::Hardware { extension: "VT-x" });
-        let (accel, reason) = choose_accel(AccelMode::Auto, &kvm).unwrap();
+        let (accel, reason) = choose_accel(AccelMode::Auto, true, &kvm).unwrap();
         assert_eq!(accel, Accel::Kvm);
         assert!(reason.contains("VT-x"));
     }
@@ -159,11 +179,28 @@ mod tests {
     fn pvm_host_falls_back_to_tcg_with_reason() {
         let kvm = FakeHost::new(true, true, "fpu sse").probe();
         assert_eq!(kvm, KvmSupport::Pvm);
-        let (accel, reason) = choose_accel(AccelMode::Auto, &kvm).unwrap();
+        let (accel, reason) = choose_accel(AccelMode::Auto, true, &kvm).unwrap();
         assert_eq!(accel, Accel::Tcg);
         assert!(reason.contains("kvm_pvm"), "{reason}");
-        let err = choose_accel(AccelMode::Kvm, &kvm).unwrap_err();
+        let err = choose_accel(AccelMode::Kvm, true, &kvm).unwrap_err();
         assert!(err.contains("qemu.accel = \"auto\""), "{err}");
+    }
+
+    #[test]
+    fn tcg_needs_the_explicit_switch() {
+        let pvm = FakeHost::new(true, true, "fpu sse").probe();
+        let hardware = FakeHost::new(true, false, "vmx").probe();
+        for (mode, kvm) in [(AccelMode::Auto, &pvm), (AccelMode::Tcg, &hardware)] {
+            let err = choose_accel(mode, false, kvm).unwrap_err();
+            assert!(
+                err.contains("qemu.allow_tcg = true") && err.contains("not a security boundary"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            choose_accel(AccelMode::Auto, false, &hardware).unwrap().0,
+            Accel::Kvm
+        );
     }
 
     #[test]
@@ -200,6 +237,9 @@ mod tests {
     fn amd_host_uses_kvm_and_tcg_can_be_forced() {
         let kvm = FakeHost::new(true, false, "fpu svm").probe();
         assert_eq!(kvm, KvmSupport::Hardware { extension: "AMD-V" });
-        assert_eq!(choose_accel(AccelMode::Tcg, &kvm).unwrap().0, Accel::Tcg);
+        assert_eq!(
+            choose_accel(AccelMode::Tcg, true, &kvm).unwrap().0,
+            Accel::Tcg
+        );
     }
 }

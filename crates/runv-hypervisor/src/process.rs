@@ -14,8 +14,10 @@ use std::{
 use nix::{
     fcntl::{fcntl, FcntlArg, FdFlag},
     sys::{prctl, signal::Signal},
-    unistd::{getpid, getppid},
+    unistd::{getpid, getppid, Pid},
 };
+
+use crate::confine::Confinement;
 
 /// Lines of a helper's log quoted in an error.
 pub const LOG_TAIL_LINES: usize = 20;
@@ -43,50 +45,71 @@ pub fn command_dying_with_parent(program: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(program);
     let parent = getpid();
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid, _exit).
+    // async-signal-safe system calls (see die_with_parent).
     unsafe {
-        command.pre_exec(move || {
-            prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // The parent may have died between fork and prctl.
-            if getppid() != parent {
-                libc_exit();
-            }
-            Ok(())
-        });
+        command.pre_exec(move || die_with_parent(parent));
     }
     command.kill_on_drop(true);
     command
 }
 
+/// In a forked child: SIGKILL when the spawning thread dies, or exit at
+/// once if `parent` is already gone. Only prctl, getppid and _exit:
+/// async-signal-safe.
+pub fn die_with_parent(parent: Pid) -> std::io::Result<()> {
+    prctl::set_pdeathsig(Signal::SIGKILL)?;
+    // The parent may have died between fork and prctl.
+    if getppid() != parent {
+        libc_exit();
+    }
+    Ok(())
+}
+
+/// How to start a helper: its log, the open fds it inherits under their own
+/// numbers, its working directory, and whether it runs unprivileged.
+pub struct Spawn<'a> {
+    pub log: &'a Path,
+    pub what: &'static str,
+    /// Only the child clears their close-on-exec flag, so no other process
+    /// spawned meanwhile inherits them; the caller keeps them open until
+    /// the spawn returns.
+    pub inherit: Vec<RawFd>,
+    pub cwd: Option<&'a Path>,
+    pub confinement: Option<&'a Confinement>,
+}
+
+impl<'a> Spawn<'a> {
+    /// A privileged helper that inherits nothing, logging to `log`.
+    pub fn logged(log: &'a Path, what: &'static str) -> Spawn<'a> {
+        Spawn {
+            log,
+            what,
+            inherit: Vec::new(),
+            cwd: None,
+            confinement: None,
+        }
+    }
+}
+
 /// Spawns `program` dying with its parent (see
-/// [`command_dying_with_parent`]), with stdout and stderr going to `log`.
+/// [`command_dying_with_parent`]), with stdout and stderr going to the log,
+/// as `how` says.
 pub fn spawn_logged(
     program: &Path,
     args: impl IntoIterator<Item = String>,
-    log: &Path,
-    what: &'static str,
-) -> Result<tokio::process::Child, crate::HypervisorError> {
-    spawn_logged_with_fds(program, args, log, what, Vec::new())
-}
-
-/// [`spawn_logged`], with the open fds `inherit` passed on to the program
-/// under their own numbers. Only the child clears their close-on-exec flag,
-/// so no other process spawned meanwhile inherits them; the caller keeps
-/// them open until the spawn returns.
-pub fn spawn_logged_with_fds(
-    program: &Path,
-    args: impl IntoIterator<Item = String>,
-    log: &Path,
-    what: &'static str,
-    inherit: Vec<RawFd>,
+    how: Spawn<'_>,
 ) -> Result<tokio::process::Child, crate::HypervisorError> {
     let io_error = |source| crate::HypervisorError::Io {
-        context: format!("cannot start {what}"),
+        context: format!("cannot start {}", how.what),
         source,
     };
-    let log_file = fs::File::create(log).map_err(io_error)?;
+    let log_file = fs::File::create(how.log).map_err(io_error)?;
     let log_copy = log_file.try_clone().map_err(io_error)?;
     let mut command = command_dying_with_parent(program);
+    if let Some(cwd) = how.cwd {
+        command.current_dir(cwd);
+    }
+    let inherit = how.inherit;
     if !inherit.is_empty() {
         // SAFETY: the closure runs in the forked child before exec and
         // only calls fcntl, which is async-signal-safe, on fds the caller
@@ -99,6 +122,15 @@ pub fn spawn_logged_with_fds(
                 }
                 Ok(())
             });
+        }
+    }
+    if let Some(confinement) = how.confinement {
+        let confinement = confinement.clone();
+        let parent = getpid();
+        // SAFETY: apply_in_child makes only async-signal-safe calls; it
+        // runs last, after the steps above that need root.
+        unsafe {
+            command.pre_exec(move || confinement.apply_in_child(parent));
         }
     }
     command

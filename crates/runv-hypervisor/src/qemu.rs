@@ -16,8 +16,15 @@
 //! No PCI function can be passed through: microvm has no PCI bus.
 
 use std::{
+    fs::File,
     ops::RangeInclusive,
-    os::fd::{AsRawFd, RawFd},
+    os::{
+        fd::{AsFd, AsRawFd, RawFd},
+        unix::{
+            fs::MetadataExt,
+            net::{UnixListener, UnixStream},
+        },
+    },
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -34,9 +41,11 @@ use tokio::{
 };
 
 use crate::{
-    check_boot_files, ensure_running,
+    check_boot_files,
+    confine::Confinement,
+    ensure_running,
     host::{choose_accel, Accel, KvmSupport},
-    process::{find_executable, path_arg, spawn_logged_with_fds, tail, LOG_TAIL_LINES},
+    process::{find_executable, spawn_logged, tail, Spawn, LOG_TAIL_LINES},
     qmp::Qmp,
     run_dir::RunDir,
     vhost_user::{self, Backend},
@@ -47,8 +56,13 @@ use crate::{
 /// The guest's vsock context id; any value above 2 works, as each VM has
 /// its own vsock device.
 const GUEST_CID: u32 = 3;
-/// The vhost-user socket between QEMU and vhost-device-vsock.
+/// The directory of the unprivileged helpers, in the VM directory: the
+/// only one they can write (see [`Confinement`]).
+const HELPER_DIR: &str = "helpers";
+/// In the helper directory: the vhost-user socket between QEMU and
+/// vhost-device-vsock, and the hybrid vsock socket for host clients.
 const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
+const HYBRID_VSOCK_SOCKET: &str = "vsock.sock";
 const QEMU_LOG: &str = "qemu.log";
 const VSOCK_HELPER_LOG: &str = "vhost-device-vsock.log";
 /// The vhost-user socket between QEMU and virtiofsd.
@@ -229,24 +243,31 @@ impl QemuVm {
     async fn start_backends(
         programs: &Programs,
         dir: &RunDir,
-        vsock_socket: &Path,
+        confinement: &Confinement,
     ) -> Result<Vec<Backend>, HypervisorError> {
         let mut backends = Vec::new();
+        let helpers = dir.join(HELPER_DIR);
         let started = async {
+            let vsock_log = dir.join(VSOCK_HELPER_LOG);
             backends.push(Backend::spawn(
-                "vhost-device-vsock",
                 &programs.vsock,
-                vhost_user::vsock_args(GUEST_CID, &dir.join(VHOST_VSOCK_SOCKET), vsock_socket),
-                dir.join(VHOST_VSOCK_SOCKET),
-                dir.join(VSOCK_HELPER_LOG),
+                vhost_user::vsock_args(GUEST_CID, VHOST_VSOCK_SOCKET, HYBRID_VSOCK_SOCKET),
+                helpers.join(VHOST_VSOCK_SOCKET),
+                Spawn {
+                    cwd: Some(&helpers),
+                    confinement: Some(confinement),
+                    ..Spawn::logged(&vsock_log, "vhost-device-vsock")
+                },
             )?);
             if let Some(share) = &programs.share {
+                // Root, to serve every uid's files; confined by its own
+                // sandbox and options (vhost_user::virtiofsd_args).
+                let log = dir.join(VIRTIOFSD_LOG);
                 backends.push(Backend::spawn(
-                    "virtiofsd",
                     &share.virtiofsd,
                     vhost_user::virtiofsd_args(&share.dir, &dir.join(VIRTIOFSD_SOCKET)),
                     dir.join(VIRTIOFSD_SOCKET),
-                    dir.join(VIRTIOFSD_LOG),
+                    Spawn::logged(&log, "virtiofsd"),
                 )?);
             }
             // Both start at once; they take a few milliseconds each.
@@ -265,7 +286,9 @@ impl QemuVm {
         }
     }
 
-    fn qemu_args(&self, accel: Accel, dir: &RunDir) -> Vec<String> {
+    /// QEMU's command line. QEMU runs unprivileged and opens nothing by
+    /// path: everything it uses is one of `fds`, inherited.
+    fn qemu_args(&self, accel: Accel, fds: &QemuFdNumbers) -> Vec<String> {
         let spec = &self.spec;
         let memory = format!("{}M", spec.memory_mib);
         let (accel_arg, cpu) = match accel {
@@ -282,6 +305,15 @@ impl QemuVm {
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("runv-{},debug-threads=on", spec.id),
+            // QEMU's seccomp filter: no obsolete system calls, no change of
+            // credentials, no new processes, no scheduler or affinity
+            // changes.
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            // The console log, as fd set 0 (a file chardev opens its path
+            // with qemu_open, which takes /dev/fdset/N).
+            "-add-fd".into(),
+            format!("fd={},set={CONSOLE_FDSET},opaque=console", fds.console),
             // The guest kernel is built without ACPI: the virtio-mmio
             // transports are declared on its command line, by runv rather
             // than by QEMU (auto-kernel-cmdline=off), so that every one
@@ -310,38 +342,33 @@ impl QemuVm {
             // A guest reset ends QEMU: it is how the guest powers off.
             "-no-reboot".into(),
             "-chardev".into(),
-            format!("file,id=console,path={}", qemu_path(&spec.console_log)),
+            format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}"),
             "-serial".into(),
             "chardev:console".into(),
+            // QEMU reads these with fopen: through its own fds' links,
+            // which need no access to the directories above the files.
             "-kernel".into(),
-            path_arg(&spec.kernel),
+            format!("/proc/self/fd/{}", fds.kernel),
             "-initrd".into(),
-            path_arg(&spec.initramfs),
+            format!("/proc/self/fd/{}", fds.initramfs),
             "-append".into(),
             append,
+            // The vhost-user connection runv made for QEMU.
             "-chardev".into(),
-            format!(
-                "socket,id=vsock,path={}",
-                qemu_path(&dir.join(VHOST_VSOCK_SOCKET))
-            ),
+            format!("socket,id=vsock,fd={}", fds.vsock),
             "-device".into(),
             format!("vhost-user-vsock-device,chardev=vsock,bus=virtio-mmio-bus.{VSOCK_SLOT}"),
             // Block devices are attached through QMP.
+            // The QMP socket, bound and listening by runv.
             "-chardev".into(),
-            format!(
-                "socket,id=qmp,path={},server=on,wait=off",
-                qemu_path(&dir.join(QMP_SOCKET))
-            ),
+            format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
         ];
-        if spec.shared_dir.is_some() {
+        if let Some(fs) = fds.fs {
             args.extend([
                 "-chardev".into(),
-                format!(
-                    "socket,id=fs,path={}",
-                    qemu_path(&dir.join(VIRTIOFSD_SOCKET))
-                ),
+                format!("socket,id=fs,fd={fs}"),
                 "-device".into(),
                 format!(
                     "vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG},\
@@ -368,13 +395,41 @@ impl QemuVm {
         args
     }
 
-    /// The tap fds QEMU inherits.
-    fn inherited_fds(&self) -> Vec<RawFd> {
+    /// The tap fds QEMU inherits, with `fds`.
+    fn inherited_fds(&self, fds: &QemuFdNumbers) -> Vec<RawFd> {
         self.spec
             .net_devices
             .iter()
             .map(|device| device.tap.as_raw_fd())
+            .chain([fds.kernel, fds.initramfs, fds.console, fds.qmp, fds.vsock])
+            .chain(fds.fs)
             .collect()
+    }
+
+    /// How QEMU runs: the VM's helper uid, and the group of /dev/kvm
+    /// where it uses KVM.
+    fn confinement(&self, accel: Accel) -> Result<Confinement, HypervisorError> {
+        let confinement = Confinement::for_new_vm()?;
+        if accel == Accel::Tcg {
+            return Ok(confinement);
+        }
+        let kvm = std::fs::metadata("/dev/kvm").map_err(|source| HypervisorError::Io {
+            context: "cannot stat /dev/kvm".into(),
+            source,
+        })?;
+        if kvm.gid() == 0 || kvm.mode() & 0o060 != 0o060 {
+            return Err(HypervisorError::StartFailed {
+                what: "qemu",
+                detail: format!(
+                    "QEMU runs unprivileged and reaches /dev/kvm through its group, but \
+                     /dev/kvm is mode {:o}, group {}: give it a group of its own with read \
+                     and write (Debian's udev rules make it root:kvm 0660)",
+                    kvm.mode() & 0o777,
+                    kvm.gid()
+                ),
+            });
+        }
+        Ok(confinement.with_group(kvm.gid()))
     }
 
     /// The running VM, or why there is none.
@@ -393,18 +448,34 @@ impl Hypervisor for QemuVm {
         }
         let begin = Instant::now();
         let programs = self.check_inputs()?;
-        let (accel, accel_reason) = choose_accel(self.config.accel, &KvmSupport::probe())
-            .map_err(HypervisorError::Accel)?;
+        let (accel, accel_reason) = choose_accel(
+            self.config.accel,
+            self.config.allow_tcg,
+            &KvmSupport::probe(),
+        )
+        .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
+        let confinement = self.confinement(accel)?;
         let dir = RunDir::for_vm(&self.spec)?;
-        let mut backends = Self::start_backends(&programs, &dir, &self.spec.vsock_socket()).await?;
-        let qemu = match spawn_logged_with_fds(
-            &programs.qemu,
-            self.qemu_args(accel, &dir),
-            &dir.join(QEMU_LOG),
-            "qemu",
-            self.inherited_fds(),
-        ) {
+        confinement
+            .create_dir(&dir.join(HELPER_DIR))
+            .map_err(|source| HypervisorError::Io {
+                context: "cannot create the helpers' directory".into(),
+                source,
+            })?;
+        let mut backends = Self::start_backends(&programs, &dir, &confinement).await?;
+        let qemu = match QemuFds::open(&self.spec, &dir).and_then(|fds| {
+            let numbers = fds.numbers();
+            spawn_logged(
+                &programs.qemu,
+                self.qemu_args(accel, &numbers),
+                Spawn {
+                    inherit: self.inherited_fds(&numbers),
+                    confinement: Some(&confinement),
+                    ..Spawn::logged(&dir.join(QEMU_LOG), "qemu")
+                },
+            )
+        }) {
             Ok(qemu) => qemu,
             Err(e) => {
                 vhost_user::kill_all(&mut backends).await;
@@ -443,8 +514,13 @@ impl Hypervisor for QemuVm {
         })
     }
 
+    /// In the helpers' directory: vhost-device-vsock makes it.
     fn vsock_socket(&self) -> PathBuf {
-        self.spec.vsock_socket()
+        self.spec
+            .run_dir
+            .join(&self.spec.id)
+            .join(HELPER_DIR)
+            .join(HYBRID_VSOCK_SOCKET)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -681,6 +757,8 @@ struct BlockSlot {
 struct Volume {
     node: String,
     path: PathBuf,
+    /// The fd set of QEMU's copy of the device's fd.
+    fdset: u64,
 }
 
 impl BlockSlots {
@@ -736,13 +814,6 @@ impl BlockSlots {
         device: &BlockDevice,
         kind: BlockKind,
     ) -> Result<u32, HypervisorError> {
-        let filename = device
-            .path
-            .to_str()
-            .ok_or_else(|| HypervisorError::BadBlockDevice {
-                path: device.path.clone(),
-                reason: "QMP takes only UTF-8 paths".into(),
-            })?;
         let Some(free) = self
             .slots
             .iter()
@@ -751,6 +822,70 @@ impl BlockSlots {
             return Err(self.no_free_slot(device));
         };
         let slot = self.slots[free].index;
+        // QEMU runs unprivileged: runv opens the device and passes it.
+        let fdset = self.add_fd(device).await?;
+        let attached = self.attach_fdset(device, kind, slot, fdset).await;
+        match attached {
+            Ok(node) => {
+                self.slots[free].volume = Some(Volume {
+                    node,
+                    path: device.path.clone(),
+                    fdset,
+                });
+                Ok(slot)
+            }
+            Err(e) => {
+                self.remove_fd(fdset).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens `device` (read-only if it is) and hands it to QEMU in a new
+    /// fd set, whose id this returns.
+    async fn add_fd(&mut self, device: &BlockDevice) -> Result<u64, HypervisorError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!device.read_only)
+            .open(&device.path)
+            .map_err(|e| HypervisorError::BadBlockDevice {
+                path: device.path.clone(),
+                reason: format!("cannot open it: {e}"),
+            })?;
+        let added = self
+            .qmp()
+            .await?
+            .execute_with_fd("add-fd", json!({}), file.as_fd())
+            .await?;
+        added
+            .get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| HypervisorError::QmpConnection {
+                context: "reply to `add-fd`".into(),
+                detail: format!("no fdset-id in {added}"),
+            })
+    }
+
+    /// Closes QEMU's copy of a device once no node uses it.
+    async fn remove_fd(&mut self, fdset: u64) {
+        if let Err(e) = self
+            .execute("remove-fd", json!({ "fdset-id": fdset }))
+            .await
+        {
+            tracing::warn!(fdset, error = %e, "cannot remove a QEMU fd set");
+        }
+    }
+
+    /// Adds a node for the device in `fdset` and puts it in `slot`;
+    /// returns the node's name.
+    async fn attach_fdset(
+        &mut self,
+        device: &BlockDevice,
+        kind: BlockKind,
+        slot: u32,
+        fdset: u64,
+    ) -> Result<String, HypervisorError> {
+        let filename = format!("/dev/fdset/{fdset}");
         self.volumes_added += 1;
         let node = format!("volume{}", self.volumes_added);
         let driver = match kind {
@@ -788,11 +923,7 @@ impl BlockSlots {
             }
             return Err(e);
         }
-        self.slots[free].volume = Some(Volume {
-            node,
-            path: device.path.clone(),
-        });
-        Ok(slot)
+        Ok(node)
     }
 
     /// The error for a device that finds every slot of its kind taken.
@@ -852,7 +983,11 @@ impl BlockSlots {
             });
         };
         let read_only = self.slots[index].read_only;
-        let Some(node) = self.slots[index].volume.as_ref().map(|v| v.node.clone()) else {
+        let Some((node, fdset)) = self.slots[index]
+            .volume
+            .as_ref()
+            .map(|v| (v.node.clone(), v.fdset))
+        else {
             return Err(HypervisorError::NoBlockInSlot {
                 slot,
                 reason: "it is empty".into(),
@@ -869,6 +1004,7 @@ impl BlockSlots {
         // Deleting the node closes the host's file or device.
         self.execute("blockdev-del", json!({ "node-name": node }))
             .await?;
+        self.remove_fd(fdset).await;
         Ok(())
     }
 }
@@ -886,9 +1022,91 @@ fn reopen(slot: u32, file: &str, read_only: bool) -> Value {
     })
 }
 
-/// A path inside a QEMU option list, where a comma must be doubled.
-fn qemu_path(path: &Path) -> String {
-    path_arg(path).replace(',', ",,")
+/// The fd set QEMU's console log is in.
+const CONSOLE_FDSET: u32 = 0;
+
+/// What QEMU gets as open fds instead of paths, opened by runv (root) before
+/// QEMU starts; held until the spawn returns.
+struct QemuFds {
+    kernel: File,
+    initramfs: File,
+    console: File,
+    qmp: UnixListener,
+    /// Connections to the vhost-user backends' sockets.
+    vsock: UnixStream,
+    fs: Option<UnixStream>,
+}
+
+/// The numbers of [`QemuFds`], which QEMU inherits under the same numbers.
+struct QemuFdNumbers {
+    kernel: RawFd,
+    initramfs: RawFd,
+    console: RawFd,
+    qmp: RawFd,
+    vsock: RawFd,
+    fs: Option<RawFd>,
+}
+
+impl QemuFds {
+    fn open(spec: &VmSpec, dir: &RunDir) -> Result<QemuFds, HypervisorError> {
+        let io = |context: String| move |source| HypervisorError::Io { context, source };
+        let readable = |path: &Path| -> Result<File, HypervisorError> {
+            let file = File::open(path).map_err(io(format!("cannot open {}", path.display())))?;
+            // QEMU reopens it through /proc/self/fd as its own uid.
+            let mode = file
+                .metadata()
+                .map_err(io(format!("cannot stat {}", path.display())))?
+                .mode();
+            if mode & 0o004 == 0 {
+                return Err(HypervisorError::StartFailed {
+                    what: "qemu",
+                    detail: format!(
+                        "{} is not readable by others (mode {:o}): QEMU runs as an \
+                         unprivileged uid and reads it; chmod a+r it",
+                        path.display(),
+                        mode & 0o777
+                    ),
+                });
+            }
+            Ok(file)
+        };
+        let console = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&spec.console_log)
+            .map_err(io(format!("cannot open {}", spec.console_log.display())))?;
+        let connect = |name: &str| {
+            let path = match name {
+                VHOST_VSOCK_SOCKET => dir.join(HELPER_DIR).join(name),
+                _ => dir.join(name),
+            };
+            UnixStream::connect(&path).map_err(io(format!("cannot connect to {}", path.display())))
+        };
+        let qmp = dir.join(QMP_SOCKET);
+        Ok(QemuFds {
+            kernel: readable(&spec.kernel)?,
+            initramfs: readable(&spec.initramfs)?,
+            console,
+            qmp: UnixListener::bind(&qmp).map_err(io(format!("cannot bind {}", qmp.display())))?,
+            vsock: connect(VHOST_VSOCK_SOCKET)?,
+            fs: match spec.shared_dir {
+                Some(_) => Some(connect(VIRTIOFSD_SOCKET)?),
+                None => None,
+            },
+        })
+    }
+
+    fn numbers(&self) -> QemuFdNumbers {
+        QemuFdNumbers {
+            kernel: self.kernel.as_raw_fd(),
+            initramfs: self.initramfs.as_raw_fd(),
+            console: self.console.as_raw_fd(),
+            qmp: self.qmp.as_raw_fd(),
+            vsock: self.vsock.as_raw_fd(),
+            fs: self.fs.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -897,6 +1115,18 @@ mod tests {
 
     use super::*;
     use crate::NetDevice;
+
+    /// Fd numbers that stand for QEMU's inherited fds.
+    fn fds(fs: bool) -> QemuFdNumbers {
+        QemuFdNumbers {
+            kernel: 10,
+            initramfs: 11,
+            console: 12,
+            qmp: 13,
+            vsock: 14,
+            fs: fs.then_some(15),
+        }
+    }
 
     fn spec(dir: &Path) -> VmSpec {
         VmSpec {
@@ -918,8 +1148,9 @@ mod tests {
     fn command_line_shares_memory_and_wires_vsock() {
         let tmp = tempfile::tempdir().unwrap();
         let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
-        let dir = RunDir::create(tmp.path(), "vm").unwrap();
-        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        let args = vm
+            .qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()))
+            .join(" ");
         assert!(
             args.contains("memory-backend-memfd,id=ram,size=128M,share=on"),
             "{args}"
@@ -933,12 +1164,27 @@ mod tests {
             args.contains("vhost-user-vsock-device,chardev=vsock,bus=virtio-mmio-bus.0"),
             "{args}"
         );
-        assert!(args.contains("console,,log"), "commas doubled: {args}");
+        assert!(
+            args.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{args}"
+        );
+        assert!(
+            args.contains("-add-fd fd=12,set=0,opaque=console")
+                && args.contains("-chardev file,id=console,path=/dev/fdset/0"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-kernel /proc/self/fd/10 -initrd /proc/self/fd/11"),
+            "{args}"
+        );
+        assert!(args.contains("-chardev socket,id=vsock,fd=14"), "{args}");
         assert!(
             args.contains("console=ttyS0 reboot=t panic=-1 no_timer_check runv.log_level=debug"),
             "{args}"
         );
-        let kvm_args = vm.qemu_args(Accel::Kvm, &dir).join(" ");
+        let kvm_args = vm.qemu_args(Accel::Kvm, &fds(false)).join(" ");
         assert!(kvm_args.contains("-accel kvm -cpu host"), "{kvm_args}");
         assert!(!args.contains("vhost-user-fs-device"), "no share: {args}");
     }
@@ -949,15 +1195,14 @@ mod tests {
         let mut spec = spec(tmp.path());
         spec.shared_dir = Some(tmp.path().join("shared"));
         let vm = QemuVm::new(spec, QemuConfig::default());
-        let dir = RunDir::create(tmp.path(), "vm").unwrap();
-        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
-        let socket = dir.join(VIRTIOFSD_SOCKET);
+        let args = vm
+            .qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()))
+            .join(" ");
         assert!(
-            args.contains(&format!(
-                "-chardev socket,id=fs,path={} -device vhost-user-fs-device,chardev=fs,\
-                 tag=runv-shared,bus=virtio-mmio-bus.1",
-                socket.display()
-            )),
+            args.contains(
+                "-chardev socket,id=fs,fd=15 -device vhost-user-fs-device,chardev=fs,\
+                 tag=runv-shared,bus=virtio-mmio-bus.1"
+            ),
             "{args}"
         );
     }
@@ -968,8 +1213,7 @@ mod tests {
     fn block_slots_and_qmp_are_on_the_command_line() {
         let tmp = tempfile::tempdir().unwrap();
         let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
-        let dir = RunDir::create(tmp.path(), "vm").unwrap();
-        let args = vm.qemu_args(Accel::Tcg, &dir);
+        let args = vm.qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()));
         let joined = args.join(" ");
         assert!(joined.contains("auto-kernel-cmdline=off"), "{joined}");
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
@@ -1003,11 +1247,9 @@ mod tests {
         assert_eq!(joined.matches("virtio-blk-device").count(), 6);
         assert_eq!(joined.matches(",read-only=on").count(), 4, "{joined}");
         assert!(
-            joined.contains(&format!(
-                "-chardev socket,id=qmp,path={},server=on,wait=off -mon chardev=qmp,\
-                 mode=control",
-                dir.join(QMP_SOCKET).display()
-            )),
+            joined.contains(
+                "-chardev socket,id=qmp,fd=13,server=on,wait=off -mon chardev=qmp,mode=control"
+            ),
             "{joined}"
         );
         assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5, 6, 7]);
@@ -1022,6 +1264,7 @@ mod tests {
             slot.volume = Some(Volume {
                 node: format!("volume{}", slot.index),
                 path: PathBuf::from(format!("/dev/loop{}", slot.index)),
+                fdset: u64::from(slot.index),
             });
         }
         let device = BlockDevice {
@@ -1068,11 +1311,12 @@ mod tests {
     #[test]
     fn network_interfaces_take_the_top_transports() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = RunDir::create(tmp.path(), "vm").unwrap();
         let vm = QemuVm::new(spec_with_nics(tmp.path(), 1), QemuConfig::default());
         let fd = vm.spec.net_devices[0].tap.as_raw_fd();
-        assert_eq!(vm.inherited_fds(), vec![fd]);
-        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        assert_eq!(vm.inherited_fds(&fds(false)), vec![fd, 10, 11, 12, 13, 14]);
+        let args = vm
+            .qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()))
+            .join(" ");
         assert!(
             args.contains(&format!(
                 "-netdev tap,id=net0,fd={fd},vhost=off -device virtio-net-device,netdev=net0,\
@@ -1092,14 +1336,16 @@ mod tests {
         assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5, 6]);
 
         let vm = QemuVm::new(spec_with_nics(tmp.path(), 2), QemuConfig::default());
-        let fds = vm.inherited_fds();
-        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        let taps = vm.inherited_fds(&fds(false));
+        let args = vm
+            .qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()))
+            .join(" ");
         for (n, bus) in [(0, 6), (1, 7)] {
             assert!(
                 args.contains(&format!(
                     "-netdev tap,id=net{n},fd={},vhost=off -device virtio-net-device,\
                      netdev=net{n},mac=02:00:00:00:00:0{n},bus=virtio-mmio-bus.{bus}",
-                    fds[n]
+                    taps[n]
                 )),
                 "{args}"
             );
@@ -1109,9 +1355,11 @@ mod tests {
         assert_eq!(vm.standby_slots(), vec![2, 3, 4, 5]);
 
         let vm = QemuVm::new(spec(tmp.path()), QemuConfig::default());
-        let args = vm.qemu_args(Accel::Tcg, &dir).join(" ");
+        let args = vm
+            .qemu_args(Accel::Tcg, &fds(vm.spec.shared_dir.is_some()))
+            .join(" ");
         assert!(!args.contains("-netdev"), "{args}");
-        assert!(vm.inherited_fds().is_empty());
+        assert_eq!(vm.inherited_fds(&fds(true)), vec![10, 11, 12, 13, 14, 15]);
     }
 
     /// With NICs, the slot errors count the slots that are left.
@@ -1136,6 +1384,7 @@ mod tests {
             slot.volume = Some(Volume {
                 node: format!("volume{}", slot.index),
                 path: PathBuf::from(format!("/dev/loop{}", slot.index)),
+                fdset: u64::from(slot.index),
             });
         }
         let err = blocks.no_free_slot(&device).to_string();

@@ -3,11 +3,18 @@
 //! then a reply (`return` or `error`) per command, with asynchronous
 //! `event` messages in between, which this client skips.
 
-use std::{path::Path, time::Duration};
+use std::{
+    io::IoSlice,
+    os::fd::{AsRawFd, BorrowedFd},
+    path::Path,
+    time::Duration,
+};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest},
     net::{
         unix::{OwnedReadHalf, OwnedWriteHalf},
         UnixStream,
@@ -63,15 +70,37 @@ impl Qmp {
         command: &str,
         arguments: Value,
     ) -> Result<Value, HypervisorError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// [`Qmp::execute`], passing `fd` to QEMU with the command (SCM_RIGHTS),
+    /// for the commands that take one (`add-fd`, `getfd`).
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, HypervisorError> {
+        self.execute_passing(command, arguments, Some(fd)).await
+    }
+
+    async fn execute_passing(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, HypervisorError> {
         self.next_id += 1;
         let id = self.next_id;
         let mut line = json!({ "execute": command, "arguments": arguments, "id": id }).to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).await.map_err(|e| {
-            HypervisorError::QmpConnection {
-                context: format!("sending `{command}`"),
-                detail: e.to_string(),
-            }
+        let sent = match fd {
+            None => self.writer.write_all(line.as_bytes()).await,
+            Some(fd) => send_with_fd(&self.writer, line.as_bytes(), fd).await,
+        };
+        sent.map_err(|e| HypervisorError::QmpConnection {
+            context: format!("sending `{command}`"),
+            detail: e.to_string(),
         })?;
         tracing::debug!(command, %arguments, "QMP command");
         loop {
@@ -128,6 +157,36 @@ impl Qmp {
         }
         Ok(message)
     }
+}
+
+/// Sends `bytes` in one message with `fd` attached. A QMP command line is
+/// short: a partial send is an error rather than a case to handle.
+async fn send_with_fd(
+    writer: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let stream: &UnixStream = writer.as_ref();
+    let fds = [fd.as_raw_fd()];
+    let sent = stream
+        .async_io(Interest::WRITABLE, || {
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[IoSlice::new(bytes)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        })
+        .await?;
+    if sent != bytes.len() {
+        return Err(std::io::Error::other(format!(
+            "sent {sent} of {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::{
 use tokio::process::Child;
 
 use crate::{
-    process::{path_arg, spawn_logged, tail, LOG_TAIL_LINES},
+    process::{path_arg, spawn_logged, tail, Spawn, LOG_TAIL_LINES},
     HypervisorError,
 };
 
@@ -31,16 +31,16 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Spawns `program` with `args`; it is to serve on `socket` and log to
-    /// `log`. Call [`Backend::wait_ready`] before QEMU dials the socket.
+    /// Spawns `program` with `args` as `how` says; it is to serve on
+    /// `socket`. Call [`Backend::wait_ready`] before QEMU dials the socket.
     pub fn spawn(
-        name: &'static str,
         program: &Path,
         args: Vec<String>,
         socket: PathBuf,
-        log: PathBuf,
+        how: Spawn<'_>,
     ) -> Result<Backend, HypervisorError> {
-        let child = spawn_logged(program, args, &log, name)?;
+        let (name, log) = (how.what, how.log.to_owned());
+        let child = spawn_logged(program, args, how)?;
         Ok(Backend {
             name,
             child,
@@ -120,14 +120,16 @@ pub async fn kill_all(backends: &mut [Backend]) {
 
 /// vhost-device-vsock's command line: the guest `cid`'s vsock served on
 /// `socket`, with the hybrid vsock Unix socket for host clients at `uds`.
-pub fn vsock_args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
+/// The helper runs unprivileged in the directory that holds both, so the
+/// two are names in it: it need not reach the directory by path.
+pub fn vsock_args(cid: u32, socket: &str, uds: &str) -> Vec<String> {
     vec![
         "--guest-cid".into(),
         cid.to_string(),
         "--socket".into(),
-        path_arg(socket),
+        socket.into(),
         "--uds-path".into(),
-        path_arg(uds),
+        uds.into(),
     ]
 }
 
@@ -158,8 +160,18 @@ pub fn vsock_args(cid: u32, socket: &Path, uds: &Path) -> Vec<String> {
 ///   and secret volumes, resolv.conf) show within a second; `always` would
 ///   keep stale data for a day, `never` would make every lookup a round
 ///   trip to the host.
-/// - `--xattr`: image files keep their extended attributes, file
-///   capabilities (security.capability) among them.
+/// - `--xattr` with `--xattrmap=:map::user.virtiofs.:`: every extended
+///   attribute the guest names is stored on the host under the prefix
+///   `user.virtiofs.` (the guest's `security.capability` is the host's
+///   `user.virtiofs.security.capability`), and the guest sees only host
+///   attributes with that prefix. So the guest can neither read nor set the
+///   host's `security.*` (file capabilities, SELinux labels), `trusted.*`
+///   or ACLs, and `user.*` works inside the guest. The price: file
+///   capabilities that an image's files carry on the host are not seen.
+/// - `--modcaps=-mknod:-fsetid`: virtiofsd runs as root to serve every
+///   uid's files, but without CAP_MKNOD the guest cannot create device
+///   nodes on the host, and without CAP_FSETID a file it writes or chowns
+///   loses its setuid and setgid bits.
 /// - `--thread-pool-size=0`: requests are served on the queue's own thread;
 ///   no pool of threads per pod (memory, small hosts), and the device has
 ///   a single request queue anyway.
@@ -177,6 +189,8 @@ pub fn virtiofsd_args(shared_dir: &Path, socket: &Path) -> Vec<String> {
             "--announce-submounts",
             "--cache=auto",
             "--xattr",
+            "--xattrmap=:map::user.virtiofs.:",
+            "--modcaps=-mknod:-fsetid",
             "--thread-pool-size=0",
         ]
         .map(String::from),
@@ -189,12 +203,12 @@ mod tests {
     use super::*;
 
     fn backend(dir: &Path, name: &'static str, script: &str) -> Backend {
+        let log = dir.join(format!("{name}.log"));
         Backend::spawn(
-            name,
             Path::new("sh"),
             vec!["-c".into(), script.into()],
             dir.join(format!("{name}.sock")),
-            dir.join(format!("{name}.log")),
+            Spawn::logged(&log, name),
         )
         .unwrap()
     }
@@ -258,6 +272,8 @@ mod tests {
             "--announce-submounts",
             "--cache=auto",
             "--xattr",
+            "--xattrmap=:map::user.virtiofs.:",
+            "--modcaps=-mknod:-fsetid",
         ] {
             assert!(args.iter().any(|a| a == option), "{option}: {args:?}");
         }
