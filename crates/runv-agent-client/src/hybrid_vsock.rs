@@ -12,6 +12,7 @@
 
 use std::{
     io,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -40,9 +41,21 @@ pub async fn connect(socket: &Path, port: u32) -> io::Result<UnixStream> {
     }
 }
 
-/// Listens for guest connections to host `port`.
+/// Listens for guest connections to host `port`, on a socket only root
+/// may connect to (0600 whatever the umask).
 pub fn listen(socket: &Path, port: u32) -> io::Result<UnixListener> {
-    UnixListener::bind(listener_path(socket, port))
+    let path = listener_path(socket, port);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // The vsock backend connects to it: where that backend runs under a
+    // uid of its own (the qemu backend's), it owns the socket's directory,
+    // and gets the socket too.
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let owner = std::fs::metadata(dir)?.uid();
+    if owner != std::fs::metadata(&path)?.uid() {
+        std::os::unix::fs::chown(&path, Some(owner), None)?;
+    }
+    Ok(listener)
 }
 
 /// Where guest connections to host `port` arrive.

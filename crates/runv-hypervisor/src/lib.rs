@@ -4,6 +4,8 @@
 //! captures the serial console, and leaves no process or file behind.
 
 mod builtin;
+pub mod confine;
+mod console;
 pub mod host;
 pub mod process;
 mod qemu;
@@ -23,6 +25,7 @@ use runv_config::{Config, HypervisorKind};
 use tokio::sync::watch;
 
 pub use builtin::BuiltinVm;
+pub use console::{CappedLog, ConsoleCapture, CONSOLE_LOG_CAP};
 pub use host::{Accel, KvmSupport};
 pub use qemu::QemuVm;
 
