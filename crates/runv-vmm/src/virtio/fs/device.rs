@@ -54,6 +54,9 @@ struct Active {
     interrupt: Interrupt,
 }
 
+/// The device as its slot and its worker share it.
+pub type SharedFs = Arc<Mutex<QueueDevice<Fs>>>;
+
 /// A virtio-fs device whose FUSE server runs in the VMM.
 pub struct Fs {
     server: Server<Arc<PassthroughFs>>,
@@ -67,7 +70,7 @@ impl Fs {
     /// event loop that answers its queues in a file system root that is
     /// the share (see [`super::worker`]). Put the device in a slot;
     /// stopping the worker takes it off its queues.
-    pub fn new(config: FsConfig) -> Result<(Arc<Mutex<QueueDevice<Fs>>>, EventLoop), VmmError> {
+    pub fn new(config: FsConfig) -> Result<(SharedFs, EventLoop), VmmError> {
         if config.tag.is_empty() || config.tag.len() > MAX_TAG_LEN {
             return Err(VmmError::Device(format!(
                 "virtio-fs tag {:?} must be 1 to {MAX_TAG_LEN} bytes",
