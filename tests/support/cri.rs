@@ -60,7 +60,8 @@ pub fn plugin_config(root: &Path) -> String {
          enable_selinux = false\n  restrict_oom_score_adj = true\n\
          {cri_cni}\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{root}/cni\"\n\
          {runtimes}.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-         {runtimes}.{RUNTIME_HANDLER}]\n  runtime_type = \"io.containerd.runv.v2\"\n\
+         {runtimes}.{RUNTIME_HANDLER}]\n  runtime_type = \"io.containerd.runv.v2\"\n  \
+         privileged_without_host_devices = true\n\
          {runtimes}.{RUNTIME_HANDLER}.options]\n  ConfigPath = \"{root}/runv.toml\"\n",
         cri_cni = r#"[plugins."io.containerd.grpc.v1.cri".cni]"#,
         root = root.display(),

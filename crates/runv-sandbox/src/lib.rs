@@ -14,7 +14,9 @@ use std::{
 
 use runv_agent_client::{AgentClient, AgentError, ConnectOptions, ReadyListener};
 use runv_config::Config;
-use runv_hypervisor::{process, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec};
+use runv_hypervisor::{
+    process, ConsoleCapture, Hypervisor, HypervisorError, StartInfo, VmExit, VmSpec,
+};
 use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
 pub use runv_hypervisor::{guest_pci_address, vfio_support, BlockDevice, NetDevice};
@@ -131,6 +133,8 @@ pub struct PodVm {
     shutdown_timeout: Duration,
     /// The spec's shared directory is mounted in the guest.
     shared: bool,
+    /// Copies the console into its capped log for the VM's life.
+    _console: ConsoleCapture,
 }
 
 impl PodVm {
@@ -172,6 +176,17 @@ impl PodVm {
         let boot_started = Instant::now();
         let console = spec.console_log.clone();
         let shared = spec.shared_dir.is_some();
+        // The hypervisor writes into a FIFO that runv copies into the
+        // log, capped: the guest does not decide how much disk it fills.
+        let capture = ConsoleCapture::start(&console).map_err(|source| HypervisorError::Io {
+            context: format!(
+                "cannot capture the guest console into {}",
+                console.display()
+            ),
+            source,
+        })?;
+        let mut spec = spec;
+        spec.console_log = capture.fifo().to_owned();
         let mut hypervisor = runv_hypervisor::create(config, spec);
         let start = hypervisor.start().await?;
         let mut exit = hypervisor
@@ -234,6 +249,7 @@ impl PodVm {
             first_rpc: times.first_rpc,
             shutdown_timeout: config.vm.shutdown_timeout(),
             shared,
+            _console: capture,
         })
     }
 

@@ -6,6 +6,7 @@ mod devices;
 mod disks;
 mod error;
 mod events;
+mod host_cgroup;
 mod mounts;
 mod namespaces;
 mod network;

@@ -29,6 +29,15 @@ pub struct Exit {
     pub at: Timestamp,
 }
 
+/// The PID containerd gets for every task and process of the pod: the
+/// shim's own, a host process that runv owns and that lives as long as
+/// any of the pod's tasks (it holds the VM; on the builtin hypervisor it
+/// is the VM). Guest PIDs are the guest's to choose and mean nothing on
+/// the host, so none reaches containerd.
+pub fn task_pid() -> u32 {
+    std::process::id()
+}
+
 /// The exit status containerd sees when the guest cannot say how a
 /// process ended (the VM went away, say), as runc's shim reports it.
 const UNKNOWN_EXIT_STATUS: u32 = 255;
@@ -38,7 +47,8 @@ pub struct Process {
     /// Empty for the init process.
     pub exec_id: String,
     pub stdio: StdioPaths,
-    /// The guest PID, once started.
+    /// The guest PID, once started: for the guest's use only (see
+    /// [`task_pid`]).
     pub pid: u32,
     stdin: StdinCloser,
     /// Held until the process starts, then handed to its exit watcher.
@@ -145,7 +155,7 @@ impl Process {
                 .publish(TaskExit {
                     container_id,
                     id,
-                    pid,
+                    pid: task_pid(),
                     exit_status: exit.status,
                     exited_at: Some(exit.at).into(),
                     ..Default::default()

@@ -24,9 +24,9 @@ use crate::{
     container::{Container, HostMounts},
     error::{Result, ShimError},
     events::Events,
-    network, options,
+    host_cgroup, network, options,
     pod::Pod,
-    process::{self, Process},
+    process::{self, task_pid, Process},
     sizing::PodResources,
     spec, stats,
     stdio::{self, ProcessRef, StdioPaths},
@@ -77,6 +77,7 @@ impl TaskService {
                     &pod_id,
                     &resources,
                     netns,
+                    host_cgroup::spec_cgroups_path(&host_spec),
                 )
                 .await?,
             );
@@ -150,7 +151,7 @@ impl TaskService {
                 ..Default::default()
             })
             .await;
-        Ok(0)
+        Ok(task_pid())
     }
 
     async fn start_process(&self, id: &str, exec_id: &str) -> Result<u32> {
@@ -165,7 +166,7 @@ impl TaskService {
                 self.events
                     .publish(TaskStart {
                         container_id: id.to_owned(),
-                        pid: started.pid,
+                        pid: task_pid(),
                         ..Default::default()
                     })
                     .await
@@ -175,13 +176,13 @@ impl TaskService {
                     .publish(TaskExecStarted {
                         container_id: id.to_owned(),
                         exec_id: exec_id.to_owned(),
-                        pid: started.pid,
+                        pid: task_pid(),
                         ..Default::default()
                     })
                     .await
             }
         }
-        Ok(started.pid)
+        Ok(task_pid())
     }
 
     async fn delete_process(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
@@ -197,7 +198,7 @@ impl TaskService {
             status: 0,
             at: process::now(),
         });
-        let pid = process.pid;
+        let pid = task_pid();
         if !exec_id.is_empty() {
             pod.agent().delete_process(id, exec_id).await?;
             pod.container_mut(id)?.execs.remove(exec_id);
@@ -293,7 +294,7 @@ impl TaskService {
         Ok(api::StateResponse {
             id: id.to_owned(),
             bundle: container.bundle.to_string_lossy().into_owned(),
-            pid: process.pid,
+            pid: task_pid(),
             status: status.into(),
             stdin: process.stdio.stdin.clone(),
             stdout: process.stdio.stdout.clone(),
@@ -429,21 +430,14 @@ impl Task for TaskService {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let mut slot = self.pod.lock().await;
-        let pod = pod_of(&mut slot)?;
-        pod.container(&req.id)?;
-        let pids = pod
-            .agent()
-            .list_processes(&req.id)
-            .await
-            .map_err(ShimError::from)?;
+        pod_of(&mut slot)?.container(&req.id)?;
+        // The one host process of the task (as Kata lists its VM's):
+        // the guest's process list is the guest's word.
         Ok(api::PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes: vec![ProcessInfo {
+                pid: task_pid(),
+                ..Default::default()
+            }],
             ..Default::default()
         })
     }
@@ -526,14 +520,11 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let mut slot = self.pod.lock().await;
-        // The task's host process is the VM: the guest PIDs mean nothing
-        // on the host.
-        let task_pid = slot
-            .as_mut()
-            .filter(|pod| pod.containers.contains_key(&req.id))
-            .and_then(|pod| pod.vm_pids().first().copied())
-            .unwrap_or_default();
+        let slot = self.pod.lock().await;
+        let task_pid = match slot.as_ref() {
+            Some(pod) if pod.containers.contains_key(&req.id) => task_pid(),
+            _ => 0,
+        };
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

@@ -16,6 +16,7 @@ use containerd_shim::{
 
 use crate::{
     events::Events,
+    host_cgroup,
     mounts::{self, bundle_rootfs},
     pod::SHARED_DIR_MARKER,
     process,
@@ -85,6 +86,16 @@ impl Shim for RunvShim {
         mounts::unmount_tree(&bundle_rootfs(&bundle))
             .map_err(|e| Error::Other(format!("cannot unmount the rootfs: {e}")))?;
         remove_dead_socket(&bundle);
+        // The pod's own container (its sandbox, or a `ctr run` one) named
+        // the cgroup the dead shim made; the VM's helpers died with it.
+        if let Ok(spec) = spec::read(&bundle) {
+            if let (true, Some(path)) = (
+                spec::pod_id(&spec, &self.id) == self.id,
+                host_cgroup::spec_cgroups_path(&spec),
+            ) {
+                host_cgroup::remove_leftover(path);
+            }
+        }
         tracing::info!(id = %self.id, namespace = %self.namespace, "cleaned up after a dead shim");
         Ok(DeleteResponse {
             exit_status: DEAD_SHIM_EXIT_STATUS,
