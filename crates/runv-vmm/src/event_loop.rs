@@ -1,7 +1,10 @@
 //! The per-VM event loop: one thread waits on every device's file
 //! descriptors (epoll, through rust-vmm's event-manager) and calls the
-//! device that owns each ready one. Devices never get a thread of their own,
-//! so a VM costs one host thread for all its device I/O.
+//! device that owns each ready one. Devices get no thread of their own, so
+//! a VM costs one host thread for its vsock, block and net I/O; a virtio-fs
+//! share is the exception, served by a loop of its own whose thread has the
+//! share as its file system root (virtio/fs/worker.rs). Each loop thread
+//! installs its seccomp filter before it serves anything (crate::seccomp).
 //!
 //! Subscribers can be added and removed from any thread while the loop runs
 //! (hot-plug); the calls travel to the loop thread through event-manager's
