@@ -246,12 +246,7 @@ fn allowed(kind: ThreadKind) -> Result<Rules, String> {
             // eventfds for MSI vectors, VFIO config and BAR accesses.
             allow(
                 &mut rules,
-                &[
-                    libc::SYS_eventfd2,
-                    libc::SYS_pread64,
-                    libc::SYS_pwrite64,
-                    libc::SYS_read,
-                ],
+                &[libc::SYS_eventfd2, libc::SYS_pread64, libc::SYS_pwrite64],
             );
             rules.insert(
                 libc::SYS_ioctl,
