@@ -14,6 +14,16 @@
 //! read-only block slots otherwise hold (docs/networking.md).
 //!
 //! No PCI function can be passed through: microvm has no PCI bus.
+//!
+//! QEMU and vhost-device-vsock run under a uid of the VM's own, without
+//! capabilities and under seccomp (see [`Confinement`]; QEMU also with its
+//! own `-sandbox`). QEMU opens nothing by path: runv opens the kernel,
+//! initramfs, console and QMP socket, connects to the backends, and
+//! passes the fds; a hot-plugged block device is opened by runv too and
+//! passed over QMP (`add-fd`). vhost-device-vsock writes only its sockets,
+//! in the VM's helper directory, which its uid owns. virtiofsd stays root
+//! (it serves every uid's files) with fewer capabilities
+//! ([`vhost_user::virtiofsd_args`]).
 
 use std::{
     fs::File,
@@ -342,7 +352,9 @@ impl QemuVm {
             // A guest reset ends QEMU: it is how the guest powers off.
             "-no-reboot".into(),
             "-chardev".into(),
-            format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}"),
+            // append=on: without it QEMU truncates the fd it dups, which
+            // fails on the console's FIFO (runv_hypervisor::console).
+            format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
             "-serial".into(),
             "chardev:console".into(),
             // QEMU reads these with fopen: through its own fds' links,
