@@ -348,6 +348,47 @@ mod tests {
         assert_eq!(Limits::for_vm(size, &limited).cpu, Some((150_000, 50_000)));
     }
 
+    /// The real cgroup file system: made with its missing parents,
+    /// limited, entered, and all gone with the shim back where it was.
+    #[test]
+    fn enter_limits_and_removes_a_fresh_cgroup() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: making cgroups needs root");
+            return;
+        }
+        let top = format!("runv-unit-{}", std::process::id());
+        let path = format!("/{top}/pod/sandbox");
+        let before = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let limits = Limits {
+            memory_bytes: 300 << 20,
+            cpu: Some((150_000, 100_000)),
+        };
+        let cgroup = HostCgroup::enter(&path, limits).unwrap();
+        assert_eq!(cgroup.made, [format!("{top}/pod"), top.clone()]);
+        let inside = fs::read_to_string("/proc/self/cgroup").unwrap();
+        // v1's memory hierarchy, or v2's only one (a hybrid host's v2
+        // hierarchy holds no controller and is not used).
+        let memory_line = inside
+            .lines()
+            .find(|line| line.contains(":memory:"))
+            .or_else(|| inside.lines().find(|line| line.starts_with("0::")))
+            .unwrap();
+        assert!(memory_line.ends_with(&path[..]), "{inside}");
+        let memory = dirs(&path[1..])
+            .into_iter()
+            .find_map(|dir| {
+                ["memory.max", "memory.limit_in_bytes"]
+                    .iter()
+                    .find_map(|file| fs::read_to_string(dir.join(file)).ok())
+            })
+            .expect("a memory limit file");
+        assert_eq!(memory.trim(), (300u64 << 20).to_string());
+        drop(cgroup);
+        assert_eq!(fs::read_to_string("/proc/self/cgroup").unwrap(), before);
+        assert!(!exists(&top), "{top} is left");
+    }
+
     #[test]
     fn the_spec_names_the_path() {
         let spec = json!({ "linux": { "cgroupsPath": "/kubepods/pod1/abc" } });
