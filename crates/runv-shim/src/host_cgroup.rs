@@ -22,6 +22,7 @@ use cgroups_rs::{
     memory::MemController,
     CgroupPid,
 };
+use rustix::fs::XattrFlags;
 use serde_json::Value;
 
 use crate::sizing::{PodResources, VmSize};
@@ -29,6 +30,11 @@ use crate::sizing::{PodResources, VmSize};
 /// Host memory the VM needs besides its guest RAM: the VMM's own heap,
 /// QEMU's TCG translation cache, virtiofsd's and the vsock helper's.
 pub const HOST_OVERHEAD_MIB: u64 = 256;
+
+/// Marks the cgroup directories runv made (the pod's missing parents), so
+/// that whichever shim leaves one last removes it; one that the kubelet
+/// or anyone else made is left to them.
+const MADE_XATTR: &str = "trusted.runv.made";
 
 /// The CFS period when the pod names none (the kernel's default).
 const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
@@ -139,9 +145,6 @@ fn unit_name(prefix: &str, name: &str) -> String {
 /// The pod's cgroup, which this shim is in while it exists.
 pub struct HostCgroup {
     cgroup: Cgroup,
-    /// Its ancestors that runv made, innermost first: removed with it
-    /// when nothing else uses them.
-    made: Vec<String>,
     /// The cgroups the shim came from, one per hierarchy: where it goes
     /// back before the pod's cgroup is removed.
     origin: Vec<PathBuf>,
@@ -154,18 +157,18 @@ impl HostCgroup {
         let relative = relative_path(cgroups_path)?;
         let origin = own_cgroups()
             .map_err(|e| format!("cannot read the shim's own cgroups (/proc/self/cgroup): {e}"))?;
-        let made = ancestors(&relative)
+        let made: Vec<String> = ancestors(&relative)
             .filter(|ancestor| !exists(ancestor))
             .collect();
         let fail = |what: &str, e: cgroups_rs::error::Error| {
             format!("cannot {what} the pod's cgroup {relative} (linux.cgroupsPath {cgroups_path:?}): {e}")
         };
         let cgroup = Cgroup::new(hierarchies::auto(), &relative).map_err(|e| fail("make", e))?;
-        let host = HostCgroup {
-            cgroup,
-            made,
-            origin,
-        };
+        for dir in made.iter().flat_map(|ancestor| dirs(ancestor)) {
+            // Without the mark the directory only stays behind, empty.
+            let _ = rustix::fs::setxattr(&dir, MADE_XATTR, b"1", XattrFlags::empty());
+        }
+        let host = HostCgroup { cgroup, origin };
         host.limit(limits).map_err(|e| fail("limit", e))?;
         host.cgroup
             .add_task_by_tgid(CgroupPid::from(u64::from(std::process::id())))
@@ -198,16 +201,26 @@ impl Drop for HostCgroup {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot move the shim back to its cgroup");
             }
         }
-        if let Err(e) = self.cgroup.delete() {
-            tracing::warn!(cgroup = self.cgroup.path(), error = %e, "cannot remove the pod's cgroup");
+        remove(self.cgroup.path());
+    }
+}
+
+/// Removes the cgroup `relative`, then each ancestor that runv made
+/// ([`MADE_XATTR`]) and nothing else uses: the last pod in it removes it.
+fn remove(relative: &str) {
+    if let Err(e) = Cgroup::load(hierarchies::auto(), relative).delete() {
+        tracing::warn!(cgroup = %relative, error = %e, "cannot remove the pod's cgroup");
+        return;
+    }
+    for ancestor in ancestors(relative) {
+        let dirs = dirs(&ancestor);
+        let made = dirs.iter().any(|dir| {
+            let mut mark = [0u8; 1];
+            rustix::fs::getxattr(dir, MADE_XATTR, &mut mark).is_ok()
+        });
+        // Busy while another pod's cgroup is in it.
+        if !made || dirs.iter().any(|dir| fs::remove_dir(dir).is_err()) {
             return;
-        }
-        for ancestor in &self.made {
-            // Busy when another pod's cgroup is in it: that pod's shim
-            // leaves it then.
-            for dir in dirs(ancestor) {
-                let _ = fs::remove_dir(dir);
-            }
         }
     }
 }
@@ -219,9 +232,7 @@ pub fn remove_leftover(cgroups_path: &str) {
         return;
     };
     if exists(&relative) {
-        if let Err(e) = Cgroup::load(hierarchies::auto(), &relative).delete() {
-            tracing::warn!(cgroup = %relative, error = %e, "cannot remove the pod's cgroup");
-        }
+        remove(&relative);
     }
 }
 
@@ -365,7 +376,6 @@ mod tests {
             cpu: Some((150_000, 100_000)),
         };
         let cgroup = HostCgroup::enter(&path, limits).unwrap();
-        assert_eq!(cgroup.made, [format!("{top}/pod"), top.clone()]);
         let inside = fs::read_to_string("/proc/self/cgroup").unwrap();
         // v1's memory hierarchy, or v2's only one (a hybrid host's v2
         // hierarchy holds no controller and is not used).
@@ -384,6 +394,11 @@ mod tests {
             })
             .expect("a memory limit file");
         assert_eq!(memory.trim(), (300u64 << 20).to_string());
+        // A second pod under the same parents, which it did not make:
+        // the parents stay while the first pod is in them.
+        let second = HostCgroup::enter(&format!("/{top}/pod/second"), limits).unwrap();
+        drop(second);
+        assert!(exists(&path[1..]), "the first pod's cgroup stays");
         drop(cgroup);
         assert_eq!(fs::read_to_string("/proc/self/cgroup").unwrap(), before);
         assert!(!exists(&top), "{top} is left");
