@@ -476,7 +476,12 @@ impl Hypervisor for QemuVm {
                 source,
             })?;
         let mut backends = Self::start_backends(&programs, &dir, &confinement).await?;
-        let qemu = match QemuFds::open(&self.spec, &dir).and_then(|fds| {
+        let spawned = async {
+            let mut connections = Vec::new();
+            for backend in &mut backends {
+                connections.push(backend.connect().await?);
+            }
+            let fds = QemuFds::open(&self.spec, &dir, connections)?;
             let numbers = fds.numbers();
             spawn_logged(
                 &programs.qemu,
@@ -487,7 +492,8 @@ impl Hypervisor for QemuVm {
                     ..Spawn::logged(&dir.join(QEMU_LOG), "qemu")
                 },
             )
-        }) {
+        };
+        let qemu = match spawned.await {
             Ok(qemu) => qemu,
             Err(e) => {
                 vhost_user::kill_all(&mut backends).await;
@@ -769,8 +775,6 @@ struct BlockSlot {
 struct Volume {
     node: String,
     path: PathBuf,
-    /// The fd set of QEMU's copy of the device's fd.
-    fdset: u64,
 }
 
 impl BlockSlots {
@@ -837,20 +841,14 @@ impl BlockSlots {
         // QEMU runs unprivileged: runv opens the device and passes it.
         let fdset = self.add_fd(device).await?;
         let attached = self.attach_fdset(device, kind, slot, fdset).await;
-        match attached {
-            Ok(node) => {
-                self.slots[free].volume = Some(Volume {
-                    node,
-                    path: device.path.clone(),
-                    fdset,
-                });
-                Ok(slot)
-            }
-            Err(e) => {
-                self.remove_fd(fdset).await;
-                Err(e)
-            }
-        }
+        // The node holds a copy of its own (a dup) from here on, so the
+        // set's fd goes: QEMU keeps one fd per volume.
+        self.remove_fd(fdset).await;
+        self.slots[free].volume = Some(Volume {
+            node: attached?,
+            path: device.path.clone(),
+        });
+        Ok(slot)
     }
 
     /// Opens `device` (read-only if it is) and hands it to QEMU in a new
@@ -878,7 +876,7 @@ impl BlockSlots {
             })
     }
 
-    /// Closes QEMU's copy of a device once no node uses it.
+    /// Closes the fd of a set (a node opened from it keeps its own).
     async fn remove_fd(&mut self, fdset: u64) {
         if let Err(e) = self
             .execute("remove-fd", json!({ "fdset-id": fdset }))
@@ -995,11 +993,7 @@ impl BlockSlots {
             });
         };
         let read_only = self.slots[index].read_only;
-        let Some((node, fdset)) = self.slots[index]
-            .volume
-            .as_ref()
-            .map(|v| (v.node.clone(), v.fdset))
-        else {
+        let Some(node) = self.slots[index].volume.as_ref().map(|v| v.node.clone()) else {
             return Err(HypervisorError::NoBlockInSlot {
                 slot,
                 reason: "it is empty".into(),
@@ -1016,7 +1010,6 @@ impl BlockSlots {
         // Deleting the node closes the host's file or device.
         self.execute("blockdev-del", json!({ "node-name": node }))
             .await?;
-        self.remove_fd(fdset).await;
         Ok(())
     }
 }
@@ -1060,7 +1053,12 @@ struct QemuFdNumbers {
 }
 
 impl QemuFds {
-    fn open(spec: &VmSpec, dir: &RunDir) -> Result<QemuFds, HypervisorError> {
+    /// `connections`: to the vsock backend, then virtiofsd if any.
+    fn open(
+        spec: &VmSpec,
+        dir: &RunDir,
+        connections: Vec<UnixStream>,
+    ) -> Result<QemuFds, HypervisorError> {
         let io = |context: String| move |source| HypervisorError::Io { context, source };
         let readable = |path: &Path| -> Result<File, HypervisorError> {
             let file = File::open(path).map_err(io(format!("cannot open {}", path.display())))?;
@@ -1088,24 +1086,15 @@ impl QemuFds {
             .truncate(true)
             .open(&spec.console_log)
             .map_err(io(format!("cannot open {}", spec.console_log.display())))?;
-        let connect = |name: &str| {
-            let path = match name {
-                VHOST_VSOCK_SOCKET => dir.join(HELPER_DIR).join(name),
-                _ => dir.join(name),
-            };
-            UnixStream::connect(&path).map_err(io(format!("cannot connect to {}", path.display())))
-        };
+        let mut connections = connections.into_iter();
         let qmp = dir.join(QMP_SOCKET);
         Ok(QemuFds {
             kernel: readable(&spec.kernel)?,
             initramfs: readable(&spec.initramfs)?,
             console,
             qmp: UnixListener::bind(&qmp).map_err(io(format!("cannot bind {}", qmp.display())))?,
-            vsock: connect(VHOST_VSOCK_SOCKET)?,
-            fs: match spec.shared_dir {
-                Some(_) => Some(connect(VIRTIOFSD_SOCKET)?),
-                None => None,
-            },
+            vsock: connections.next().expect("the vsock backend runs"),
+            fs: connections.next(),
         })
     }
 
@@ -1276,7 +1265,6 @@ mod tests {
             slot.volume = Some(Volume {
                 node: format!("volume{}", slot.index),
                 path: PathBuf::from(format!("/dev/loop{}", slot.index)),
-                fdset: u64::from(slot.index),
             });
         }
         let device = BlockDevice {
@@ -1396,7 +1384,6 @@ mod tests {
             slot.volume = Some(Volume {
                 node: format!("volume{}", slot.index),
                 path: PathBuf::from(format!("/dev/loop{}", slot.index)),
-                fdset: u64::from(slot.index),
             });
         }
         let err = blocks.no_free_slot(&device).to_string();

@@ -66,12 +66,42 @@ impl Backend {
                 tokio::time::sleep(READY_POLL_INTERVAL).await;
                 continue;
             };
-            return Err(HypervisorError::StartFailed {
-                what: self.name,
-                detail: format!("{failure}; its log:\n{}", self.log_tail()),
-            });
+            return Err(self.failed(failure));
         }
         Ok(())
+    }
+
+    /// Connects to the backend's socket, for QEMU to inherit. The backend
+    /// creates the socket file a moment before it listens: a refused
+    /// connection is tried again while the backend runs, until
+    /// [`READY_TIMEOUT`]. (No probe connection before this one: a backend
+    /// serves one connection and exits when it closes.)
+    pub async fn connect(&mut self) -> Result<std::os::unix::net::UnixStream, HypervisorError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let error = match std::os::unix::net::UnixStream::connect(&self.socket) {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => e,
+                Err(e) => return Err(self.failed(format!("cannot connect to its socket: {e}"))),
+            };
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.failed(format!("it exited ({status})")));
+            }
+            if Instant::now() > deadline {
+                return Err(self.failed(format!(
+                    "its socket refused connections for {READY_TIMEOUT:?}: {error}"
+                )));
+            }
+            tokio::time::sleep(READY_POLL_INTERVAL).await;
+        }
+    }
+
+    /// A start failure of this backend, with its log.
+    fn failed(&self, failure: String) -> HypervisorError {
+        HypervisorError::StartFailed {
+            what: self.name,
+            detail: format!("{failure}; its log:\n{}", self.log_tail()),
+        }
     }
 
     /// Resolves once the backend has exited, with how, for the VM's end.
