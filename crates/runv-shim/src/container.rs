@@ -135,8 +135,9 @@ impl HostMounts {
             disks.volumes.insert(index, guest_mount);
         }
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
-        let mut guest = spec::for_guest(host_spec, &guest_dir, &disks, &pod.running_inits())
-            .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
+        let mut guest =
+            spec::for_guest(host_spec, &guest_dir, &disks, pod.sandbox_init().as_slice())
+                .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", bundle.display())))?;
         devices::for_guest(&mut guest.spec, &plugged_blocks);
         let shared = pod.shared();
         if let Some(root) = &shared_root {

@@ -3,23 +3,27 @@
 //! CRI makes a pod's containers share namespaces by naming, in each app
 //! container's spec, `/proc/<pid>/ns/<type>` where `<pid>` is the task PID
 //! the runtime reported for the sandbox (for `kubectl debug --target`'s
-//! PID namespace, the target container's). runv reports the guest PID
-//! of a container's init as the agent sees it: the agent is the guest's
-//! PID 1 and its /proc is the root PID namespace's, where the OCI runtime
-//! opens the path before entering the container's mount namespace. Such a
-//! path therefore already names the right namespace inside the guest, and
-//! is kept; any other path names something on the host, which a VM cannot
-//! join, and goes (with a warning) for a namespace of the container's own.
+//! PID namespace, the target container's). runv reports the shim's own
+//! PID for every task (`process::task_pid`), never a guest PID, so such a
+//! path is rewritten to the sandbox init's guest PID as the agent sees it:
+//! the agent is the guest's PID 1 and its /proc is the root PID
+//! namespace's, where the OCI runtime opens the path before entering the
+//! container's mount namespace. As every task has the same PID, a
+//! `--target` path names the sandbox's PID namespace too. Any other path
+//! names something on the host, which a VM cannot join, and goes (with a
+//! warning) for a namespace of the container's own.
 
 use serde_json::{json, Value};
+
+use crate::process::task_pid;
 
 /// The types whose paths may name a pod container's namespace; their
 /// OCI type is also their file's name under /proc/<pid>/ns. The network
 /// namespace never reaches the guest: the VM is the pod's network boundary.
 const SHAREABLE: [&str; 3] = ["ipc", "uts", "pid"];
 
-/// Rewrites `namespaces` for the guest, where `pod_inits` are the guest
-/// PIDs of this pod's running container inits (the only processes whose
+/// Rewrites `namespaces` for the guest, where `pod_inits` holds the guest
+/// PID of the pod's sandbox init while it runs (the only process whose
 /// namespaces a spec may name); a `hostname` needs a UTS namespace.
 pub fn for_guest(namespaces: &mut Vec<Value>, pod_inits: &[u32], has_hostname: bool) {
     namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
@@ -28,14 +32,19 @@ pub fn for_guest(namespaces: &mut Vec<Value>, pod_inits: &[u32], has_hostname: b
             continue;
         };
         let kind = namespace.get("type").and_then(Value::as_str).unwrap_or("");
-        if !names_a_pod_namespace(kind, path, pod_inits) {
-            tracing::warn!(
-                namespace = kind,
-                path,
-                "the container gets a {kind} namespace of its own: \
+        match guest_path(kind, path, pod_inits) {
+            Some(guest) => {
+                namespace.insert("path".into(), guest.into());
+            }
+            None => {
+                tracing::warn!(
+                    namespace = kind,
+                    path,
+                    "the container gets a {kind} namespace of its own: \
                  the path names no namespace of this pod's containers in the VM"
-            );
-            namespace.remove("path");
+                );
+                namespace.remove("path");
+            }
         }
     }
     if has_hostname {
@@ -43,15 +52,16 @@ pub fn for_guest(namespaces: &mut Vec<Value>, pod_inits: &[u32], has_hostname: b
     }
 }
 
-/// Whether `path` is `/proc/<pid>/ns/<kind>` for a shareable `kind` and
-/// the init of one of the pod's running containers. A PID of a container
-/// that has ended may have been reused by another process.
-fn names_a_pod_namespace(kind: &str, path: &str, pod_inits: &[u32]) -> bool {
+/// The guest's path for `path` if it is `/proc/<task PID>/ns/<kind>` for
+/// a shareable `kind` while the sandbox's init runs (once it has ended,
+/// there is no namespace to join).
+fn guest_path(kind: &str, path: &str, pod_inits: &[u32]) -> Option<String> {
     let pid = path
         .strip_prefix("/proc/")
         .and_then(|rest| rest.strip_suffix(&format!("/ns/{kind}")))
-        .and_then(|pid| pid.parse::<u32>().ok());
-    SHAREABLE.contains(&kind) && pid.is_some_and(|pid| pod_inits.contains(&pid))
+        .and_then(|pid| pid.parse::<u32>().ok())?;
+    let init = pod_inits.first()?;
+    (SHAREABLE.contains(&kind) && pid == task_pid()).then(|| format!("/proc/{init}/ns/{kind}"))
 }
 
 /// CRI runs a host-network pod in the host's UTS namespace yet still names
@@ -79,16 +89,17 @@ mod tests {
     }
 
     #[test]
-    fn paths_to_a_pod_containers_namespaces_are_kept() {
+    fn paths_to_the_sandboxs_namespaces_name_its_guest_init() {
+        let task = task_pid();
         let cri_app = json!([
-            {"type": "pid", "path": "/proc/7/ns/pid"},
+            {"type": "pid", "path": format!("/proc/{task}/ns/pid")},
             {"type": "network", "path": "/var/run/netns/cni-1"},
-            {"type": "ipc", "path": "/proc/7/ns/ipc"},
-            {"type": "uts", "path": "/proc/7/ns/uts"},
+            {"type": "ipc", "path": format!("/proc/{task}/ns/ipc")},
+            {"type": "uts", "path": format!("/proc/{task}/ns/uts")},
             {"type": "mount"}
         ]);
         assert_eq!(
-            rewritten(cri_app, &[3, 7]),
+            rewritten(cri_app, &[7]),
             json!([
                 {"type": "pid", "path": "/proc/7/ns/pid"},
                 {"type": "ipc", "path": "/proc/7/ns/ipc"},
@@ -100,27 +111,33 @@ mod tests {
 
     #[test]
     fn other_paths_give_namespaces_of_the_containers_own() {
+        let task = task_pid();
         let elsewhere = json!([
-            // A host process, or a container that has ended.
+            // A host process; a guest PID.
             {"type": "ipc", "path": "/proc/42/ns/ipc"},
-            // Another type's file of a pod container.
-            {"type": "uts", "path": "/proc/7/ns/ipc"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            // Another type's file of the task.
+            {"type": "uts", "path": format!("/proc/{task}/ns/ipc")},
             // Not a type the pod shares.
-            {"type": "mount", "path": "/proc/7/ns/mount"},
+            {"type": "mount", "path": format!("/proc/{task}/ns/mount")},
             // A bind-mounted namespace file on the host.
             {"type": "pid", "path": "/run/ns/pid"},
-            {"type": "pid", "path": "/proc/7/../7/ns/pid"}
+            {"type": "pid", "path": format!("/proc/{task}/../{task}/ns/pid")}
         ]);
         assert_eq!(
             rewritten(elsewhere, &[7]),
-            json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            json!([{"type": "ipc"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                    {"type": "pid"}, {"type": "pid"}])
         );
+        // The sandbox has ended: nothing to join.
+        let ended = json!([{"type": "ipc", "path": format!("/proc/{task}/ns/ipc")}]);
+        assert_eq!(rewritten(ended, &[]), json!([{"type": "ipc"}]));
     }
 
     #[test]
     fn a_joined_uts_namespace_takes_no_other() {
-        let mut joined = vec![json!({"type": "uts", "path": "/proc/7/ns/uts"})];
+        let path = format!("/proc/{}/ns/uts", task_pid());
+        let mut joined = vec![json!({"type": "uts", "path": path})];
         for_guest(&mut joined, &[7], true);
         assert_eq!(joined, [json!({"type": "uts", "path": "/proc/7/ns/uts"})]);
     }

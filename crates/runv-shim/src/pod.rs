@@ -34,6 +34,8 @@ pub const SHARED_DIR_MARKER: &str = "runv-shared-dir";
 const VM_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Pod {
+    /// The pod's ID: its sandbox container's (or its only container's).
+    id: String,
     vm: Arc<PodVm>,
     vsock: PathBuf,
     shared: SharedDir,
@@ -115,6 +117,7 @@ impl Pod {
                 let vm = Arc::new(vm);
                 tokio::spawn(log_boot_timeline(vm.clone()));
                 Ok(Pod {
+                    id: pod_id.to_owned(),
                     vsock: vm.vsock_socket(),
                     vm,
                     shared,
@@ -151,15 +154,14 @@ impl Pod {
         &self.shared
     }
 
-    /// The guest PIDs of the pod's running container inits: the processes
-    /// whose namespaces CRI names for a container to share (see
+    /// The guest PID of the sandbox container's init while it runs: the
+    /// process whose namespaces CRI names for a container to share (see
     /// `namespaces`).
-    pub fn running_inits(&self) -> Vec<u32> {
+    pub fn sandbox_init(&self) -> Option<u32> {
         self.containers
-            .values()
-            .filter(|container| container.init.status() == Status::RUNNING)
-            .map(|container| container.init.pid)
-            .collect()
+            .get(&self.id)
+            .filter(|sandbox| sandbox.init.status() == Status::RUNNING)
+            .map(|sandbox| sandbox.init.pid)
     }
 
     pub fn container(&self, id: &str) -> Result<&Container> {
