@@ -2,15 +2,24 @@
 //! a real pod VM with a shared directory, QEMU and vhost-device-vsock run
 //! under the VM's own unprivileged uid with no capability and a seccomp
 //! filter; virtiofsd runs as root under its seccomp filter without
-//! CAP_MKNOD and CAP_FSETID. And TCG is refused unless the config allows it.
+//! CAP_MKNOD and CAP_FSETID, and maps the guest's extended attributes into
+//! `user.virtiofs.`. And TCG is refused unless the config allows it.
 
-use std::{collections::BTreeMap, fs};
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use runv_agent_client::ConnectOptions;
 use runv_config::AccelMode;
-use runv_hypervisor::confine::HELPER_UID_BASE;
+use runv_hypervisor::{confine::HELPER_UID_BASE, VmExit};
 use runv_sandbox::PodVm;
-use runv_tests::{assert_nothing_left, test_config};
+use runv_tests::{assert_nothing_left, initramfs_with_shell_init, test_config};
 
 const CAP_MKNOD: u32 = 27;
 const CAP_FSETID: u32 = 4;
@@ -139,4 +148,148 @@ async fn tcg_is_refused_without_the_switch() {
         "{err}"
     );
     assert_nothing_left(scratch.path(), &[], &["console.log"]);
+}
+
+/// The guest's init: mount the share and run the probe on it as root.
+const PROBE_SCRIPT: &str = r#"
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+exec >/dev/console 2>&1 </dev/console
+mkdir -p /share
+mount -t virtiofs runv-shared /share || { echo "guest: mount failed"; reboot -f; }
+/share/fs-probe /share/guest-file /share/host-file /share/disk
+sync
+reboot -f
+"#;
+
+/// Builds tests/attack/fs_probe.c static at `path`; false (the test
+/// skips) without a C compiler.
+fn build_probe(path: &Path) -> bool {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("attack/fs_probe.c");
+    match Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(path)
+        .arg(&source)
+        .status()
+    {
+        Ok(status) => {
+            assert!(status.success(), "cc -static {} failed", source.display());
+            true
+        }
+        Err(e) => {
+            println!("SKIPPED: no C compiler (cc: {e}); apt-get install gcc libc6-dev");
+            false
+        }
+    }
+}
+
+/// The host's value of extended attribute `name` of `path`, if it has one.
+fn host_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = CString::new(name).unwrap();
+    let mut value = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the size given.
+    let size = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    (size >= 0).then(|| value[..size as usize].to_vec())
+}
+
+fn host_xattr_names(path: &Path) -> Vec<String> {
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = [0u8; 1024];
+    // SAFETY: a valid C string and a buffer of the size given.
+    let size = unsafe { libc::llistxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(size >= 0, "{}", std::io::Error::last_os_error());
+    names[..size as usize]
+        .split(|&b| b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect()
+}
+
+fn set_host_xattr(path: &Path, name: &str, value: &[u8]) {
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = CString::new(name).unwrap();
+    // SAFETY: valid C strings and a value of the size given.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// Root in the guest, on the share: the host's `security.*` and
+/// `trusted.*` attributes can be neither set nor read (the guest's land
+/// under `user.virtiofs.`), `user.*` works, and no device node is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_cannot_set_host_xattrs_or_make_device_nodes() {
+    let scratch = tempfile::tempdir().unwrap();
+    let shared = scratch.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    if !build_probe(&shared.join("fs-probe")) {
+        return;
+    }
+    fs::write(shared.join("guest-file"), "").unwrap();
+    let host_file = shared.join("host-file");
+    fs::write(&host_file, "").unwrap();
+    set_host_xattr(&host_file, "trusted.host", b"host secret");
+    set_host_xattr(&host_file, "user.host", b"host value");
+
+    let mut config = test_config(scratch.path());
+    config.vm.initramfs = initramfs_with_shell_init(scratch.path(), "fs-probe", PROBE_SCRIPT);
+    let console = scratch.path().join("console.log");
+    let mut spec = PodVm::spec(&config, "fs-probe", console.clone());
+    spec.shared_dir = Some(shared.clone());
+    let mut vm = runv_hypervisor::create(&config, spec);
+    vm.start().await.expect("VM starts");
+    let pids = vm.pids();
+    let ended = tokio::time::timeout(Duration::from_secs(180), vm.exit_watch().unwrap().wait())
+        .await
+        .expect("the guest powers off by itself");
+    let log = fs::read_to_string(&console).unwrap();
+    assert_eq!(ended, VmExit::GuestShutdown, "console log:\n{log}");
+    let probe: Vec<&str> = log
+        .lines()
+        .filter_map(|line| line.trim_end().strip_prefix("probe: "))
+        .collect();
+    println!("guest: {probe:#?}");
+    assert_eq!(
+        probe,
+        [
+            "set security.capability: ok",
+            "set trusted.guest: ok",
+            "set user.guest: ok",
+            "get user.guest: u",
+            "get trusted.host: No data available",
+            "get user.host: No data available",
+            "mknod: Operation not permitted",
+        ],
+        "console log:\n{log}"
+    );
+    let guest_file = shared.join("guest-file");
+    println!("host: {:?}", host_xattr_names(&guest_file));
+    assert_eq!(host_xattr(&guest_file, "security.capability"), None);
+    assert_eq!(host_xattr(&guest_file, "trusted.guest"), None);
+    assert_eq!(
+        host_xattr(&guest_file, "user.virtiofs.trusted.guest").as_deref(),
+        Some(&b"t"[..])
+    );
+    assert!(!shared.join("disk").exists(), "no device node on the host");
+    vm.stop(Duration::from_secs(5)).await;
+    assert_nothing_left(
+        scratch.path(),
+        &pids,
+        &["console.log", "fs-probe.cpio.gz", "shared/"],
+    );
 }
