@@ -111,17 +111,17 @@ impl ConnectOptions {
 /// before the guest can get that far.
 pub struct ReadyListener {
     listener: UnixListener,
+    path: PathBuf,
 }
 
 impl ReadyListener {
     /// Listens beside the VM's hybrid vsock `socket`.
     pub fn bind(socket: &Path) -> Result<ReadyListener, AgentError> {
-        hybrid_vsock::listen(socket, AGENT_READY_VSOCK_PORT)
-            .map(|listener| ReadyListener { listener })
-            .map_err(|source| AgentError::Listen {
-                path: hybrid_vsock::listener_path(socket, AGENT_READY_VSOCK_PORT),
-                source,
-            })
+        let path = hybrid_vsock::listener_path(socket, AGENT_READY_VSOCK_PORT);
+        match hybrid_vsock::listen(socket, AGENT_READY_VSOCK_PORT) {
+            Ok(listener) => Ok(ReadyListener { listener, path }),
+            Err(source) => Err(AgentError::Listen { path, source }),
+        }
     }
 
     /// Waits for the agent's notification.
@@ -139,6 +139,16 @@ impl ReadyListener {
             ));
         }
         Ok(())
+    }
+}
+
+/// The socket goes with the listener: once the agent is ready nothing
+/// listens there, and a stale socket is only a name for the guest to aim at.
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the ready socket");
+        }
     }
 }
 

@@ -134,6 +134,7 @@ impl HostMounts {
             let guest_mount = pod.disks.attach(&vm, id, &disk).await?;
             disks.volumes.insert(index, guest_mount);
         }
+        let mount_points = spec::mount_points(&host_spec);
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
         let mut guest =
             spec::for_guest(host_spec, &guest_dir, &disks, pod.sandbox_init().as_slice())
@@ -141,12 +142,17 @@ impl HostMounts {
         devices::for_guest(&mut guest.spec, &plugged_blocks);
         let shared = pod.shared();
         if let Some(root) = &shared_root {
-            // readOnlyRootFilesystem holds on the host, not only in the guest.
+            // readOnlyRootFilesystem holds on the host, not only in the
+            // guest, which then cannot make its mount points itself.
             let read_only = guest
                 .spec
                 .pointer("/root/readonly")
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false);
+            if read_only {
+                mounts::create_mount_points(root, &mount_points)
+                    .map_err(|e| ShimError::Internal(e.to_string()))?;
+            }
             shared
                 .bind(id, ROOTFS_SHARE, root, read_only)
                 .map_err(ShimError::Internal)?;

@@ -14,10 +14,11 @@ use std::os::{
     unix::fs::{DirBuilderExt, PermissionsExt},
 };
 
+use crate::spec::MountPoint;
 use containerd_shim::{asynchronous::util::mount_rootfs, protos::api::Mount};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use rustix::{
-    fs::{openat2, Mode, OFlags, ResolveFlags, CWD},
+    fs::{mkdirat, openat, openat2, Mode, OFlags, ResolveFlags, CWD},
     mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags},
 };
 
@@ -152,6 +153,77 @@ impl SharedDir {
             }
         }
     }
+}
+
+/// Creates in the root file system at `root` each of `points` that is
+/// missing, as runc would inside the container: a read-only root is
+/// read-only on the host too, so the guest could not make them. Paths
+/// resolve as inside the container (RESOLVE_IN_ROOT: an image's symlinks
+/// stay within its root), and only the last component is created, next
+/// to a parent that was resolved that way.
+pub fn create_mount_points(root: &Path, points: &[MountPoint]) -> io::Result<()> {
+    let root = fs::File::open(root)?;
+    for point in points {
+        let relative = point.path.strip_prefix("/").unwrap_or(&point.path);
+        let mut prefix = PathBuf::new();
+        let components: Vec<_> = relative.components().collect();
+        for (index, component) in components.iter().enumerate() {
+            let parent = resolve_in_root(&root, &prefix)?;
+            prefix.push(component);
+            match resolve_in_root(&root, &prefix) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let name = component.as_os_str();
+            let made = if index + 1 == components.len() && point.file {
+                openat(
+                    &parent,
+                    name,
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::WRONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .map(drop)
+            } else {
+                mkdirat(&parent, name, Mode::from_raw_mode(0o755))
+            };
+            match made {
+                Ok(()) => {}
+                // A dangling symlink of the image's: left as it is, for
+                // the guest to report.
+                Err(rustix::io::Errno::EXIST) => break,
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "cannot create the mount point {} in {}: {e}",
+                        point.path.display(),
+                        prefix.display()
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens `relative` as an O_PATH handle as if `root` were `/`.
+fn resolve_in_root(root: &fs::File, relative: &Path) -> io::Result<OwnedFd> {
+    let path = if relative.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        relative
+    };
+    openat2(
+        root,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Creates `dir` and its missing parents, each 0700 whatever the umask:
@@ -444,6 +516,41 @@ mod tests {
         );
         shared.remove();
         assert!(mount_points_under(scratch.path()).unwrap().is_empty());
+    }
+
+    /// Mount points are made inside the root, an image's symlinks
+    /// resolving within it, never on the host.
+    #[test]
+    fn mount_points_stay_inside_the_root() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (root, host) = (scratch.path().join("root"), scratch.path().join("host"));
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir(&host).unwrap();
+        // An image (or an earlier guest) planted links out of the root.
+        std::os::unix::fs::symlink(&host, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("up")).unwrap();
+        let point = |path: &str, file| MountPoint {
+            path: path.into(),
+            file,
+        };
+        let points = [
+            point("/etc/hosts", true),
+            point("/data/deep", false),
+            point("/escape/x", false),
+            point("/up/y", true),
+        ];
+        create_mount_points(&root, &points).unwrap();
+        assert!(root.join("etc/hosts").is_file());
+        assert!(root.join("data/deep").is_dir());
+        assert_eq!(
+            fs::read_dir(&host).unwrap().count(),
+            0,
+            "nothing made outside"
+        );
+        // The absolute link dangles inside the root and stays as it is;
+        // the relative one resolves to the root itself.
+        assert!(root.join("escape").is_symlink());
+        assert!(root.join("y").is_file());
     }
 
     /// Were a symlink ever in a bind's way, the bind fails rather than

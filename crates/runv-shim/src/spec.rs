@@ -224,6 +224,49 @@ fn bind_disk_mount(mount: &mut Map<String, Value>, guest_mount: &Path) {
     mount.insert("options".into(), options.into());
 }
 
+/// A place in the container's root file system that a mount of its spec
+/// needs to exist.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountPoint {
+    /// The path inside the container.
+    pub path: PathBuf,
+    /// An empty file (the bind of a host file), else a directory.
+    pub file: bool,
+}
+
+/// The mount points the spec's mounts need in the root file system
+/// itself, in order: those below another mount that is not a bind (a
+/// tmpfs `/dev`, `/sys`) are made in that mount, not in the root.
+pub fn mount_points(spec: &Value) -> Vec<MountPoint> {
+    let mut covered: Vec<PathBuf> = Vec::new();
+    let mut points = Vec::new();
+    let mounts = spec.get("mounts").and_then(Value::as_array);
+    for mount in mounts.into_iter().flatten().filter_map(Value::as_object) {
+        let Some(path) = mount.get("destination").and_then(Value::as_str) else {
+            continue;
+        };
+        let path = PathBuf::from(path);
+        if covered
+            .iter()
+            .any(|dir| path != *dir && path.starts_with(dir))
+        {
+            continue;
+        }
+        let bind = is_bind(mount);
+        let file = bind
+            && mount
+                .get("source")
+                .and_then(Value::as_str)
+                .and_then(|source| std::fs::metadata(source).ok())
+                .is_some_and(|meta| !meta.is_dir());
+        if !bind {
+            covered.push(path.clone());
+        }
+        points.push(MountPoint { path, file });
+    }
+    points
+}
+
 fn is_bind(mount: &Map<String, Value>) -> bool {
     mount.get("type").and_then(Value::as_str) == Some("bind")
         || mount
@@ -311,6 +354,30 @@ mod tests {
             ]
         );
         assert_eq!(spec["x-unknown"]["kept"], true);
+    }
+
+    #[test]
+    fn mount_points_in_the_root_are_those_of_its_own_mounts() {
+        let spec = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hostname"},
+            {"destination": "/data", "source": "/etc", "options": ["rbind", "ro"]}
+        ]});
+        let point = |path: &str, file| MountPoint {
+            path: path.into(),
+            file,
+        };
+        assert_eq!(
+            mount_points(&spec),
+            vec![
+                point("/proc", false),
+                point("/dev", false),
+                point("/etc/hosts", true),
+                point("/data", false),
+            ]
+        );
     }
 
     #[test]
