@@ -66,13 +66,23 @@ async fn the_pod_cgroup_holds_bounds_and_reports_the_vm() {
     let cgroup = format!("{parent}/{pod}");
     println!("pod cgroup: {cgroup}");
 
-    // Every host process of the VM is in the pod's cgroup, in every
-    // hierarchy.
+    // Every host process of the VM, the shim and the helpers it spawned,
+    // is in the pod's cgroup, in every hierarchy.
     let shim_pid = only_pid(&containerd, SHIM);
-    for program in [SHIM, HYPERVISOR, VIRTIOFSD, VSOCK_HELPER] {
-        let pid = only_pid(&containerd, program);
+    let helpers = children(shim_pid);
+    for program in [HYPERVISOR, VIRTIOFSD, VSOCK_HELPER] {
+        // /proc/<pid>/comm keeps 15 bytes of the name.
+        let comm = &program[..program.len().min(15)];
+        assert!(
+            helpers.iter().any(|(_, name)| name == comm),
+            "no {program} among the shim's children {helpers:?}"
+        );
+    }
+    let pids = std::iter::once(shim_pid).chain(helpers.iter().map(|(pid, _)| *pid));
+    for pid in pids {
         let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        println!("{program} ({pid}):\n{cgroups}");
+        let program = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        println!("{} ({pid}):\n{cgroups}", program.trim());
         for line in cgroups.lines().filter(|line| !line.ends_with(":/")) {
             assert!(
                 line.ends_with(&format!(":{cgroup}")),
@@ -82,8 +92,8 @@ async fn the_pod_cgroup_holds_bounds_and_reports_the_vm() {
         assert!(cgroups.contains(&cgroup), "{program}: {cgroups}");
     }
 
-    // The VM's size plus the overhead bounds it: 1 vCPU and 128 MiB of
-    // the pod's on top of the base VM.
+    // The VM's size plus the overhead bounds it: 1 vCPU (up to the cap)
+    // and 128 MiB of the pod's on top of the base VM.
     let memory_mib = u64::from(runv.vm.memory_mib) + 128 + HOST_OVERHEAD_MIB;
     let (limit, usage) = memory_limit_and_usage(&cgroup);
     println!("memory limit {limit}, usage {usage}");
@@ -91,9 +101,10 @@ async fn the_pod_cgroup_holds_bounds_and_reports_the_vm() {
     assert!(usage > 0 && usage <= limit, "usage {usage} within {limit}");
     let quota = cpu_quota(&cgroup);
     println!("CPU quota/period: {quota:?}");
+    let vcpus = (runv.vm.vcpus + 1).min(runv.vm.vcpu_cap());
     assert_eq!(
         quota,
-        (u64::from(runv.vm.vcpus + 1) * 100_000, 100_000),
+        (u64::from(vcpus) * 100_000, 100_000),
         "one CPU per vCPU"
     );
 
@@ -228,6 +239,22 @@ fn previous(log: &Path) -> PathBuf {
 
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// The PIDs and names of `parent`'s child processes.
+fn children(parent: u32) -> Vec<(u32, String)> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the name in parentheses: state, then ppid.
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let ppid: u32 = rest.split(' ').nth(1)?.parse().ok()?;
+            (ppid == parent).then(|| (pid, name.to_owned()))
+        })
+        .collect()
 }
 
 /// The PID of the one process of `program` serving this containerd.
