@@ -161,6 +161,16 @@ fn shares_are_confined_on_the_host() {
         &["sleep", "600"],
     ));
 
+    // The shim (containerd's task pid) runs under its seccomp deny-list.
+    let tasks = containerd.ctr_ok(&["task", "ls"]);
+    let shim_pid = tasks
+        .lines()
+        .find_map(|line| line.strip_prefix(id)?.split_whitespace().next())
+        .expect("the task's pid");
+    let status = fs::read_to_string(format!("/proc/{shim_pid}/status")).unwrap();
+    assert!(status.starts_with("Name:\tcontainerd-shim"), "{status}");
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+
     // Everything the create mounted is in runv's or containerd's tree.
     let outside = new_mounts_outside(&before, &mounts(), containerd.dir());
     assert!(outside.is_empty(), "mounts outside the trees: {outside:?}");

@@ -10,6 +10,9 @@
 //! or sockets. It is `HELPER_UID_BASE + (shim pid << 8) + n`, n counting
 //! the VMs this process started: unique among live VMs, since helpers die
 //! with the shim that started them.
+//!
+//! The shim itself runs under the shorter host deny-list, which every
+//! helper inherits ([`confine_process`]).
 
 use std::{
     fs, io,
@@ -30,19 +33,13 @@ use crate::process::die_with_parent;
 /// id ranges that useradd hands out for user namespaces.
 pub const HELPER_UID_BASE: u32 = 2_000_000_000;
 
-/// System calls no helper of a VM needs, that a helper taken over by its
-/// guest could use against the host: mounts and namespaces, tracing other
-/// processes, kernel modules, keys, BPF, perf, kexec, clocks and
-/// credentials. Each fails with EPERM. (execve stays allowed: the filter
-/// is installed before the helper itself is executed; QEMU's own sandbox
-/// denies it to QEMU.)
-const DENIED_SYSCALLS: &[i64] = &[
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_unshare,
-    libc::SYS_setns,
+/// System calls no runv process needs, the shim included (it mounts,
+/// enters network namespaces and starts helpers, so those stay), that a
+/// process taken over through its guest could use against the host:
+/// tracing other processes, kernel modules, keys, BPF, perf, kexec, file
+/// handles (the classic container escape), clocks, swap and port I/O.
+/// Each fails with EPERM.
+const HOST_DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
@@ -72,6 +69,19 @@ const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_adjtimex,
     libc::SYS_iopl,
     libc::SYS_ioperm,
+];
+
+/// What a VM's unprivileged helpers are refused on top: mounts and
+/// namespaces, and any change of credentials. (execve stays allowed: the
+/// filter is installed before the helper itself is executed; QEMU's own
+/// sandbox denies it to QEMU.)
+const HELPER_DENIED_SYSCALLS: &[i64] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
     libc::SYS_setuid,
     libc::SYS_setgid,
     libc::SYS_setreuid,
@@ -106,7 +116,8 @@ impl Confinement {
             what: "the helper sandbox",
             detail: format!("{context}: {detail}"),
         };
-        let filter = deny_filter().map_err(|e| error("cannot build the seccomp filter", e))?;
+        let filter = deny_filter(&[HOST_DENIED_SYSCALLS, HELPER_DENIED_SYSCALLS])
+            .map_err(|e| error("cannot build the seccomp filter", e))?;
         let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .map_err(|e| e.to_string())
             .and_then(|text| text.trim().parse().map_err(|e| format!("{e}")))
@@ -202,12 +213,26 @@ struct CapData {
     inheritable: u32,
 }
 
-/// The deny-list: [`DENIED_SYSCALLS`] fail with EPERM, all else is allowed.
-fn deny_filter() -> Result<BpfProgram, String> {
+/// Installs [`HOST_DENIED_SYSCALLS`] on every thread of the calling
+/// process (and so on every child it starts): the shim calls it before it
+/// serves containerd. Sets no_new_privs, which costs a root process
+/// nothing.
+pub fn confine_process() -> Result<(), String> {
+    let filter = deny_filter(&[HOST_DENIED_SYSCALLS])?;
+    seccompiler::apply_filter_all_threads(&filter)
+        .map_err(|e| format!("cannot install the process's seccomp filter: {e}"))
+}
+
+/// A deny-list: the calls of `lists` fail with EPERM, all else is allowed.
+fn deny_filter(lists: &[&[i64]]) -> Result<BpfProgram, String> {
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("{e:?}"))?;
-    let rules = DENIED_SYSCALLS.iter().map(|&nr| (nr, Vec::new())).collect();
+    let rules = lists
+        .iter()
+        .flat_map(|list| list.iter())
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -47,6 +47,10 @@ pub async fn mount_bundle_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<(), 
     Ok(())
 }
 
+/// The skeleton's and the view's names in the pod directory.
+const SKELETON: &str = "share";
+const VIEW: &str = "shared";
+
 /// The pod's shared directory, in two views of one tree so that the guest
 /// never writes where the shim resolves paths (the class of Kata's
 /// CVE-2020-2026):
@@ -68,8 +72,8 @@ impl SharedDir {
     /// Creates the two views under the pod directory `pod_dir`.
     pub fn create(pod_dir: &Path) -> io::Result<SharedDir> {
         let shared = SharedDir {
-            skeleton: pod_dir.join("share"),
-            view: pod_dir.join("shared"),
+            skeleton: pod_dir.join(SKELETON),
+            view: pod_dir.join(VIEW),
         };
         let made = private_dir(&shared.skeleton)
             .and_then(|()| private_dir(&shared.view))
@@ -105,6 +109,21 @@ impl SharedDir {
             return Err(io::Error::other(message));
         }
         Ok(shared)
+    }
+
+    /// The shared directory whose exported view is `view` (what a
+    /// bundle's marker names), to clean up after a shim that died.
+    pub fn from_view(view: &Path) -> SharedDir {
+        let pod_dir = view.parent().unwrap_or(Path::new("/"));
+        SharedDir {
+            skeleton: pod_dir.join(SKELETON),
+            view: view.to_owned(),
+        }
+    }
+
+    /// No container shares anything any more.
+    pub fn is_empty(&self) -> bool {
+        fs::read_dir(&self.skeleton).is_ok_and(|mut entries| entries.next().is_none())
     }
 
     /// The directory virtio-fs exports.

@@ -17,7 +17,7 @@ use containerd_shim::{
 use crate::{
     events::Events,
     host_cgroup,
-    mounts::{self, bundle_rootfs},
+    mounts::{self, bundle_rootfs, SharedDir},
     pod::SHARED_DIR_MARKER,
     process,
     service::TaskService,
@@ -71,13 +71,13 @@ impl Shim for RunvShim {
     /// what it mounted for this container is unmounted and removed here.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
-        if let Ok(shared) = std::fs::read_to_string(bundle.join(SHARED_DIR_MARKER)) {
-            let shared = PathBuf::from(shared);
-            if let Err(e) = mounts::remove_unmounted(&shared.join(&self.id)) {
+        if let Ok(view) = std::fs::read_to_string(bundle.join(SHARED_DIR_MARKER)) {
+            let view = PathBuf::from(view);
+            let shared = SharedDir::from_view(&view);
+            if let Err(e) = shared.unshare(&self.id) {
                 tracing::warn!(error = %e, "cannot remove the container's shares");
             }
-            let pod_is_empty = std::fs::read_dir(&shared).is_ok_and(|mut d| d.next().is_none());
-            if let (true, Some(pod_dir)) = (pod_is_empty, shared.parent()) {
+            if let (true, Some(pod_dir)) = (shared.is_empty(), view.parent()) {
                 if let Err(e) = mounts::remove_unmounted(pod_dir) {
                     tracing::warn!(error = %e, "cannot remove the pod directory");
                 }
@@ -109,6 +109,11 @@ impl Shim for RunvShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        // Before the first pod: every thread, and every helper this shim
+        // starts, inherits it (docs/security.md).
+        if let Err(e) = runv_hypervisor::confine::confine_process() {
+            tracing::error!(error = %e, "running without the shim's seccomp filter");
+        }
         let events = Events::new(publisher, self.namespace.clone());
         TaskService::new(self.namespace.clone(), events, self.exit.clone())
     }
