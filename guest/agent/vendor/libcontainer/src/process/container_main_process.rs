@@ -211,8 +211,14 @@ pub fn container_main_process(container_args: &ContainerArgs) -> Result<Pid> {
             &mut init_sender,
         )?;
 
+        // runv patch: only a notify listener needs the container's state,
+        // which a tenant (exec) does not carry; other filters sync nothing.
         #[cfg(feature = "libseccomp")]
-        if let Some(seccomp) = linux.seccomp() {
+        if let Some(seccomp) = linux
+            .seccomp()
+            .as_ref()
+            .filter(|seccomp| crate::seccomp::is_notify(seccomp))
+        {
             let container = container_args
                 .container
                 .as_ref()
