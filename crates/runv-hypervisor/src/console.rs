@@ -194,7 +194,8 @@ mod tests {
         drop(capture);
         assert!(!fifo.exists(), "the FIFO's name is removed");
         let chunk = vec![b'x'; 64 << 10];
-        for _ in 0..(3 * CONSOLE_LOG_CAP as usize / chunk.len()) {
+        // 100 MiB, as a guest flooding its console would write.
+        for _ in 0..((100 << 20) / chunk.len()) {
             writer.write_all(&chunk).unwrap();
         }
         writer.write_all(b"end\n").unwrap();
