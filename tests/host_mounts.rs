@@ -51,8 +51,7 @@ fn options_of(point: &Path) -> String {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     mountinfo
         .lines()
-        .filter(|line| line.split(' ').nth(4) == Some(&*point.to_string_lossy()))
-        .last()
+        .rfind(|line| line.split(' ').nth(4) == Some(&*point.to_string_lossy()))
         .and_then(|line| line.split(' ').nth(5))
         .unwrap_or_else(|| panic!("{} is not a mount point", point.display()))
         .to_owned()

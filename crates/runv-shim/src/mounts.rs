@@ -454,8 +454,7 @@ mod tests {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
         let line = mountinfo
             .lines()
-            .filter(|line| line.split(' ').nth(4) == Some(point.to_str().unwrap()))
-            .last()
+            .rfind(|line| line.split(' ').nth(4) == Some(point.to_str().unwrap()))
             .unwrap_or_else(|| panic!("{} is not a mount point", point.display()));
         line.split(' ').nth(5).unwrap().to_owned()
     }
