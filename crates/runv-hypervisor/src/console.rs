@@ -1,10 +1,13 @@
 //! The guest's serial console on the host, bounded: the guest decides
 //! how much it writes, so the log it fills is capped at
 //! [`CONSOLE_LOG_CAP`] bytes, with one previous file (`<log>.1`) kept when
-//! it rotates. Both backends write the console into a FIFO (QEMU's
-//! `chardev file` and the builtin serial port alike just write to a path),
-//! and a thread of runv copies it into the capped log: the hypervisor
-//! never holds the log file itself, nor renames or creates files.
+//! it rotates. Both backends write the console into a pipe (QEMU's
+//! `chardev file` and the builtin serial port alike just write to a path,
+//! here `/proc/self/fd/N` of the pipe's write end, which has no name a
+//! crash could leave behind), and a thread of runv copies it into the
+//! capped log: the hypervisor never holds the log file itself, nor renames
+//! or creates files. The log is made at the first byte, so a VM that never
+//! ran leaves none.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -13,7 +16,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nix::{sys::stat::Mode, unistd::mkfifo};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::{fcntl::OFlag, unistd::pipe2};
 
 /// The most bytes one console log file holds.
 pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
@@ -21,19 +26,20 @@ pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
 /// A log file that rotates to `<path>.1` at `cap` bytes.
 pub struct CappedLog {
     path: PathBuf,
-    file: File,
+    /// Made at the first write.
+    file: Option<File>,
     written: u64,
     cap: u64,
 }
 
 impl CappedLog {
-    pub fn create(path: &Path, cap: u64) -> io::Result<CappedLog> {
-        Ok(CappedLog {
+    pub fn new(path: &Path, cap: u64) -> CappedLog {
+        CappedLog {
             path: path.to_owned(),
-            file: create_private(path)?,
+            file: None,
             written: 0,
             cap,
-        })
+        }
     }
 
     /// The rotated file beside `log`.
@@ -45,7 +51,7 @@ impl CappedLog {
 
     fn rotate(&mut self) -> io::Result<()> {
         fs::rename(&self.path, Self::previous(&self.path))?;
-        self.file = create_private(&self.path)?;
+        self.file = None;
         self.written = 0;
         Ok(())
     }
@@ -57,13 +63,17 @@ impl Write for CappedLog {
             self.rotate()?;
         }
         let room = usize::try_from(self.cap - self.written).unwrap_or(usize::MAX);
-        let written = self.file.write(&buf[..buf.len().min(room)])?;
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(create_private(&self.path)?),
+        };
+        let written = file.write(&buf[..buf.len().min(room)])?;
         self.written += written as u64;
         Ok(written)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.as_mut().map_or(Ok(()), Write::flush)
     }
 }
 
@@ -77,68 +87,36 @@ fn create_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The FIFO a hypervisor writes the console into, copied into a
+/// The pipe a hypervisor writes the console into, copied into a
 /// [`CappedLog`] until every writer has closed it.
 pub struct ConsoleCapture {
-    fifo: PathBuf,
-    /// Holds the FIFO open for writing until the hypervisor has opened
-    /// it, so that the copy does not see an end before it starts.
-    _keep_open: File,
+    /// `/proc/self/fd/N` of the write end below.
+    path: PathBuf,
+    /// Holds the pipe open for writing while the hypervisor opens it, so
+    /// that the copy does not see an end before it starts.
+    write_end: OwnedFd,
 }
 
 impl ConsoleCapture {
-    /// Makes the FIFO `<log>.pipe` and starts copying it into `log`.
+    /// Makes the pipe and starts copying it into `log`.
     pub fn start(log: &Path) -> io::Result<ConsoleCapture> {
-        let mut fifo = log.as_os_str().to_owned();
-        fifo.push(".pipe");
-        let fifo = PathBuf::from(fifo);
-        let _ = fs::remove_file(&fifo);
-        mkfifo(&fifo, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io::Error::from)?;
-        let opened = (|| {
-            // Non-blocking: no writer is there yet.
-            let reader = OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::libc::O_NONBLOCK)
-                .open(&fifo)?;
-            let keep_open = OpenOptions::new().write(true).open(&fifo)?;
-            set_blocking(&reader)?;
-            let mut log_file = CappedLog::create(log, CONSOLE_LOG_CAP)?;
-            std::thread::Builder::new()
-                .name("console".into())
-                .spawn(move || copy(reader, &mut log_file))?;
-            Ok(keep_open)
-        })();
-        match opened {
-            Ok(keep_open) => Ok(ConsoleCapture {
-                fifo,
-                _keep_open: keep_open,
-            }),
-            Err(e) => {
-                let _ = fs::remove_file(&fifo);
-                Err(e)
-            }
-        }
+        let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let mut log_file = CappedLog::new(log, CONSOLE_LOG_CAP);
+        let reader = File::from(read_end);
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || copy(reader, &mut log_file))?;
+        Ok(ConsoleCapture {
+            path: PathBuf::from(format!("/proc/self/fd/{}", write_end.as_raw_fd())),
+            write_end,
+        })
     }
 
-    /// Where the hypervisor writes the console (`VmSpec::console_log`).
-    pub fn fifo(&self) -> &Path {
-        &self.fifo
+    /// Where the hypervisor writes the console (`VmSpec::console_log`):
+    /// a path for this process only, valid while `self` lives.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-}
-
-impl Drop for ConsoleCapture {
-    /// The hypervisor has its own descriptor by now (or never will): the
-    /// FIFO's name goes, and the copy ends when the hypervisor's end closes.
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.fifo);
-    }
-}
-
-fn set_blocking(file: &File) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
-    fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
-    Ok(())
 }
 
 /// Copies until every writer is gone, then drains nothing more. A log
@@ -174,7 +152,9 @@ mod tests {
     fn the_log_rotates_at_its_cap() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        let mut log = CappedLog::create(&path, 10).unwrap();
+        let mut log = CappedLog::new(&path, 10);
+        log.flush().unwrap();
+        assert!(!path.exists(), "made at the first byte");
         log.write_all(b"0123456789abcdefghijklmnopqrstuvwxyz")
             .unwrap();
         // 36 bytes through a 10-byte cap: the last 6 in the log, the 10
@@ -184,15 +164,18 @@ mod tests {
     }
 
     #[test]
-    fn the_fifo_is_copied_capped_and_goes_away() {
+    fn the_console_is_copied_capped_and_leaves_no_name() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");
         let capture = ConsoleCapture::start(&log).unwrap();
-        let fifo = capture.fifo().to_owned();
         // What a hypervisor does: open the path and write.
-        let mut writer = OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut writer = OpenOptions::new()
+            .write(true)
+            .append(true)
+            .open(capture.path())
+            .unwrap();
         drop(capture);
-        assert!(!fifo.exists(), "the FIFO's name is removed");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "nothing yet");
         let chunk = vec![b'x'; 64 << 10];
         // 100 MiB, as a guest flooding its console would write.
         for _ in 0..((100 << 20) / chunk.len()) {
@@ -201,7 +184,7 @@ mod tests {
         writer.write_all(b"end\n").unwrap();
         drop(writer);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !fs::read(&log).unwrap().ends_with(b"end\n") {
+        while !fs::read(&log).unwrap_or_default().ends_with(b"end\n") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the copy did not finish"
@@ -218,5 +201,14 @@ mod tests {
             fs::metadata(&log).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn a_console_nobody_wrote_leaves_no_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        drop(ConsoleCapture::start(&log).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!log.exists());
     }
 }

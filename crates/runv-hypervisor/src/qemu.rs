@@ -353,7 +353,7 @@ impl QemuVm {
             "-no-reboot".into(),
             "-chardev".into(),
             // append=on: without it QEMU truncates the fd it dups, which
-            // fails on the console's FIFO (runv_hypervisor::console).
+            // fails on the console's pipe (runv_hypervisor::console).
             format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
             "-serial".into(),
             "chardev:console".into(),

@@ -176,7 +176,7 @@ impl PodVm {
         let boot_started = Instant::now();
         let console = spec.console_log.clone();
         let shared = spec.shared_dir.is_some();
-        // The hypervisor writes into a FIFO that runv copies into the
+        // The hypervisor writes into a pipe that runv copies into the
         // log, capped: the guest does not decide how much disk it fills.
         let capture = ConsoleCapture::start(&console).map_err(|source| HypervisorError::Io {
             context: format!(
@@ -186,7 +186,7 @@ impl PodVm {
             source,
         })?;
         let mut spec = spec;
-        spec.console_log = capture.fifo().to_owned();
+        spec.console_log = capture.path().to_owned();
         let mut hypervisor = runv_hypervisor::create(config, spec);
         let start = hypervisor.start().await?;
         let mut exit = hypervisor
