@@ -551,20 +551,22 @@ fn build_shim() -> PathBuf {
 }
 
 /// The runv configuration of the test guest on the qemu hypervisor, with
-/// its VM directories under `dir`.
+/// its VM directories under `dir`. `[vm]` comes last, for tests that add
+/// keys of it.
 fn write_runv_config(dir: &Path) {
     let config = test_config(dir);
     let text = format!(
-        "hypervisor = \"qemu\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n[vm]\n\
+        "hypervisor = \"qemu\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n\
+         [qemu]\nallow_tcg = {}\n[vm]\n\
          kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = {}\nmemory_mib = {}\n\
-         agent_timeout_secs = {}\n[qemu]\nallow_tcg = {}\n",
+         agent_timeout_secs = {}\n",
         config.run_dir.display(),
+        config.qemu.allow_tcg,
         config.vm.kernel.display(),
         config.vm.initramfs.display(),
         config.vm.vcpus,
         config.vm.memory_mib,
         config.vm.agent_timeout_secs,
-        config.qemu.allow_tcg,
     );
     fs::write(dir.join("runv.toml"), text).unwrap();
 }

@@ -87,7 +87,8 @@ pub fn assert_guest_matches(details: &GuestDetails, config: &Config) {
     assert!(skew < Duration::from_secs(5), "guest clock is {skew:?} off");
 }
 
-/// Host processes whose command line mentions `needle`.
+/// Host processes whose command line mentions `needle`, or whose working
+/// directory is below it (a VM helper named only by fds).
 pub fn processes_mentioning(needle: &Path) -> Vec<String> {
     let needle = needle.to_string_lossy().into_owned();
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -99,8 +100,8 @@ pub fn processes_mentioning(needle: &Path) -> Vec<String> {
         .filter_map(|entry| {
             let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline
-                .contains(&needle)
+            let cwd = fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+            (cmdline.contains(&needle) || cwd.starts_with(&needle))
                 .then(|| format!("{}: {cmdline}", entry.file_name().to_string_lossy()))
         })
         .collect()

@@ -106,7 +106,10 @@ pub fn spawn_logged(
     let log_file = fs::File::create(how.log).map_err(io_error)?;
     let log_copy = log_file.try_clone().map_err(io_error)?;
     let mut command = command_dying_with_parent(program);
-    if let Some(cwd) = how.cwd {
+    // In the VM's directory at least, where its log is: an operator (or
+    // a leak check) finds every process of a VM by its working directory,
+    // whatever its command line names (QEMU's names only fds).
+    if let Some(cwd) = how.cwd.or(how.log.parent()) {
         command.current_dir(cwd);
     }
     let inherit = how.inherit;
