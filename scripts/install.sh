@@ -29,13 +29,15 @@ fi
 
 # Debian packages: QEMU (the qemu hypervisor), the kernel source and its
 # build tools, cpio for the initramfs, busybox for test images, containerd
-# and runc for the shim and its tests, protoc for the tests' CRI client
-# (k8s-cri), the libraries virtiofsd links (capabilities, seccomp), fio
-# for the storage benchmark, iperf3 and ping for the network benchmark.
+# and runc for the shim and its tests, the CNI plugins for pod networks,
+# protoc for the tests' CRI client (k8s-cri), the libraries virtiofsd links
+# (capabilities, seccomp), fio for the storage benchmark, iperf3 and ping
+# for the network benchmark.
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
     libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
-    libseccomp-dev containerd runc protobuf-compiler fio iperf3 iputils-ping python3-matplotlib
+    libseccomp-dev containerd runc containernetworking-plugins protobuf-compiler fio iperf3
+    iputils-ping python3-matplotlib
 )
 missing=()
 for p in "${packages[@]}"; do

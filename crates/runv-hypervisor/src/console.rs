@@ -94,7 +94,7 @@ pub struct ConsoleCapture {
     path: PathBuf,
     /// Holds the pipe open for writing while the hypervisor opens it, so
     /// that the copy does not see an end before it starts.
-    write_end: OwnedFd,
+    _write_end: OwnedFd,
 }
 
 impl ConsoleCapture {
@@ -108,7 +108,7 @@ impl ConsoleCapture {
             .spawn(move || copy(reader, &mut log_file))?;
         Ok(ConsoleCapture {
             path: PathBuf::from(format!("/proc/self/fd/{}", write_end.as_raw_fd())),
-            write_end,
+            _write_end: write_end,
         })
     }
 
@@ -170,7 +170,6 @@ mod tests {
         let capture = ConsoleCapture::start(&log).unwrap();
         // What a hypervisor does: open the path and write.
         let mut writer = OpenOptions::new()
-            .write(true)
             .append(true)
             .open(capture.path())
             .unwrap();
