@@ -80,7 +80,12 @@ async fn boot_with_a_nic(kernel: PathBuf, initramfs: PathBuf, mode: Interconnect
         }],
         vfio_devices: Vec::new(),
     };
-    let mut vm = QemuVm::new(spec, QemuConfig::default());
+    // This host may have only TCG: the test accepts it, as the install does.
+    let config = QemuConfig {
+        allow_tcg: true,
+        ..QemuConfig::default()
+    };
+    let mut vm = QemuVm::new(spec, config);
     vm.start().await.expect("the VM starts with a NIC");
 
     // The guest driver has bound the NIC once its status has DRIVER_OK.
