@@ -12,10 +12,14 @@
 
 use std::{
     io,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
+use nix::{
+    fcntl::AT_FDCWD,
+    sys::stat::{fchmodat, FchmodatFlags, Mode},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
@@ -46,14 +50,20 @@ pub async fn connect(socket: &Path, port: u32) -> io::Result<UnixStream> {
 pub fn listen(socket: &Path, port: u32) -> io::Result<UnixListener> {
     let path = listener_path(socket, port);
     let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     // The vsock backend connects to it: where that backend runs under a
     // uid of its own (the qemu backend's), it owns the socket's directory,
-    // and gets the socket too.
+    // and gets the socket too. That uid's process serves the guest, so it
+    // could swap the socket for a symlink: neither call below follows one.
+    fchmodat(
+        AT_FDCWD,
+        &path,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+        FchmodatFlags::NoFollowSymlink,
+    )?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     let owner = std::fs::metadata(dir)?.uid();
-    if owner != std::fs::metadata(&path)?.uid() {
-        std::os::unix::fs::chown(&path, Some(owner), None)?;
+    if owner != std::fs::symlink_metadata(&path)?.uid() {
+        std::os::unix::fs::lchown(&path, Some(owner), None)?;
     }
     Ok(listener)
 }
