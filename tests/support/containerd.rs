@@ -28,7 +28,7 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with the runv shim built from this checkout on its
     /// PATH and a runv config (`runv.toml` in its directory) that boots the
-    /// test guest images on the qemu hypervisor. None when the host lacks
+    /// test guest images on the test hypervisor. None when the host lacks
     /// containerd (the caller skips).
     pub fn start() -> Option<Containerd> {
         Self::launch(false)
@@ -519,9 +519,20 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Builds containerd-shim-runv-v2 with the cargo running the tests, into
-/// the same target directory, and returns the directory that holds it.
+/// The directory that holds containerd-shim-runv-v2: `RUNV_TEST_SHIM_DIR`
+/// when set (a shim built beforehand, as in the nested-KVM bed, which has
+/// no cargo of its own to build with), else the shim built here with the
+/// cargo running the tests, into the same target directory.
 fn build_shim() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNV_TEST_SHIM_DIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("containerd-shim-runv-v2").is_file(),
+            "RUNV_TEST_SHIM_DIR={} has no containerd-shim-runv-v2",
+            dir.display()
+        );
+        return dir;
+    }
     // The test binary is <target>/<profile>/deps/<test>.
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
@@ -550,16 +561,17 @@ fn build_shim() -> PathBuf {
     profile_dir
 }
 
-/// The runv configuration of the test guest on the qemu hypervisor, with
+/// The runv configuration of the test guest on the test hypervisor, with
 /// its VM directories under `dir`. `[vm]` comes last, for tests that add
 /// keys of it.
 fn write_runv_config(dir: &Path) {
     let config = test_config(dir);
     let text = format!(
-        "hypervisor = \"qemu\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n\
+        "hypervisor = \"{}\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n\
          [qemu]\nallow_tcg = {}\n[vm]\n\
          kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = {}\nmemory_mib = {}\n\
          agent_timeout_secs = {}\n",
+        config.hypervisor,
         config.run_dir.display(),
         config.qemu.allow_tcg,
         config.vm.kernel.display(),

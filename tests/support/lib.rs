@@ -41,13 +41,47 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
     )
 }
 
+/// The hypervisor the end-to-end tests run on: `RUNV_TEST_HYPERVISOR`,
+/// `qemu` (the default: it boots the guest on every host, under TCG where
+/// KVM cannot run it) or `builtin` (scripts/test.sh runs the suite so where
+/// KVM can boot the guest: on the host, or in the nested-KVM bed).
+pub fn test_hypervisor() -> HypervisorKind {
+    match std::env::var("RUNV_TEST_HYPERVISOR").as_deref() {
+        Ok("builtin") => HypervisorKind::Builtin,
+        Ok("qemu") | Err(_) => HypervisorKind::Qemu,
+        Ok(other) => panic!("RUNV_TEST_HYPERVISOR={other}: use qemu or builtin"),
+    }
+}
+
+/// Whether the test runs on the qemu hypervisor; otherwise prints why the
+/// test, which checks what only qemu has (`what`), is skipped.
+pub fn on_qemu(what: &str) -> bool {
+    let qemu = test_hypervisor() == HypervisorKind::Qemu;
+    if !qemu {
+        println!("SKIPPED: {what} is the qemu hypervisor's; this run is on builtin");
+    }
+    qemu
+}
+
+/// The host programs a pod VM runs beside the shim: QEMU and its helpers
+/// on qemu (virtiofsd when the pod shares a directory), none on builtin,
+/// whose VM is in the shim's own process.
+pub fn vm_helper_programs(shares: bool) -> Vec<&'static str> {
+    match (test_hypervisor(), shares) {
+        (HypervisorKind::Builtin, _) => Vec::new(),
+        (HypervisorKind::Qemu, false) => vec!["qemu-system-x86_64", "vhost-device-vsock"],
+        (HypervisorKind::Qemu, true) => {
+            vec!["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"]
+        }
+    }
+}
+
 /// A configuration whose VMs keep everything under `scratch`, on the
-/// `qemu` hypervisor, which boots the guest on every host (TCG where KVM
-/// cannot run it).
+/// [`test_hypervisor`].
 pub fn test_config(scratch: &Path) -> Config {
     let (kernel, initramfs) = guest_images();
     let mut config = Config {
-        hypervisor: HypervisorKind::Qemu,
+        hypervisor: test_hypervisor(),
         run_dir: scratch.join("run"),
         ..Config::default()
     };

@@ -243,10 +243,16 @@ fn allowed(kind: ThreadKind) -> Result<Rules, String> {
             // A vCPU whose guest reset the VM kicks the others.
             rules.insert(libc::SYS_tgkill, kicks()?);
             // Guest RAM mapped again for the fs device at activation,
-            // eventfds for MSI vectors, VFIO config and BAR accesses.
+            // eventfds for MSI vectors, VFIO config and BAR accesses; a
+            // vsock device the guest resets shuts its connections down.
             allow(
                 &mut rules,
-                &[libc::SYS_eventfd2, libc::SYS_pread64, libc::SYS_pwrite64],
+                &[
+                    libc::SYS_eventfd2,
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    libc::SYS_shutdown,
+                ],
             );
             rules.insert(
                 libc::SYS_ioctl,

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs runv's end-to-end tests (tests/, the runv-tests package) on a
+# hypervisor that needs a KVM able to boot the guest: the builtin VMM, or
+# the qemu backend with KVM. They run in the nested-KVM bed
+# (scripts/nested-kvm.sh): on the host where its /dev/kvm can, else in L1.
+#
+#   scripts/e2e-nested.sh [--hypervisor builtin|qemu] [--threads N] [TEST[:FILTER]]...
+#
+# TEST names a test binary of tests/Cargo.toml (`containerd`, `cri:pod`);
+# with none, the CI set below runs. `--full` runs every test binary.
+# Prints each binary's output and ends with `nested (HYPERVISOR): N passed,
+# N failed, N skipped`. Needs RUNV_KERNEL and RUNV_INITRAMFS (scripts/test.sh
+# sets them) or the installed guest images.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="/usr/local/bin:$HOME/.cargo/bin:$PATH"
+cd "$repo"
+
+# What CI runs in L1: every builtin device (vsock, block, net, fs, SMP) and
+# the pod lifecycle through containerd and CRI.
+ci_set=(builtin_boot vm_boot agent_containers containerd cri storage block_devices shared_fs network)
+# The rest of tests/ (host-side security checks that hold whatever the
+# hypervisor): in --full runs.
+full_extra=(host_mounts host_cgroup vsock_isolation exec_security host_confinement)
+
+hypervisor=builtin threads=2 tests=()
+while (($#)); do
+    case $1 in
+    --hypervisor) hypervisor=$2 && shift 2 ;;
+    --threads) threads=$2 && shift 2 ;;
+    --full) tests=("${ci_set[@]}" "${full_extra[@]}") && shift ;;
+    -*)
+        echo "e2e-nested: unknown option $1 (see the head of $0)" >&2
+        exit 2
+        ;;
+    *) tests+=("$1") && shift ;;
+    esac
+done
+((${#tests[@]})) || tests=("${ci_set[@]}")
+
+# Everything is built here: L1 has the host's files but no build to spare
+# (a build under TCG takes many times as long).
+cargo build --locked --quiet -p runv-shim --bin containerd-shim-runv-v2
+binaries=$(cargo test --locked --quiet -p runv-tests --no-run --message-format=json |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") \
+            and "test" in message["target"]["kind"]:
+        print(message["target"]["name"], message["executable"])
+')
+
+# Under target/: L1 has a tmpfs of its own on /tmp.
+mkdir -p target/e2e-nested
+job=$(mktemp -d "$repo/target/e2e-nested/run.XXXXXX")
+trap 'rm -rf "$job"' EXIT
+{
+    echo "set -u"
+    echo "export RUNV_TEST_HYPERVISOR=$hypervisor RUNV_TEST_SHIM_DIR=$repo/target/debug"
+    for test in "${tests[@]}"; do
+        name=${test%%:*} filter=
+        [[ $test == *:* ]] && filter=${test#*:}
+        exe=$(awk -v name="$name" '$1 == name { print $2 }' <<<"$binaries")
+        [[ -n $exe ]] || {
+            echo "e2e-nested: no test binary $name in tests/Cargo.toml" >&2
+            exit 2
+        }
+        echo "echo '=== $name on $hypervisor'"
+        # 101: a test failed (it says which); anything else: the binary
+        # itself died, which counts as one more failure.
+        echo "$exe --test-threads=$threads --nocapture $filter; rc=\$?"
+        echo "[ \$rc = 0 ] || [ \$rc = 101 ] || echo 'e2e-nested: $name died (exit '\$rc')'"
+    done
+} >"$job/suite.sh"
+
+log=$job/log
+set +e
+scripts/nested-kvm.sh run -- sh "$job/suite.sh" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+skipped=$(grep -c '^SKIPPED: ' "$log" || true)
+awk -v skipped="$skipped" -v hv="$hypervisor" '
+    /^test result:/ { passed += $4; failed += $6 }
+    /^e2e-nested: .* died/ { failed++ }
+    END { printf "nested (%s): %d passed, %d failed, %d skipped\n", hv, passed - skipped, failed, skipped }
+' "$log"
+if grep -q -E '^(test result: FAILED|e2e-nested: .* died)' "$log"; then
+    status=1
+fi
+exit "$status"

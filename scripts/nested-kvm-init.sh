@@ -1,0 +1,58 @@
+#!/bin/busybox sh
+# PID 1 of the nested-KVM bed's L1 (scripts/nested-kvm.sh). It mounts the
+# host's root (9p, read-only) under a tmpfs overlay, makes the mounts a node
+# has (proc, sys, dev, cgroup v1 as on the host, tmpfs on /tmp and /run),
+# chroots there and runs the job the host left in the `job` share: its
+# output goes to job/output, its exit code to job/rc. Then it powers off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for module in $(cat /modules/order); do
+    insmod "/modules/$module" || echo "l1: insmod $module failed"
+done
+ninep="trans=virtio,version=9p2000.L,msize=1048576"
+mount -t 9p -o "$ninep,ro,cache=loose" hostroot /lower
+mount -t tmpfs -o mode=755 tmpfs /upper
+mkdir -p /upper/data /upper/work
+mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot
+
+root=/newroot
+# L1's kernel modules, unpacked on the host (`l1.modules=` names where).
+modules=$(sed -n 's/.*l1\.modules=\([^ ]*\).*/\1/p' /proc/cmdline)
+for fs in proc sys dev; do mount --move "/$fs" "$root/$fs"; done
+mkdir -p "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+for dir in tmp var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "$root/$dir"; done
+mount -t tmpfs -o mode=755 tmpfs "$root/run"
+mkdir -p "$root/run/l1-job" "$root/run/lock"
+mount -t 9p -o "$ninep,cache=none" job "$root/run/l1-job"
+mkdir -p "$root/lib/modules"
+mount --bind "$root$modules" "$root/lib/modules"
+cgroups=$root/sys/fs/cgroup
+mount -t tmpfs -o mode=755 cgroup "$cgroups"
+for controller in cpu cpuacct cpuset memory devices freezer blkio pids net_cls perf_event hugetlb; do
+    mkdir -p "$cgroups/$controller"
+    mount -t cgroup -o "$controller" cgroup "$cgroups/$controller"
+done
+mkdir -p "$cgroups/systemd" "$cgroups/unified"
+mount -t cgroup -o none,name=systemd cgroup "$cgroups/systemd"
+mount -t cgroup2 cgroup2 "$cgroups/unified"
+
+# The host's shell and tools from here on (busybox's shell would run its
+# own applets, modprobe among them, in place of the host's).
+exec chroot "$root" /bin/sh -c '
+    export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    job=/run/l1-job
+    hostname l1
+    ip link set lo up
+    for module in $(cat $job/modules); do
+        modprobe "$module" || echo "l1: modprobe $module failed" >>$job/output
+    done
+    sh $job/job.sh >>$job/output 2>&1 </dev/null
+    echo $? >$job/rc
+    sync
+    exec /bin/busybox poweroff -f
+'
