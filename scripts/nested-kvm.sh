@@ -4,9 +4,10 @@
 # host itself. Elsewhere (this project's build machines: /dev/kvm is PVM)
 # it is a level-1 VM ("L1"): QEMU with TCG emulates AMD SVM with nested
 # paging, Debian 12's stock kernel in it loads kvm_amd, and its /dev/kvm
-# runs the real guest. L1 has no disk: its root is this host's root file
-# system, read-only over 9p under a tmpfs overlay, so every installed
-# program, the guest images and test binaries built here are there.
+# runs the real guest (L1 has 4-level paging: under 5-level, its kernel
+# crashed in KVM). L1's root is this host's root file system, read-only
+# over 9p under a tmpfs overlay, so every installed program, the guest
+# images and test binaries built here are there; its /tmp is a scratch disk.
 #
 #   scripts/nested-kvm.sh prepare          fetch and build L1 (cached)
 #   scripts/nested-kvm.sh run [options] -- COMMAND [ARGS...]
@@ -30,7 +31,7 @@ cache=${RUNV_L1_CACHE:-$HOME/.cache/runv/l1}
 # (bookworm-backports) runs it: with QEMU 7.2's TCG, L1 sometimes locks up
 # when its VM count goes to or from zero.
 qemu_release=bookworm-backports
-# Bump when what `prepare` builds changes.
+# Bump when what `prepare` fetches changes.
 recipe=1
 
 log() { echo "nested-kvm: $*" >&2; }
@@ -39,9 +40,10 @@ die() {
     exit 125
 }
 
-# Modules L1's initramfs loads to reach its root (9p over virtio-pci) and
-# lay the overlay on it; the rest load from the root's /lib/modules.
-boot_modules=(virtio_pci 9pnet_virtio 9p overlay)
+# Modules L1's initramfs loads to reach its root (9p over virtio-pci), lay
+# the overlay on it, and mount its scratch disk (ext4 on virtio-blk); the
+# rest load from the root's /lib/modules.
+boot_modules=(virtio_pci 9pnet_virtio 9p overlay virtio_blk ext4)
 # Modules the tests need in L1: KVM, containerd's overlay snapshotter, CNI
 # bridges and veths, taps with tc mirred, macvtap, loop devices for block
 # volumes, and iptables for CNI's masquerading and port mappings.
@@ -105,8 +107,8 @@ choose_l1() {
 prepare() {
     choose_l1
     [[ -f $l1/ready ]] || fetch_l1
-    # The initramfs is quick to make: remade whenever its init changes.
-    cmp -s "$repo/scripts/nested-kvm-init.sh" "$l1/init" || build_l1_initramfs
+    # The initramfs is quick to make: remade whenever what goes in changes.
+    [[ $(initramfs_inputs) == "$(cat "$l1/initramfs.inputs" 2>/dev/null)" ]] || build_l1_initramfs
 }
 
 # L1's kernel with its modules, and QEMU 10, unpacked into $l1/root.
@@ -130,6 +132,11 @@ fetch_l1() {
     touch "$l1/ready"
 }
 
+initramfs_inputs() {
+    echo "${boot_modules[*]}"
+    cat "$repo/scripts/nested-kvm-init.sh"
+}
+
 # busybox, the boot modules in the order insmod takes them, and the init.
 build_l1_initramfs() {
     local stage=$l1/initramfs
@@ -147,7 +154,7 @@ build_l1_initramfs() {
     chmod 755 "$stage/init"
     (cd "$stage" && find . | cpio --quiet -o -H newc | gzip -1 >"$l1/initramfs.cpio.gz")
     rm -rf "$stage"
-    cp "$repo/scripts/nested-kvm-init.sh" "$l1/init"
+    initramfs_inputs >"$l1/initramfs.inputs"
     log "L1 ready: $l1"
 }
 
@@ -169,18 +176,22 @@ run_in_l1() {
         echo
     } >"$job/job.sh"
     echo "${l1_modules[*]}" >"$job/modules"
+    # L1's /tmp: a sparse disk, so tests there meet a disk file system
+    # (O_DIRECT, as on a node) and their files cost host disk, not L1 RAM.
+    truncate -s 64G "$job/scratch.img"
     : >"$job/output"
     tail -n +1 -F "$job/output" 2>/dev/null &
     local tail=$!
     local qemu=$l1/root/usr/bin/qemu-system-x86_64
     local status=0
     timeout --kill-after=10 "$timeout" "$qemu" -L "$l1/root/usr/share/qemu" \
-        -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$memory" \
+        -accel tcg,thread=multi -cpu max,la57=off -smp "$cpus" -m "$memory" \
         -nodefaults -display none -serial "file:$job/console.log" -no-reboot \
         -kernel "$l1/root/boot/vmlinuz-$l1_kernel_release" -initrd "$l1/initramfs.cpio.gz" \
         -append "console=ttyS0 loglevel=4 panic=-1 l1.modules=$l1/root/lib/modules" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
-        -virtfs "local,path=$job,mount_tag=job,security_model=none" || status=$?
+        -virtfs "local,path=$job,mount_tag=job,security_model=none" \
+        -drive "file=$job/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap" || status=$?
     sleep 0.5
     kill "$tail" 2>/dev/null || true
     wait "$tail" 2>/dev/null || true

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # Runs runv's tests: installs what they need (scripts/install.sh), checks
 # formatting and lints, then runs every unit and integration test against
-# the guest images built from this checkout. Ends with a summary line.
+# the guest images built from this checkout (end-to-end tests on the qemu
+# hypervisor), then the end-to-end suite on the builtin hypervisor and on
+# qemu with KVM in the nested-KVM bed (scripts/e2e-nested.sh). Ends with a
+# summary line.
+#
+#   scripts/test.sh          what CI runs
+#   scripts/test.sh --full   every end-to-end test on builtin and on qemu
+#                            with KVM too (docs/testing.md)
 set -euo pipefail
+full=
+case ${1:-} in
+--full) full=--full ;;
+"") ;;
+*)
+    echo "test: unknown argument $1 (use --full or nothing)" >&2
+    exit 2
+    ;;
+esac
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # rustup's cargo and the helpers installed under /usr/local, whatever PATH
 # the caller had (CI runs with a bare environment).
@@ -22,6 +38,16 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --locked --workspace --no-fail-fast -- --nocapture 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The builtin VMM needs a KVM that boots the guest; so does qemu's KVM path.
+# In CI: builtin's set, and qemu with KVM through containerd; --full: all.
+nested_qemu=(containerd)
+[[ -n $full ]] && nested_qemu=(--full)
+for run in "--hypervisor builtin $full" "--hypervisor qemu ${nested_qemu[*]}"; do
+    # shellcheck disable=SC2086 # $run is a list of arguments
+    scripts/e2e-nested.sh $run 2>&1 | tee -a "$log"
+    nested_status=${PIPESTATUS[0]}
+    ((status != 0)) || status=$nested_status
+done
 set -e
 
 # One line for CI: the sums of every test binary's result line. Tests that
@@ -29,6 +55,7 @@ set -e
 skipped=$(grep -c '^SKIPPED: ' "$log" || true)
 awk -v skipped="$skipped" '
     /^test result:/ { passed += $4; failed += $6 }
+    /^e2e-nested: .* died/ { failed++ }
     END { printf "summary: %d passed, %d failed, %d skipped\n", passed - skipped, failed, skipped }
 ' "$log"
 exit "$status"

@@ -19,14 +19,11 @@ use runv_tests::{
     containerd::Containerd,
     cri::{
         app_config, create_app, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
-        start_app, CriClient, HYPERVISOR, POD_NAMESERVER, SHIM, VIRTIOFSD,
+        start_app, vm_process, CriClient, POD_NAMESERVER, SHIM,
     },
     disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
 };
-
-/// The vsock backend runv runs beside QEMU for a pod.
-const VSOCK_DEVICE: &str = "vhost-device-vsock";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_runs_in_one_vm() {
@@ -85,7 +82,7 @@ async fn pod_runs_in_one_vm() {
 
     // One shim and one VM serve the sandbox and both apps.
     assert_eq!(pod_processes(&containerd, SHIM).len(), 1, "one shim");
-    assert_eq!(pod_processes(&containerd, HYPERVISOR).len(), 1, "one VM");
+    assert_eq!(pod_processes(&containerd, vm_process()).len(), 1, "one VM");
     print_host_memory(&containerd);
     let tasks = containerd.ctr_ok(&["task", "ls"]);
     for id in std::iter::once(&pod_id).chain(apps.iter().map(|(_, id)| id)) {
@@ -365,7 +362,7 @@ async fn assert_plugged(cri: &mut CriClient, keeper: &str, host_disks: &[&Path])
     for disk in host_disks {
         let holders = processes_holding(disk);
         assert!(
-            holders.iter().any(|h| h.contains(HYPERVISOR)),
+            holders.iter().any(|h| h.contains(vm_process())),
             "the hypervisor holds {}: {holders:?}",
             disk.display()
         );
@@ -640,7 +637,8 @@ async fn assert_guest_size(cri: &mut CriClient, id: &str, vcpus: u32, memory_mib
 fn print_host_memory(containerd: &Containerd) {
     let mut parts = Vec::new();
     let mut total_kib = 0;
-    for program in [SHIM, HYPERVISOR, VSOCK_DEVICE, VIRTIOFSD] {
+    let programs = std::iter::once(SHIM).chain(runv_tests::vm_helper_programs(true));
+    for program in programs {
         let kib: u64 = pod_processes(containerd, program)
             .iter()
             .filter_map(|process| process.split_once(':'))

@@ -21,15 +21,13 @@ use runv_hypervisor::CONSOLE_LOG_CAP;
 use runv_tests::{
     containerd::Containerd,
     cri::{
-        app_config, pod_config, pod_processes, remove_pods, run_pod, start_app, CriClient,
-        HYPERVISOR, SHIM, VIRTIOFSD,
+        app_config, pod_config, pod_processes, remove_pods, run_pod, start_app, CriClient, SHIM,
     },
 };
 
 /// The host memory the shim gives a VM on top of its guest RAM
 /// (runv-shim's host_cgroup::HOST_OVERHEAD_MIB).
 const HOST_OVERHEAD_MIB: u64 = 256;
-const VSOCK_HELPER: &str = "vhost-device-vsock";
 /// What the guest writes to its console: four times the cap, 30 s under
 /// TCG (the serial port moves about 140 KB/s there, so 100 MiB would take
 /// 12 minutes; the console unit test pushes 100 MiB through the copy).
@@ -74,7 +72,7 @@ async fn the_pod_cgroup_holds_bounds_and_reports_the_vm() {
     // is in the pod's cgroup, in every hierarchy.
     let shim_pid = only_pid(&containerd, SHIM);
     let helpers = children(shim_pid);
-    for program in [HYPERVISOR, VIRTIOFSD, VSOCK_HELPER] {
+    for program in runv_tests::vm_helper_programs(true) {
         // /proc/<pid>/comm keeps 15 bytes of the name.
         let comm = &program[..program.len().min(15)];
         assert!(

@@ -1,8 +1,8 @@
-//! virtio-fs on the qemu hypervisor, with the real virtiofsd, guest kernel
-//! and agent: the agent mounts the host's shared directory at boot; files
+//! virtio-fs on the test hypervisor (the real virtiofsd on qemu, the
+//! in-process device on builtin), with the real guest kernel and agent: the agent mounts the host's shared directory at boot; files
 //! travel both ways; a container root file system (an overlay mount)
 //! bind-mounted under the share while the VM runs is seen by the guest; and
-//! virtiofsd never outlives its VM.
+//! virtiofsd never outlives its VM (on qemu).
 //!
 //! The agent's container calls are not there yet, so two guests do the
 //! guest's part: the real agent (its MountVirtioFs checks that the share
@@ -23,7 +23,8 @@ use runv_hypervisor::{HypervisorError, VmExit};
 use runv_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 use runv_sandbox::{PodVm, SandboxError};
 use runv_tests::{
-    assert_nothing_left, initramfs_with_shell_init, is_running, spawn_vm_holder, test_config,
+    assert_nothing_left, initramfs_with_shell_init, is_running, on_qemu, spawn_vm_holder,
+    test_config, vm_helper_programs,
 };
 
 /// A host directory with one file in it, to be shared.
@@ -50,11 +51,8 @@ async fn agent_mounts_the_share_at_boot_and_virtiofsd_ends_with_the_vm() {
         .expect("VM boots");
     assert_eq!(vm.guest_shared_dir(), Some(Path::new(GUEST_SHARED_DIR)));
     let pids = vm.pids();
-    assert_eq!(
-        pids.len(),
-        3,
-        "qemu, vhost-device-vsock, virtiofsd: {pids:?}"
-    );
+    let helpers = vm_helper_programs(true);
+    assert_eq!(pids.len(), helpers.len(), "{helpers:?}: {pids:?}");
     assert!(pids.iter().all(|&pid| is_running(pid)));
     // A second mount of the same tag at the same place changes nothing.
     vm.agent()
@@ -243,6 +241,9 @@ async fn files_travel_both_ways_and_a_rootfs_mounted_after_boot_is_seen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_ends_when_virtiofsd_dies() {
+    if !on_qemu("virtiofsd") {
+        return;
+    }
     let scratch = tempfile::tempdir().unwrap();
     let config = test_config(scratch.path());
     let mut spec = PodVm::spec(&config, "fsdies", scratch.path().join("console.log"));
@@ -286,6 +287,9 @@ async fn vm_ends_when_virtiofsd_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_virtiofsd_is_named_before_anything_starts() {
+    if !on_qemu("virtiofsd") {
+        return;
+    }
     let scratch = tempfile::tempdir().unwrap();
     let err =
         boot_with_virtiofsd(scratch.path(), scratch.path().join("no-virtiofsd"), "nofs").await;
@@ -314,6 +318,9 @@ async fn missing_virtiofsd_is_named_before_anything_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtiofsd_that_fails_to_start_leaves_nothing() {
+    if !on_qemu("virtiofsd") {
+        return;
+    }
     let scratch = tempfile::tempdir().unwrap();
     let failing = scratch.path().join("failing-virtiofsd");
     fs::write(
@@ -349,7 +356,7 @@ async fn dropped_vm_takes_virtiofsd_along() {
         .await
         .expect("VM boots");
     let pids = vm.pids();
-    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert_eq!(pids.len(), vm_helper_programs(true).len(), "{pids:?}");
     drop(vm);
     assert_nothing_left(scratch.path(), &pids, &["console.log", "shared/"]);
 }
@@ -360,7 +367,11 @@ fn killed_owner_takes_virtiofsd_along() {
     let shared = shared_dir(scratch.path());
     let (mut owner, pids) =
         spawn_vm_holder(env!("CARGO_BIN_EXE_hold-vm"), &[scratch.path(), &shared]);
-    assert_eq!(pids.len(), 3, "hold-vm printed {pids:?}");
+    assert_eq!(
+        pids.len(),
+        vm_helper_programs(true).len(),
+        "hold-vm printed {pids:?}"
+    );
     assert!(pids.iter().all(|&pid| is_running(pid)));
 
     owner.kill().unwrap();
@@ -403,8 +414,9 @@ async fn boot_time_with_and_without_the_share() {
     };
     let [without, with] = &mut times;
     println!(
-        "boot to agent ready, median of {ROUNDS} (qemu): without share {:.0} ms, with share \
+        "boot to agent ready, median of {ROUNDS} ({}): without share {:.0} ms, with share \
          {:.0} ms (all: {without:?} / {with:?})",
+        config.hypervisor,
         median(without).as_secs_f64() * 1000.0,
         median(with).as_secs_f64() * 1000.0,
     );

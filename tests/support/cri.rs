@@ -30,10 +30,19 @@ pub const NAMESPACE: &str = "k8s.io";
 /// The runtime handler that selects runv (a RuntimeClass's `handler`).
 pub const RUNTIME_HANDLER: &str = "runv";
 
-/// The host programs runv runs for a pod on the qemu hypervisor.
+/// The host programs runv runs for a pod: the shim, and on the qemu
+/// hypervisor QEMU and its helpers ([`crate::vm_helper_programs`]).
 pub const SHIM: &str = "containerd-shim-runv-v2";
-pub const HYPERVISOR: &str = "qemu-system-x86_64";
 pub const VIRTIOFSD: &str = "virtiofsd";
+
+/// The host process that runs a pod's VM: QEMU, or on the builtin
+/// hypervisor the shim itself.
+pub fn vm_process() -> &'static str {
+    match crate::test_hypervisor() {
+        runv_config::HypervisorKind::Qemu => "qemu-system-x86_64",
+        runv_config::HypervisorKind::Builtin => SHIM,
+    }
+}
 
 /// A nameserver only the tests' pods use, to recognise CRI's resolv.conf.
 pub const POD_NAMESERVER: &str = "192.0.2.53";
@@ -138,7 +147,7 @@ pub async fn remove_pods(containerd: &Containerd, cri: &mut CriClient, pod_ids: 
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let runv_processes = || {
-        [SHIM, HYPERVISOR, VIRTIOFSD]
+        [SHIM, vm_process(), VIRTIOFSD]
             .iter()
             .flat_map(|program| pod_processes(containerd, program))
             .collect::<Vec<_>>()

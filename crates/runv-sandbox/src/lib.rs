@@ -73,6 +73,10 @@ pub struct PluggedBlock {
 /// for the error.
 async fn abandon(hypervisor: &mut dyn Hypervisor, console: &Path) -> String {
     hypervisor.stop(Duration::ZERO).await;
+    // The log is made at the guest's first byte.
+    if !console.exists() {
+        return "(none: the guest wrote nothing to its console)".into();
+    }
     process::tail(console, CONSOLE_TAIL_LINES)
 }
 
