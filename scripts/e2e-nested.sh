@@ -77,7 +77,7 @@ trap 'rm -rf "$job"' EXIT
 
 log=$job/log
 set +e
-scripts/nested-kvm.sh run -- sh "$job/suite.sh" 2>&1 | tee "$log"
+scripts/nested-kvm.sh run ${RUNV_L1_CPUS:+--cpus "$RUNV_L1_CPUS"} -- sh "$job/suite.sh" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 skipped=$(grep -c '^SKIPPED: ' "$log" || true)

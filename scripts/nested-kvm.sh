@@ -170,7 +170,6 @@ run_in_l1() {
         while read -r name; do
             echo "export $name=$(printf %q "${!name}")"
         done < <(compgen -e | grep -E '^(RUNV_|RUST_|CARGO_|PATH$|HOME$|TERM$)')
-        echo "export RUNV_IN_L1=1"
         printf 'exec'
         printf ' %q' "$@"
         echo
@@ -218,8 +217,8 @@ prepare)
 check)
     if host_runs_builtin; then
         echo "builtin runs on this host's /dev/kvm"
-    elif grep -q -E 'svm|vmx' /proc/cpuinfo || command -v qemu-system-x86_64 >/dev/null; then
-        echo "builtin runs in L1 (QEMU TCG with emulated AMD SVM)"
+    else
+        echo "builtin runs in L1 (QEMU TCG with emulated AMD SVM): this host's /dev/kvm cannot boot the guest"
     fi
     ;;
 run)

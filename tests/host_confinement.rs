@@ -6,13 +6,7 @@
 //! `user.virtiofs.`. And TCG is refused unless the config allows it.
 
 use std::{
-    collections::BTreeMap,
-    ffi::CString,
-    fs,
-    os::unix::ffi::OsStrExt,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
+    collections::BTreeMap, ffi::CString, fs, os::unix::ffi::OsStrExt, path::Path, time::Duration,
 };
 
 use runv_agent_client::ConnectOptions;
@@ -162,27 +156,6 @@ sync
 reboot -f
 "#;
 
-/// Builds tests/attack/fs_probe.c static at `path`; false (the test
-/// skips) without a C compiler.
-fn build_probe(path: &Path) -> bool {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("attack/fs_probe.c");
-    match Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(path)
-        .arg(&source)
-        .status()
-    {
-        Ok(status) => {
-            assert!(status.success(), "cc -static {} failed", source.display());
-            true
-        }
-        Err(e) => {
-            println!("SKIPPED: no C compiler (cc: {e}); apt-get install gcc libc6-dev");
-            false
-        }
-    }
-}
-
 /// The host's value of extended attribute `name` of `path`, if it has one.
 fn host_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let path = CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -237,7 +210,7 @@ async fn guest_cannot_set_host_xattrs_or_make_device_nodes() {
     let scratch = tempfile::tempdir().unwrap();
     let shared = scratch.path().join("shared");
     fs::create_dir(&shared).unwrap();
-    if !build_probe(&shared.join("fs-probe")) {
+    if !runv_tests::build_attack_program("fs_probe", &shared.join("fs-probe")) {
         return;
     }
     fs::write(shared.join("guest-file"), "").unwrap();

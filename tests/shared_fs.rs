@@ -19,11 +19,12 @@ use std::{
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use runv_agent_client::ConnectOptions;
+use runv_config::HypervisorKind;
 use runv_hypervisor::{HypervisorError, VmExit};
 use runv_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 use runv_sandbox::{PodVm, SandboxError};
 use runv_tests::{
-    assert_nothing_left, initramfs_with_shell_init, is_running, on_qemu, spawn_vm_holder,
+    assert_nothing_left, initramfs_with_shell_init, is_running, only_on, spawn_vm_holder,
     test_config, vm_helper_programs,
 };
 
@@ -241,7 +242,7 @@ async fn files_travel_both_ways_and_a_rootfs_mounted_after_boot_is_seen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_ends_when_virtiofsd_dies() {
-    if !on_qemu("virtiofsd") {
+    if !only_on(HypervisorKind::Qemu, "virtiofsd") {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -287,7 +288,7 @@ async fn vm_ends_when_virtiofsd_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_virtiofsd_is_named_before_anything_starts() {
-    if !on_qemu("virtiofsd") {
+    if !only_on(HypervisorKind::Qemu, "virtiofsd") {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -318,7 +319,7 @@ async fn missing_virtiofsd_is_named_before_anything_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtiofsd_that_fails_to_start_leaves_nothing() {
-    if !on_qemu("virtiofsd") {
+    if !only_on(HypervisorKind::Qemu, "virtiofsd") {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();

@@ -10,11 +10,11 @@ use nix::{
     unistd::Pid,
 };
 use runv_agent_client::{AgentError, ConnectOptions};
+use runv_config::HypervisorKind;
 use runv_protocol::PROTOCOL_VERSION;
 use runv_sandbox::{PodVm, SandboxError};
-use runv_config::HypervisorKind;
 use runv_tests::{
-    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running, on_qemu,
+    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running, only_on,
     spawn_vm_holder, test_config, vm_helper_programs,
 };
 
@@ -161,7 +161,10 @@ async fn dropped_vm_is_killed_and_cleaned_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_that_does_not_power_off_is_killed() {
-    if !on_qemu("a VM frozen by stopping its processes") {
+    if !only_on(
+        HypervisorKind::Qemu,
+        "a VM frozen by stopping its processes",
+    ) {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();

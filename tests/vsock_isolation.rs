@@ -5,8 +5,6 @@
 //! the guest's own CID, and sends a ttrpc request on any connection it
 //! gets. Every connect must fail, and no request be answered.
 
-use std::{path::PathBuf, process::Command};
-
 use runv_tests::containerd::{build_busybox_image_with_files, Containerd};
 
 const IMAGE: &str = "docker.io/runv/vsock-probe:test";
@@ -14,36 +12,15 @@ const IMAGE: &str = "docker.io/runv/vsock-probe:test";
 /// The agent's ports the probe tries, at each of its 3 CIDs.
 const ATTEMPTS_PER_RUN: usize = 6;
 
-/// Builds tests/attack/vsock_probe.c static into `dir`; None (the test
-/// skips) without a C compiler.
-fn build_probe(dir: &std::path::Path) -> Option<PathBuf> {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("attack/vsock_probe.c");
-    let probe = dir.join("vsock-probe");
-    let built = Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(&probe)
-        .arg(&source)
-        .status();
-    match built {
-        Ok(status) => {
-            assert!(status.success(), "cc -static {} failed", source.display());
-            Some(probe)
-        }
-        Err(e) => {
-            println!("SKIPPED: no C compiler (cc: {e}); apt-get install gcc libc6-dev");
-            None
-        }
-    }
-}
-
 #[test]
 fn containers_cannot_reach_the_agent_over_vsock() {
     let Some(containerd) = Containerd::start() else {
         return;
     };
-    let Some(probe) = build_probe(containerd.dir()) else {
+    let probe = containerd.dir().join("vsock-probe");
+    if !runv_tests::build_attack_program("vsock_probe", &probe) {
         return;
-    };
+    }
     let archive = build_busybox_image_with_files(
         containerd.dir(),
         IMAGE,

@@ -42,8 +42,8 @@ use runv_tests::{
     bench::{command_output, configured_hypervisor, cpu_model, qemu_accel, write_report},
     containerd::{Containerd, BUSYBOX_IMAGE},
     cri::{
-        app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient,
-        HYPERVISOR, SHIM, VIRTIOFSD,
+        app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient, SHIM,
+        VIRTIOFSD,
     },
     pss_kib, test_config,
 };
@@ -54,7 +54,9 @@ const GUEST_RAM: &str = "QEMU: guest RAM touched";
 const TCG_CODE: &str = "QEMU: TCG translated code";
 const GUEST_IMAGES: &str = "QEMU: guest kernel and initramfs files";
 
-/// The vsock backend runv runs beside QEMU for a pod.
+/// The qemu hypervisor's VM process, and the vsock backend runv runs
+/// beside QEMU for a pod.
+const HYPERVISOR: &str = "qemu-system-x86_64";
 const VSOCK_DEVICE: &str = "vhost-device-vsock";
 /// runc's shim, one per pod.
 const RUNC_SHIM: &str = "containerd-shim-runc-v2";

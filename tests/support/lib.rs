@@ -53,14 +53,14 @@ pub fn test_hypervisor() -> HypervisorKind {
     }
 }
 
-/// Whether the test runs on the qemu hypervisor; otherwise prints why the
-/// test, which checks what only qemu has (`what`), is skipped.
-pub fn on_qemu(what: &str) -> bool {
-    let qemu = test_hypervisor() == HypervisorKind::Qemu;
-    if !qemu {
-        println!("SKIPPED: {what} is the qemu hypervisor's; this run is on builtin");
+/// Whether the test runs on `hypervisor`; otherwise prints why the test,
+/// which checks what only that hypervisor has (`what`), is skipped.
+pub fn only_on(hypervisor: HypervisorKind, what: &str) -> bool {
+    let on = test_hypervisor();
+    if on != hypervisor {
+        println!("SKIPPED: {what} is the {hypervisor} hypervisor's; this run is on {on}");
     }
-    qemu
+    on == hypervisor
 }
 
 /// The host programs a pod VM runs beside the shim: QEMU and its helpers
@@ -284,4 +284,25 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
         .trim_end_matches(" kB")
         .parse()
         .ok()
+}
+
+/// Builds the attack program `tests/attack/<name>.c` static at `output`;
+/// false (the caller skips) where there is no C compiler.
+pub fn build_attack_program(name: &str, output: &Path) -> bool {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("attack/{name}.c"));
+    match Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(output)
+        .arg(&source)
+        .status()
+    {
+        Ok(status) => {
+            assert!(status.success(), "cc -static {} failed", source.display());
+            true
+        }
+        Err(e) => {
+            println!("SKIPPED: no C compiler (cc: {e}); apt-get install gcc libc6-dev");
+            false
+        }
+    }
 }

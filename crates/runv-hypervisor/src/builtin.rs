@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -34,7 +34,7 @@ use crate::{
 const GUEST_CID: u64 = 3;
 
 struct Running {
-    vm: MicroVm,
+    vm: Arc<MicroVm>,
     /// Holds the VM's vsock socket: removed once the VM is gone.
     dir: RunDir,
     exit: ExitWatch,
@@ -182,6 +182,11 @@ impl Hypervisor for BuiltinVm {
                 what: "the builtin VMM",
                 detail: e.to_string(),
             })?;
+        let vm = Arc::new(vm);
+        tokio::spawn(reset_devices_at_end(
+            Arc::downgrade(&vm),
+            ExitWatch(exit_rx.clone()),
+        ));
         self.running = Some(Running {
             dir,
             vm,
@@ -293,6 +298,17 @@ impl BuiltinVm {
         let exit = self.running.as_ref().map(|running| &running.exit);
         ensure_running(exit, self.ended.as_ref())?;
         Ok(self.running.as_ref().expect("checked above"))
+    }
+}
+
+/// Once the guest has ended the VM (a reset, a crash), resets its devices:
+/// the shim's agent calls and stdio streams on the vsock then end at once
+/// instead of waiting on a guest that is gone, and its tasks are reported
+/// exited. A VM its owner has dropped needs nothing.
+async fn reset_devices_at_end(vm: Weak<MicroVm>, mut exit: ExitWatch) {
+    exit.wait().await;
+    if let Some(vm) = vm.upgrade() {
+        let _ = tokio::task::spawn_blocking(move || vm.devices().reset_all()).await;
     }
 }
 

@@ -137,6 +137,18 @@ impl DeviceManager {
         })
     }
 
+    /// Resets every device, as its driver would. Once the VM has ended,
+    /// this is how the host ends of its devices learn of it at once: the
+    /// vsock device shuts every host connection down, so that no client
+    /// waits on a guest that is gone.
+    pub fn reset_all(&self) {
+        for slot in &self.slots {
+            if let Some(plugged) = slot.window.lock().expect("slot lock").device.as_mut() {
+                plugged.transport.reset();
+            }
+        }
+    }
+
     /// Empties `slot`: KVM lets go of the device's eventfds and the device
     /// is dropped. The guest must have unbound the slot first
     /// (`UnplugVirtioMmio`), or its driver is left with a vanished device.

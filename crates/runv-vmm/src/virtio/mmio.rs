@@ -250,7 +250,9 @@ impl MmioTransport {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    /// What the driver's write of status 0 does: the device lets go of
+    /// its queues and of everything it served through them.
+    pub fn reset(&mut self) {
         if self.activated {
             self.device.reset();
         }
