@@ -5,7 +5,7 @@
 use runv_protocol::agent;
 use ttrpc::context;
 
-use crate::{call_context, AgentClient, AgentError};
+use crate::{AgentClient, AgentError};
 
 impl AgentClient {
     /// Creates a container from an OCI spec with guest paths; its init
@@ -24,7 +24,9 @@ impl AgentClient {
         };
         call(
             "CreateContainer",
-            self.client.create_container(call_context(), &request).await,
+            self.client
+                .create_container(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -45,7 +47,9 @@ impl AgentClient {
         };
         call(
             "ExecProcess",
-            self.client.exec_process(call_context(), &request).await,
+            self.client
+                .exec_process(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -57,7 +61,9 @@ impl AgentClient {
         let request = process_request(container_id, exec_id);
         call(
             "StartProcess",
-            self.client.start_process(call_context(), &request).await,
+            self.client
+                .start_process(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -77,7 +83,9 @@ impl AgentClient {
         };
         call(
             "SignalProcess",
-            self.client.signal_process(call_context(), &request).await,
+            self.client
+                .signal_process(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -113,7 +121,7 @@ impl AgentClient {
         };
         call(
             "ResizeTty",
-            self.client.resize_tty(call_context(), &request).await,
+            self.client.resize_tty(self.call_context(), &request).await,
         )
     }
 
@@ -121,7 +129,7 @@ impl AgentClient {
         let request = process_request(container_id, exec_id);
         call(
             "CloseStdin",
-            self.client.close_stdin(call_context(), &request).await,
+            self.client.close_stdin(self.call_context(), &request).await,
         )
     }
 
@@ -133,7 +141,9 @@ impl AgentClient {
         let request = process_request(container_id, exec_id);
         call(
             "DeleteProcess",
-            self.client.delete_process(call_context(), &request).await,
+            self.client
+                .delete_process(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -141,7 +151,9 @@ impl AgentClient {
         let request = container_request(container_id);
         call(
             "ListProcesses",
-            self.client.list_processes(call_context(), &request).await,
+            self.client
+                .list_processes(self.call_context(), &request)
+                .await,
         )
         .map(|response: agent::ListProcessesResponse| response.pids)
     }
@@ -150,7 +162,9 @@ impl AgentClient {
         let request = container_request(container_id);
         call(
             "PauseContainer",
-            self.client.pause_container(call_context(), &request).await,
+            self.client
+                .pause_container(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -158,7 +172,9 @@ impl AgentClient {
         let request = container_request(container_id);
         call(
             "ResumeContainer",
-            self.client.resume_container(call_context(), &request).await,
+            self.client
+                .resume_container(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -175,7 +191,9 @@ impl AgentClient {
         };
         call(
             "UpdateContainer",
-            self.client.update_container(call_context(), &request).await,
+            self.client
+                .update_container(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -186,7 +204,9 @@ impl AgentClient {
         let request = container_request(container_id);
         call(
             "ContainerStats",
-            self.client.container_stats(call_context(), &request).await,
+            self.client
+                .container_stats(self.call_context(), &request)
+                .await,
         )
     }
 
@@ -194,7 +214,9 @@ impl AgentClient {
         let request = container_request(container_id);
         call(
             "RemoveContainer",
-            self.client.remove_container(call_context(), &request).await,
+            self.client
+                .remove_container(self.call_context(), &request)
+                .await,
         )
     }
 }

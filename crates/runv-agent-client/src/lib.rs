@@ -27,8 +27,6 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 /// Deadline of one dial attempt: handshake and Check. A lost handshake
 /// must not hold up the next attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Deadline of one call once the agent is up.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -165,6 +163,9 @@ pub struct ConnectTimes {
 pub struct AgentClient {
     client: agent_ttrpc::AgentClient,
     agent_version: String,
+    /// Deadline of one call: the configured agent timeout
+    /// (`vm.agent_timeout_secs`), which an operator raises on a slow host.
+    call_timeout: Duration,
 }
 
 impl AgentClient {
@@ -211,6 +212,7 @@ impl AgentClient {
                         let client = AgentClient {
                             client,
                             agent_version: response.agent_version,
+                            call_timeout: options.timeout,
                         };
                         return Ok((client, times));
                     }
@@ -245,7 +247,7 @@ impl AgentClient {
         let sent = Instant::now();
         let response = client
             .check(
-                context::with_timeout(CALL_TIMEOUT.as_nanos() as i64),
+                context::with_timeout(ATTEMPT_TIMEOUT.as_nanos() as i64),
                 &request,
             )
             .await
@@ -260,7 +262,7 @@ impl AgentClient {
 
     pub async fn guest_details(&self) -> Result<agent::GuestDetails, AgentError> {
         self.client
-            .get_guest_details(call_context(), &agent::GetGuestDetailsRequest::new())
+            .get_guest_details(self.call_context(), &agent::GetGuestDetailsRequest::new())
             .await
             .map_err(|source| AgentError::Call {
                 method: "GetGuestDetails",
@@ -281,7 +283,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.client
-            .plug_virtio_mmio(call_context(), &request)
+            .plug_virtio_mmio(self.call_context(), &request)
             .await
             .map_err(|source| AgentError::Call {
                 method: "PlugVirtioMmio",
@@ -297,7 +299,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.client
-            .unplug_virtio_mmio(call_context(), &request)
+            .unplug_virtio_mmio(self.call_context(), &request)
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -316,7 +318,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.client
-            .mount_virtio_fs(call_context(), &request)
+            .mount_virtio_fs(self.call_context(), &request)
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -345,7 +347,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.client
-            .mount(call_context(), &request)
+            .mount(self.call_context(), &request)
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -364,7 +366,7 @@ impl AgentClient {
             ..Default::default()
         };
         self.client
-            .unmount(call_context(), &request)
+            .unmount(self.call_context(), &request)
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -385,7 +387,7 @@ impl AgentClient {
         request: &agent::ConfigureNetworkRequest,
     ) -> Result<(), AgentError> {
         self.client
-            .configure_network(call_context(), request)
+            .configure_network(self.call_context(), request)
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -397,7 +399,7 @@ impl AgentClient {
     /// Asks the guest to power off. The VM ends shortly after the reply.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.client
-            .power_off(call_context(), &agent::PowerOffRequest::new())
+            .power_off(self.call_context(), &agent::PowerOffRequest::new())
             .await
             .map(drop)
             .map_err(|source| AgentError::Call {
@@ -407,8 +409,10 @@ impl AgentClient {
     }
 }
 
-fn call_context() -> context::Context {
-    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+impl AgentClient {
+    fn call_context(&self) -> context::Context {
+        context::with_timeout(self.call_timeout.as_nanos() as i64)
+    }
 }
 
 #[cfg(test)]
