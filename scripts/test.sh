@@ -40,7 +40,7 @@ cargo test --locked --workspace --no-fail-fast -- --nocapture 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The builtin VMM needs a KVM that boots the guest; so does qemu's KVM path.
 # In CI: builtin's set, and qemu with KVM through containerd; --full: all.
-nested_qemu=(containerd)
+nested_qemu=(containerd:runv_runs_busybox,runv_task_lifecycle,runv_faults_leave_nothing)
 [[ -n $full ]] && nested_qemu=(--full)
 for run in "--hypervisor builtin $full" "--hypervisor qemu ${nested_qemu[*]}"; do
     # shellcheck disable=SC2086 # $run is a list of arguments

@@ -18,6 +18,10 @@ pub const BUSYBOX_IMAGE: &str = "docker.io/runv/busybox:test";
 
 /// How long containerd may take to serve its socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long ctr waits to reach containerd: its default, 10 s, is too short
+/// for a containerd busy with several pods in an emulated machine (the
+/// nested-KVM bed).
+const CONNECT_TIMEOUT: &str = "60s";
 
 pub struct Containerd {
     dir: TempDir,
@@ -113,6 +117,7 @@ impl Containerd {
         command
             .arg("--address")
             .arg(self.dir().join("containerd.sock"))
+            .args(["--connect-timeout", CONNECT_TIMEOUT])
             .args(["--namespace", &self.namespace])
             .args(args)
             .stdin(Stdio::null());
@@ -144,7 +149,7 @@ impl Containerd {
     pub fn ctr_on_tty(&self, args: &[&str]) -> String {
         let address = self.dir().join("containerd.sock");
         let command = format!(
-            "ctr --address {} --namespace {} {}",
+            "ctr --address {} --connect-timeout {CONNECT_TIMEOUT} --namespace {} {}",
             address.display(),
             self.namespace,
             args.join(" ")
