@@ -64,7 +64,7 @@ for line in sys.stdin:
         print(message["target"]["name"], message["executable"])
 ')
 
-# Under target/: L1 has its own /tmp.
+# Under target/, beside the binaries it runs.
 mkdir -p target/e2e-nested
 job=$(mktemp -d "$repo/target/e2e-nested/run.XXXXXX")
 trap 'rm -rf "$job"' EXIT

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of the nested-KVM bed's L1 (scripts/nested-kvm.sh). It mounts the
 # host's root (9p, read-only) under a tmpfs overlay, makes the mounts a node
-# has (proc, sys, dev, cgroup v1 as on the host, a scratch disk on /tmp,
+# has (proc, sys, dev, cgroup v1 as on the host, a scratch disk,
 # tmpfs on /run),
 # chroots there and runs the job the host left in the `job` share: its
 # output goes to job/output, its exit code to job/rc. Then it powers off.
@@ -26,15 +26,15 @@ for fs in proc sys dev; do mount --move "/$fs" "$root/$fs"; done
 mkdir -p "$root/dev/pts" "$root/dev/shm"
 mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
-# /tmp and /var/tmp on the scratch disk, formatted afresh with the host's
-# mkfs (busybox makes only ext2).
-# (the disk shows up a moment after its driver loads).
+# The scratch disk on /scratch (the job's TMPDIR), formatted afresh with the
+# host's mkfs (busybox makes only ext2); /tmp stays the host's, under the
+# overlay, as a checkout there must be seen. The disk shows up a moment
+# after its driver loads.
 for _ in $(seq 50); do [ -b "$root/dev/vda" ] && break; sleep 0.1; done
 chroot "$root" /usr/sbin/mkfs.ext4 -q -F -E nodiscard /dev/vda || echo "l1: mkfs.ext4 of /dev/vda failed"
-mount -t ext4 "$root/dev/vda" "$root/tmp" || echo "l1: cannot mount the scratch disk on /tmp"
-chmod 1777 "$root/tmp"
-mkdir -p -m 1777 "$root/tmp/.var-tmp"
-mount --bind "$root/tmp/.var-tmp" "$root/var/tmp"
+mkdir -p "$root/scratch"
+mount -t ext4 "$root/dev/vda" "$root/scratch" || echo "l1: cannot mount the scratch disk"
+chmod 1777 "$root/scratch"
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
 mkdir -p "$root/run/l1-job" "$root/run/lock"
 mount -t 9p -o "$ninep,cache=none" job "$root/run/l1-job"

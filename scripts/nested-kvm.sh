@@ -7,7 +7,7 @@
 # runs the real guest (L1 has 4-level paging: under 5-level, its kernel
 # crashed in KVM). L1's root is this host's root file system, read-only
 # over 9p under a tmpfs overlay, so every installed program, the guest
-# images and test binaries built here are there; its /tmp is a scratch disk.
+# images and test binaries built here are there; its TMPDIR is a scratch disk.
 #
 #   scripts/nested-kvm.sh prepare          fetch and build L1 (cached)
 #   scripts/nested-kvm.sh run [options] -- COMMAND [ARGS...]
@@ -170,13 +170,16 @@ run_in_l1() {
         while read -r name; do
             echo "export $name=$(printf %q "${!name}")"
         done < <(compgen -e | grep -E '^(RUNV_|RUST_|CARGO_|PATH$|HOME$|TERM$)')
+        # Temporary files on L1's scratch disk.
+        echo "export TMPDIR=/scratch"
         printf 'exec'
         printf ' %q' "$@"
         echo
     } >"$job/job.sh"
     echo "${l1_modules[*]}" >"$job/modules"
-    # L1's /tmp: a sparse disk, so tests there meet a disk file system
-    # (O_DIRECT, as on a node) and their files cost host disk, not L1 RAM.
+    # L1's scratch disk (its TMPDIR): sparse, so tests meet a disk file
+    # system (O_DIRECT, overlayfs, as on a node) and their files cost host
+    # disk, not L1 RAM.
     truncate -s 64G "$job/scratch.img"
     : >"$job/output"
     tail -n +1 -F "$job/output" 2>/dev/null &

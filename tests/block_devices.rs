@@ -155,9 +155,12 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
     let held = open_files(holder);
     assert!(held.contains(&rw_image), "the VM holds the image: {held:?}");
     assert!(held.contains(&loop_path), "the VM holds the loop: {held:?}");
-    // Writable with O_DIRECT; the read-only device only for reading.
-    assert_eq!(open_modes(holder, &rw_image), [(false, true)]);
-    assert_eq!(open_modes(holder, &loop_path), [(true, true)]);
+    // QEMU opens disks with O_DIRECT; the builtin VMM's virtio-blk does
+    // buffered I/O (guest buffers need not be aligned as O_DIRECT wants).
+    // The read-only device is open only for reading.
+    let direct = config.hypervisor == HypervisorKind::Qemu;
+    assert_eq!(open_modes(holder, &rw_image), [(false, direct)]);
+    assert_eq!(open_modes(holder, &loop_path), [(true, direct)]);
 
     agent
         .mount(&rw.guest_device, "ext4", &[], GUEST_RW)
@@ -208,14 +211,14 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
     let held = open_files(holder);
     assert!(
         !held.contains(&rw_image) && !held.contains(&loop_path),
-        "QEMU let go of both: {held:?}"
+        "the VM let go of both: {held:?}"
     );
     let err = vm.unplug_block(rw.slot).await.unwrap_err().to_string();
     assert!(
-        err.contains("slot 2 holds no attached block device"),
+        err.contains(&format!("slot {} holds no attached block device", rw.slot)),
         "{err}"
     );
-    println!("after unplug: the guest's write is in the image; QEMU holds neither");
+    println!("after unplug: the guest's write is in the image; the VM holds neither");
 
     // Slots are reused, each plug shows its own device's size, and one
     // more than there are read-write slots is refused, saying why.
@@ -285,8 +288,8 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
     );
     assert_eq!(
         open_modes(holder, &scratch.path().join("extra2.img")),
-        [(false, true)],
-        "O_DIRECT on the scratch file system"
+        [(false, direct)],
+        "O_DIRECT (on qemu) on the scratch file system"
     );
     for plugged in &extras {
         vm.unplug_block(plugged.slot).await.expect("unplugging");
