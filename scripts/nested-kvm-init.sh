@@ -57,9 +57,6 @@ exec chroot "$root" /bin/sh -c '
     job=/run/l1-job
     hostname l1
     ip link set lo up
-    # No virtual GIF: with it, L1 lost its GS base right after world
-    # switches under load (an interrupt let in by QEMU TCG emulation).
-    echo "options kvm_amd vgif=0" >/etc/modprobe.d/runv-l1.conf
     for module in $(cat $job/modules); do
         modprobe "$module" || echo "l1: modprobe $module failed" >>$job/output
     done
