@@ -1,10 +1,9 @@
 #!/bin/busybox sh
 # PID 1 of the nested-KVM bed's L1 (scripts/nested-kvm.sh). It mounts the
 # host's root (9p, read-only) under a tmpfs overlay, makes the mounts a node
-# has (proc, sys, dev, cgroup v1 as on the host, a scratch disk,
-# tmpfs on /run),
-# chroots there and runs the job the host left in the `job` share: its
-# output goes to job/output, its exit code to job/rc. Then it powers off.
+# has (proc, sys, dev, cgroup v1 as on the host, a scratch disk, tmpfs on
+# /run), chroots there and runs the job the host left in the `job` share:
+# its output goes to job/output, its exit code to job/rc. Then it powers off.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
