@@ -148,7 +148,8 @@ pub struct VmConfig {
     pub max_vcpus: Option<u32>,
     /// The most memory a pod VM gets, base and limit together.
     pub max_memory_mib: u32,
-    /// How long to wait for the guest agent to answer after the VM starts.
+    /// How long to wait for the guest agent to answer after the VM starts,
+    /// and the deadline of each call to it (WaitProcess aside).
     pub agent_timeout_secs: u64,
     /// How long a VM may take to power off before it is killed.
     pub shutdown_timeout_secs: u64,
