@@ -58,7 +58,12 @@ host_runs_builtin() {
     # runv-ctl says whether the host's /dev/kvm boots the guest (a PVM
     # /dev/kvm does not, and neither does a missing one).
     command -v runv-ctl >/dev/null || die "runv-ctl not found: run scripts/install.sh"
-    ! runv-ctl check 2>/dev/null | grep -q '^builtin: *not usable'
+    # The whole report first: grep -q leaving a pipe early would fail
+    # runv-ctl with SIGPIPE, which pipefail would take for the answer.
+    local report
+    report=$(runv-ctl check 2>&1 || true)
+    grep -q '^builtin: ' <<<"$report" || die "runv-ctl check says nothing of builtin: $report"
+    ! grep -q '^builtin: *not usable' <<<"$report"
 }
 
 # apt with a private source list and package lists, so the host's apt
