@@ -4,11 +4,15 @@
 # the qemu backend with KVM. They run in the nested-KVM bed
 # (scripts/nested-kvm.sh): on the host where its /dev/kvm can, else in L1.
 #
-#   scripts/e2e-nested.sh [--hypervisor builtin|qemu] [--threads N] [--full] [TEST[:FILTER,...]]...
+#   scripts/e2e-nested.sh [--hypervisor builtin|qemu] [--threads N] [--full]
+#                         [--timeout S] [--budget S] [TEST[:FILTER,...]]...
 #
 # TEST names a test binary of tests/Cargo.toml (`containerd`), FILTERs the
 # tests of it to run (`cri:pod_runs_in_one_vm,block_volume`); with no TEST,
 # the CI set below runs, and `--full` runs every test of every binary.
+# --timeout bounds each L1 (default 900 s, 3600 s with --full): a test that
+# hangs in L1 fails instead of holding the run. --budget bounds the whole
+# run: no L1 starts once it is spent, and what was left counts as failed.
 # Prints each binary's output and ends with `nested (HYPERVISOR): N passed,
 # N failed, N skipped`. Needs RUNV_KERNEL and RUNV_INITRAMFS (scripts/test.sh
 # sets them) or the installed guest images.
@@ -36,12 +40,14 @@ full_set=(
     host_mounts host_cgroup vsock_isolation exec_security host_confinement
 )
 
-hypervisor=builtin threads=2 tests=()
+hypervisor=builtin threads=2 tests=() timeout= budget=
 while (($#)); do
     case $1 in
     --hypervisor) hypervisor=$2 && shift 2 ;;
     --threads) threads=$2 && shift 2 ;;
-    --full) tests=("${full_set[@]}") && shift ;;
+    --full) tests=("${full_set[@]}") && timeout=${timeout:-3600} && shift ;;
+    --timeout) timeout=$2 && shift 2 ;;
+    --budget) budget=$2 && shift 2 ;;
     -*)
         echo "e2e-nested: unknown option $1 (see the head of $0)" >&2
         exit 2
@@ -50,6 +56,8 @@ while (($#)); do
     esac
 done
 ((${#tests[@]})) || tests=("${ci_set[@]}")
+timeout=${timeout:-900}
+deadline=$((SECONDS + ${budget:-1000000}))
 
 # Everything is built here: L1 has the host's files but no build to spare
 # (a build under TCG takes many times as long).
@@ -79,16 +87,23 @@ log=$job/log
 for test in "${tests[@]}"; do
     name=${test%%:*} filters=()
     [[ $test == *:* ]] && IFS=, read -r -a filters <<<"${test#*:}"
+    rc=0
     exe=$(awk -v name="$name" '$1 == name { print $2 }' <<<"$binaries")
     [[ -n $exe ]] || {
         echo "e2e-nested: no test binary $name in tests/Cargo.toml" >&2
         exit 2
     }
     for attempt in 1 2 3; do
+        left=$((deadline - SECONDS))
+        if ((left < 60)); then
+            echo "e2e-nested: $name died (exit 124): the run's --budget is spent" | tee -a "$log"
+            break
+        fi
         echo "=== $name on $hypervisor (L1 attempt $attempt)" | tee -a "$log"
         set +e
         RUNV_TEST_HYPERVISOR=$hypervisor RUNV_TEST_SHIM_DIR=$repo/target/debug \
-            scripts/nested-kvm.sh run ${RUNV_L1_CPUS:+--cpus "$RUNV_L1_CPUS"} -- \
+            scripts/nested-kvm.sh run ${RUNV_L1_CPUS:+--cpus "$RUNV_L1_CPUS"} \
+            --timeout $((left < timeout ? left : timeout)) -- \
             "$exe" --test-threads="$threads" --nocapture "${filters[@]}" >"$job/binary.log" 2>&1
         rc=$?
         set -e
@@ -104,7 +119,7 @@ for test in "${tests[@]}"; do
     done
     # 101: a test failed (it says which); anything else: the binary itself
     # died, or L1, which counts as one more failure.
-    ((rc == 0 || rc == 101)) || echo "e2e-nested: $name died (exit $rc)" | tee -a "$log"
+    ((left < 60 || rc == 0 || rc == 101)) || echo "e2e-nested: $name died (exit $rc)" | tee -a "$log"
 done
 
 skipped=$(grep -c '^SKIPPED: ' "$log" || true)

@@ -192,12 +192,14 @@ run_in_l1() {
     local qemu=$l1/root/usr/bin/qemu-system-x86_64
     local status=0
     # mitigations=off: L1 is a test machine, and its kernel's speculation
-    # barriers only slow the emulation down.
+    # barriers only slow the emulation down. oops=panic: an oops in L1's
+    # kernel (the emulation's fault, docs/testing.md) ends L1 at once
+    # instead of leaving the command waiting on a dead task until timeout.
     timeout --kill-after=10 "$timeout" "$qemu" -L "$l1/root/usr/share/qemu" \
         -accel tcg,thread=multi -cpu max,la57=off -smp "$cpus" -m "$memory" \
         -nodefaults -display none -serial "file:$job/console.log" -no-reboot \
         -kernel "$l1/root/boot/vmlinuz-$l1_kernel_release" -initrd "$l1/initramfs.cpio.gz" \
-        -append "console=ttyS0 loglevel=4 panic=-1 mitigations=off l1.modules=$l1/root/lib/modules" \
+        -append "console=ttyS0 loglevel=4 panic=-1 oops=panic mitigations=off l1.modules=$l1/root/lib/modules" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
         -virtfs "local,path=$job,mount_tag=job,security_model=none" \
         -drive "file=$job/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap" || status=$?
