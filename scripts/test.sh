@@ -42,8 +42,8 @@ status=${PIPESTATUS[0]}
 # In CI: builtin's set, and qemu with KVM through containerd, each within a
 # budget that keeps CI under an hour even when L1 misbehaves (they take 15
 # and 2 minutes); --full: everything, unbounded.
-nested_builtin=(--budget 2100)
-nested_qemu=(--budget 600 containerd:runv_runs_busybox,runv_task_lifecycle,runv_faults_leave_nothing)
+nested_builtin=(--timeout 600 --budget 2100)
+nested_qemu=(--timeout 300 --budget 900 containerd:runv_runs_busybox,runv_task_lifecycle,runv_faults_leave_nothing)
 [[ -n $full ]] && nested_builtin=(--full) nested_qemu=(--full)
 for run in "--hypervisor builtin ${nested_builtin[*]}" "--hypervisor qemu ${nested_qemu[*]}"; do
     # shellcheck disable=SC2086 # $run is a list of arguments
