@@ -79,8 +79,8 @@ trap 'rm -rf "$job"' EXIT
 log=$job/log
 : >"$log"
 
-# Each test binary in an L1 of its own, and again in a fresh one (twice at
-# most) when it fails there. L1 is an emulated machine with faults of its
+# Each test binary in an L1 of its own, and again in a fresh one (three
+# times at most) when it fails there. L1 is an emulated machine with faults of its
 # own: under load its kernel has crashed inside KVM, and guests have reset
 # themselves (docs/testing.md). A failure that is runv's fails every time;
 # a failed run's lines are printed marked, so that no summary counts them.
@@ -93,7 +93,7 @@ for test in "${tests[@]}"; do
         echo "e2e-nested: no test binary $name in tests/Cargo.toml" >&2
         exit 2
     }
-    for attempt in 1 2 3; do
+    for attempt in 1 2 3 4; do
         left=$((deadline - SECONDS))
         if ((left < 60)); then
             echo "e2e-nested: $name died (exit 124): the run's --budget is spent" | tee -a "$log"
@@ -107,7 +107,7 @@ for test in "${tests[@]}"; do
             "$exe" --test-threads="$threads" --nocapture "${filters[@]}" >"$job/binary.log" 2>&1
         rc=$?
         set -e
-        if ((rc == 0 || attempt == 3)); then
+        if ((rc == 0 || attempt == 4)); then
             tee -a "$log" <"$job/binary.log"
             break
         fi
