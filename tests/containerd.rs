@@ -31,8 +31,17 @@ fn runv_run(containerd: &Containerd, id: &str, args: &[&str]) -> std::process::O
 #[test]
 fn runv_runs_busybox() {
     let Some(containerd) = started() else { return };
-    let hello = runv_run(&containerd, "runv-hello", &["echo", "hello"]);
-    assert_eq!(String::from_utf8_lossy(&hello.stdout), "hello\n");
+    // With no hostname in the spec, runc's container has the node's.
+    let hello = runv_run(
+        &containerd,
+        "runv-hello",
+        &["sh", "-c", "echo hello; hostname"],
+    );
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&hello.stdout),
+        format!("hello\n{}\n", node.trim())
+    );
     assert!(hello.status.success());
     let exit = runv_run(&containerd, "runv-exit", &["sh", "-c", "exit 3"]);
     assert_eq!(exit.status.code(), Some(3));
@@ -314,6 +323,20 @@ fn runv_faults_leave_nothing() {
     assert!(!out.status.success());
     let error = stderr(&out);
     for expected in ["relative/dir", "absolute"] {
+        assert!(error.contains(expected), "{expected:?} not in {error}");
+    }
+
+    // The node's network namespace, which a VM cannot share: refused
+    // before anything boots.
+    let out = containerd.ctr(&containerd.runv_run_args(
+        "--rm",
+        &["--net-host"],
+        "runv-net-host",
+        &["true"],
+    ));
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    for expected in ["hostNetwork: true", "--net-host", "runc"] {
         assert!(error.contains(expected), "{expected:?} not in {error}");
     }
 

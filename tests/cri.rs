@@ -13,13 +13,14 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
     CreateContainerRequest, Device, LinuxContainerConfig, LinuxContainerResources,
     LinuxContainerSecurityContext, ListContainersRequest, Mount, NamespaceMode, NamespaceOption,
-    RemoveContainerRequest, StartContainerRequest, StopContainerRequest, VersionRequest,
+    RemoveContainerRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    VersionRequest,
 };
 use runv_tests::{
     containerd::Containerd,
     cri::{
         app_config, create_app, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
-        start_app, vm_process, CriClient, POD_NAMESERVER, SHIM,
+        start_app, vm_process, CriClient, POD_NAMESERVER, RUNTIME_HANDLER, SHIM,
     },
     disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
@@ -44,7 +45,7 @@ async fn pod_runs_in_one_vm() {
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
+    let pod_config = pod_config("runv-pod", &log_dir);
     let started = Instant::now();
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let sandbox_ran = started.elapsed();
@@ -107,8 +108,8 @@ async fn pod_runs_in_one_vm() {
         let failed = exec_sync(&mut cri, id, &["sh", "-c", "echo oops >&2; exit 3"]).await;
         assert_eq!(failed.exit_code, 3);
         assert_eq!(String::from_utf8_lossy(&failed.stderr), "oops\n");
-        // CRI's files: resolv.conf from the pod's DNS config, the node's
-        // hosts (a host-network pod).
+        // CRI's files: resolv.conf from the pod's DNS config, and the
+        // node's hosts, which containerd copies for the pod.
         let resolv = exec_sync(&mut cri, id, &["cat", "/etc/resolv.conf"]).await;
         let resolv = String::from_utf8_lossy(&resolv.stdout);
         assert!(
@@ -216,7 +217,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
+    let pod_config = pod_config("runv-pod", &log_dir);
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
     assert_eq!(
@@ -272,7 +273,7 @@ async fn raw_block_devices_hot_plug_into_a_running_pod() {
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config("runv-pod", &log_dir, NamespaceMode::Node);
+    let pod_config = pod_config("runv-pod", &log_dir);
     let pod_id = run_pod(&mut cri, &pod_config).await;
     let keeper = start_app(&mut cri, &pod_id, &pod_config, app_config("keeper")).await;
     let with_devices = |name: &str| ContainerConfig {
@@ -421,7 +422,7 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
     let mut cri = CriClient::with_pod_images(&containerd).await;
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let mut pod = pod_config("shared", &log_dir, NamespaceMode::Node);
+    let mut pod = pod_config("shared", &log_dir);
     let sandbox_namespaces = pod
         .linux
         .as_mut()
@@ -519,6 +520,49 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
 }
 
 /// The namespace `path` (a /proc/<pid>/ns file) names, seen in container `id`.
+/// A pod asking for the node's network, IPC or PID namespace is refused
+/// at RunPodSandbox with an error that names the field and the fix, and
+/// leaves no shim or VM behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_in_the_nodes_namespaces_are_refused() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    let mut cri = CriClient::with_pod_images(&containerd).await;
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let cases: [(&str, fn(&mut NamespaceOption)); 3] = [
+        ("hostNetwork", |o| o.network = NamespaceMode::Node as i32),
+        ("hostIPC", |o| o.ipc = NamespaceMode::Node as i32),
+        ("hostPID", |o| o.pid = NamespaceMode::Node as i32),
+    ];
+    for (field, node_namespace) in cases {
+        let mut config = pod_config("node-namespace", &log_dir);
+        let options = config
+            .linux
+            .as_mut()
+            .and_then(|linux| linux.security_context.as_mut())
+            .and_then(|context| context.namespace_options.as_mut())
+            .unwrap();
+        node_namespace(options);
+        let refused = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: RUNTIME_HANDLER.into(),
+            })
+            .await
+            .expect_err("a pod in the node's namespaces is refused");
+        let message = refused.message();
+        println!("{field}: {message}");
+        for expected in [format!("{field}: true"), "run it with runc".into()] {
+            assert!(message.contains(&expected), "{expected:?} not in {message}");
+        }
+        containerd.assert_nothing_running();
+    }
+    containerd.stop();
+}
+
 async fn namespace(cri: &mut CriClient, id: &str, path: &str) -> String {
     let link = exec_sync(cri, id, &["readlink", path]).await;
     assert_eq!(
@@ -549,7 +593,7 @@ async fn pod_vm_is_sized_by_the_pods_limits() {
 
     // What the kubelet declares for containers limited to 2 CPUs and
     // 512 MiB in all.
-    let mut limited = pod_config("limited", &log_dir, NamespaceMode::Node);
+    let mut limited = pod_config("limited", &log_dir);
     limited.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
         cpu_period: 100_000,
         cpu_quota: 200_000,
@@ -568,13 +612,13 @@ async fn pod_vm_is_sized_by_the_pods_limits() {
     let app = start_app(&mut cri, &limited_id, &limited, app_config("sized")).await;
     assert_guest_size(&mut cri, &app, 2 + 2, 256 + 512).await;
 
-    let plain = pod_config("plain", &log_dir, NamespaceMode::Node);
+    let plain = pod_config("plain", &log_dir);
     let plain_id = run_pod(&mut cri, &plain).await;
     let app = start_app(&mut cri, &plain_id, &plain, app_config("base")).await;
     assert_guest_size(&mut cri, &app, 2, 256).await;
 
     // 16 CPUs: more than max_vcpus, which the VM gets, with a warning.
-    let mut greedy = pod_config("greedy", &log_dir, NamespaceMode::Node);
+    let mut greedy = pod_config("greedy", &log_dir);
     greedy.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
         cpu_period: 100_000,
         cpu_quota: 1_600_000,

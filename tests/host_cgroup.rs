@@ -14,7 +14,7 @@ use std::{
 
 use k8s_cri::v1::{
     ContainerStatusRequest, LinuxContainerResources, LinuxContainerSecurityContext,
-    LinuxSandboxSecurityContext, NamespaceMode, PodSandboxStatsRequest,
+    LinuxSandboxSecurityContext, PodSandboxStatsRequest,
 };
 use runv_config::Config;
 use runv_hypervisor::CONSOLE_LOG_CAP;
@@ -55,7 +55,7 @@ async fn the_pod_cgroup_holds_bounds_and_reports_the_vm() {
     let top = format!("runv-test-{}-{nanos}", std::process::id());
     let parent = format!("/{top}/pod-limited");
     assert!(cgroup_dirs(&top).is_empty(), "{top} exists already");
-    let mut config = pod_config("cgroup", &log_dir, NamespaceMode::Node);
+    let mut config = pod_config("cgroup", &log_dir);
     let linux = config.linux.as_mut().unwrap();
     linux.cgroup_parent = parent.clone();
     linux.resources = Some(LinuxContainerResources {
@@ -167,7 +167,7 @@ async fn a_guest_flooding_its_console_fills_only_the_capped_log() {
     let mut cri = CriClient::with_pod_images(&containerd).await;
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let mut config = pod_config("console", &log_dir, NamespaceMode::Node);
+    let mut config = pod_config("console", &log_dir);
     // As configs/containerd/runv.toml has it, privileged containers get
     // the VM's devices, not the host's.
     let linux = config.linux.as_mut().unwrap();

@@ -17,9 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_cri::v1::{NamespaceMode, PodSandboxStatsRequest};
+use k8s_cri::v1::PodSandboxStatsRequest;
 use runv_tests::{
-    cni::{self, pod_ip, wait_network_ready, TestNetwork},
+    cni::{self, pod_ip},
     containerd::Containerd,
     cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
 };
@@ -30,21 +30,14 @@ const HTTP_PORT: u16 = 8080;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_reach_the_host_and_each_other() {
-    if let Some(why) = cni::unavailable() {
-        println!("SKIPPED: {why}");
-        return;
-    }
     let Some(containerd) = Containerd::start_with_cri() else {
         return;
     };
-    let network = TestNetwork::new();
-    network.install(&containerd);
     let mut cri = CriClient::with_pod_images(&containerd).await;
-    wait_network_ready(&mut cri).await;
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let server_config = pod_config("server", &log_dir, NamespaceMode::Pod);
+    let server_config = pod_config("server", &log_dir);
     let server_pod = run_pod(&mut cri, &server_config).await;
     let server_ip = pod_ip(&mut cri, &server_pod).await;
     println!("server pod IP: {server_ip}");
@@ -58,7 +51,7 @@ async fn pods_reach_the_host_and_each_other() {
     let page = http_get(&format!("{server_ip}:{HTTP_PORT}"));
     assert!(page.contains(PAGE), "the host got: {page}");
 
-    let client_config = pod_config("client", &log_dir, NamespaceMode::Pod);
+    let client_config = pod_config("client", &log_dir);
     let client_pod = run_pod(&mut cri, &client_config).await;
     let client = start_app(&mut cri, &client_pod, &client_config, app_config("client")).await;
     let url = format!("http://{server_ip}:{HTTP_PORT}/");
@@ -69,7 +62,7 @@ async fn pods_reach_the_host_and_each_other() {
         "pod to pod"
     );
 
-    let listener = TcpListener::bind(format!("{}:0", network.gateway())).unwrap();
+    let listener = TcpListener::bind(format!("{}:0", containerd.network().gateway())).unwrap();
     let host_url = format!("http://{}/", listener.local_addr().unwrap());
     let host_server = std::thread::spawn(move || serve_once(listener, "hello from the host"));
     let fetched = exec_sync(&mut cri, &httpd, &["wget", "-q", "-O", "-", &host_url]).await;
@@ -167,11 +160,10 @@ async fn vf_passthrough_gives_the_vf_to_the_vm_and_back() {
     .unwrap();
     let _host_end = HostAddress::add(&pf, &format!("{host_ip}/24"));
     let mut cri = CriClient::with_pod_images(&containerd).await;
-    wait_network_ready(&mut cri).await;
 
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let pod_config = pod_config("vf", &log_dir, NamespaceMode::Pod);
+    let pod_config = pod_config("vf", &log_dir);
     let pod = run_pod(&mut cri, &pod_config).await;
     assert_eq!(pod_ip(&mut cri, &pod).await, vf_ip);
     assert_eq!(

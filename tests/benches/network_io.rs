@@ -24,15 +24,14 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ImageSpec, NamespaceMode, PodSandboxConfig,
-    RunPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, RunPodSandboxRequest,
 };
 use runv_tests::{
     bench::{
         command_output, configured_hypervisor, program_with_libraries, qemu_accel, write_report,
         ReportLabels,
     },
-    cni::{self, pod_ip, wait_network_ready, TestNetwork},
+    cni::{self, pod_ip, wait_network_ready},
     containerd::{build_busybox_image_with_files, Containerd},
     cri::{build_pause_image, exec_sync, pod_config, remove_pods, start_app, CriClient},
     test_config,
@@ -154,8 +153,6 @@ async fn main() {
     };
     let rounds = env_number("RUNV_BENCH_NET_ROUNDS", DEFAULT_ROUNDS).max(1);
     let iperf_time_s = env_number("RUNV_BENCH_IPERF_TIME", DEFAULT_IPERF_TIME_S).max(1);
-    let network = TestNetwork::new();
-    network.install(&containerd);
     containerd.import_image(&build_pause_image(containerd.dir()));
     containerd.import_image(&build_busybox_image_with_files(
         containerd.dir(),
@@ -173,7 +170,7 @@ async fn main() {
     let measured = tokio::spawn(measure(
         CriClient::connect(&containerd.dir().join("containerd.sock")).await,
         containerd.dir().join("pod-logs"),
-        network.bridge.clone(),
+        containerd.network().bridge.clone(),
         created.clone(),
         rounds,
         iperf_time_s,
@@ -188,14 +185,12 @@ async fn main() {
         Ok(measured) => measured,
         Err(failed) => {
             containerd.stop();
-            drop(network);
             std::panic::resume_unwind(failed.into_panic());
         }
     };
     let hypervisor = configured_hypervisor(&containerd.runv_config());
+    let bridge = containerd.network().bridge.clone();
     containerd.stop();
-    let bridge = network.bridge.clone();
-    drop(network);
     let bridge_left = Command::new("ip")
         .args(["link", "show", &bridge])
         .output()
@@ -299,7 +294,7 @@ async fn measure(
         let name = format!("{runtime}-iperf3");
         let log_dir = log_root.join(&name);
         fs::create_dir_all(&log_dir).unwrap();
-        let config = pod_config(&name, &log_dir, NamespaceMode::Pod);
+        let config = pod_config(&name, &log_dir);
         let id = run_pod(&mut cri, &config, runtime).await;
         created.lock().unwrap().push(id.clone());
         let ip = pod_ip(&mut cri, &id).await;

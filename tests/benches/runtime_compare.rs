@@ -3,7 +3,7 @@
 //!
 //! 1. start latency: the wall time of `ctr run --rm busybox true`, runc and
 //!    runv alternating, median and p95;
-//! 2. CRI pod start: RunPodSandbox (host network) to the app container
+//! 2. CRI pod start: RunPodSandbox (with a CNI network) to the app container
 //!    started, split into the CRI calls, with when the shim and the
 //!    hypervisor process started (from /proc, 10 ms ticks);
 //! 3. memory: the PSS of everything runv runs per idle pod (shim, QEMU,
@@ -34,8 +34,7 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    CreateContainerRequest, NamespaceMode, PodSandboxConfig, RunPodSandboxRequest,
-    StartContainerRequest,
+    CreateContainerRequest, PodSandboxConfig, RunPodSandboxRequest, StartContainerRequest,
 };
 use runv_hypervisor::KvmSupport;
 use runv_tests::{
@@ -174,7 +173,7 @@ async fn main() {
         );
     }
 
-    println!("\n2. CRI pod start (host network): RunPodSandbox to the app container started");
+    println!("\n2. CRI pod start (CNI network): RunPodSandbox to the app container started");
     for series in [&runc_pods, &runv_pods] {
         print_pod_start(series);
     }
@@ -501,12 +500,7 @@ async fn pod_series(
         let name = format!("{}-pod-{k}", runtime.name());
         let log_dir = containerd.dir().join("pod-logs").join(&name);
         fs::create_dir_all(&log_dir).unwrap();
-        let mut pod = pod_config(&name, &log_dir, NamespaceMode::Node);
-        if runtime == Runtime::Runc {
-            // runc cannot set a hostname in the host's UTS namespace, which
-            // a host-network pod shares (the runv pod's is the guest's).
-            pod.hostname.clear();
-        }
+        let pod = pod_config(&name, &log_dir);
         let shims_before = pids_of(containerd, shim);
         let hypervisors_before = pids_of(containerd, HYPERVISOR);
         let (pod_id, start) = match start_pod(cri, runtime, &pod).await {

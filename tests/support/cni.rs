@@ -1,17 +1,24 @@
 //! Pod networks for tests: Debian's CNI bridge plugin on a bridge and /24
-//! of the test's own, installed as the only CNI config of a CRI
-//! containerd, and the pod IPs CRI reports.
+//! of the test's own, which every CRI containerd of the tests installs
+//! ([`crate::containerd::Containerd::start_with_cri`]), and the pod IPs
+//! CRI reports.
 
 use std::{
     fs,
     path::Path,
     process::Command,
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use k8s_cri::v1::{PodSandboxStatusRequest, StatusRequest};
 
-use crate::{containerd::Containerd, cri::CriClient};
+use crate::cri::CriClient;
+
+/// The name of the tests' CNI config list: late in the directory's order,
+/// so that a test that writes a config of its own (a lower number) has
+/// its pods use that one.
+const CONFLIST: &str = "90-runv-test.conflist";
 
 /// Debian's CNI bridge plugin (containernetworking-plugins).
 pub const BRIDGE_PLUGIN: &str = "/usr/lib/cni/bridge";
@@ -31,8 +38,9 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// The test's own bridge and /24, from its PID, so that parallel runs and
-/// the host's own networks are left alone. Dropping it deletes the bridge.
+/// A bridge and /24 of the test's own, from its PID and a count of the
+/// networks it made, so that parallel tests and runs and the host's own
+/// networks are left alone. Dropping it deletes the bridge.
 pub struct TestNetwork {
     pub bridge: String,
     pub prefix: String,
@@ -40,10 +48,13 @@ pub struct TestNetwork {
 
 impl TestNetwork {
     pub fn new() -> TestNetwork {
-        let id = std::process::id();
+        static MADE: AtomicU32 = AtomicU32::new(0);
+        let made = MADE.fetch_add(1, Ordering::Relaxed) % 16;
+        let id = std::process::id() % 100_000;
+        let slot = id * 16 + made;
         TestNetwork {
-            bridge: format!("rvt{}", id % 100_000),
-            prefix: format!("10.{}.{}", 200 + id % 50, (id / 50) % 250),
+            bridge: format!("rvt{id}n{made}"),
+            prefix: format!("10.{}.{}", 200 + slot % 50, (slot / 50) % 250),
         }
     }
 
@@ -69,15 +80,14 @@ impl TestNetwork {
         )
     }
 
-    /// Writes the config list into the CNI config directory of
-    /// `containerd` (started with CRI), its IPAM state under the same
-    /// directory.
-    pub fn install(&self, containerd: &Containerd) {
-        let cni_dir = containerd.dir().join("cni");
+    /// Writes the config list into the CNI config directory of the CRI
+    /// containerd whose directory is `root`, its IPAM state beside it.
+    pub fn install(&self, root: &Path) {
+        let cni_dir = root.join("cni");
         fs::create_dir_all(&cni_dir).unwrap();
         fs::write(
-            cni_dir.join("10-runv-test.conflist"),
-            self.conflist(&containerd.dir().join("cni-state")),
+            cni_dir.join(CONFLIST),
+            self.conflist(&root.join("cni-state")),
         )
         .unwrap();
     }

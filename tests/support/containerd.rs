@@ -11,7 +11,11 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{busybox::build_busybox_rootfs, cri, processes_mentioning, test_config};
+use crate::{
+    busybox::build_busybox_rootfs,
+    cni::{self, TestNetwork},
+    cri, processes_mentioning, test_config,
+};
 
 /// The image every containerd test runs.
 pub const BUSYBOX_IMAGE: &str = "docker.io/runv/busybox:test";
@@ -27,6 +31,8 @@ pub struct Containerd {
     dir: TempDir,
     daemon: Child,
     namespace: String,
+    /// With CRI: the pods' network (deleted after the daemon is gone).
+    network: Option<TestNetwork>,
 }
 
 impl Containerd {
@@ -40,8 +46,14 @@ impl Containerd {
 
     /// Like [`Containerd::start`], with the CRI plugin serving the runtime
     /// handler `runv` and a local pause image ([`cri`]), in CRI's
-    /// namespace `k8s.io`.
+    /// namespace `k8s.io`, and a CNI network of the test's own for its
+    /// pods ([`Containerd::network`]): runv refuses host-network pods. None
+    /// also when the host cannot give pods a CNI network.
     pub fn start_with_cri() -> Option<Containerd> {
+        if let Some(why) = cni::unavailable() {
+            println!("SKIPPED: CRI pods need a CNI network: {why}");
+            return None;
+        }
         Self::launch(true)
     }
 
@@ -92,10 +104,16 @@ impl Containerd {
             true => cri::NAMESPACE.to_owned(),
             false => format!("runv-test-{}", std::process::id()),
         };
+        let network = with_cri.then(|| {
+            let network = TestNetwork::new();
+            network.install(root);
+            network
+        });
         let containerd = Containerd {
             namespace,
             dir,
             daemon,
+            network,
         };
         containerd.wait_ready();
         Some(containerd)
@@ -103,6 +121,13 @@ impl Containerd {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The CNI network of a containerd started with CRI.
+    pub fn network(&self) -> &TestNetwork {
+        self.network
+            .as_ref()
+            .expect("a containerd started with CRI has a pod network")
     }
 
     /// The runv configuration the tests name with `--runtime-config-path`.

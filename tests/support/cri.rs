@@ -1,5 +1,5 @@
 //! containerd's CRI plugin for tests: its configuration (the runtime
-//! handler `runv`, a local pause image, no host CNI config), the pause
+//! handler `runv`, a local pause image, the test's own CNI config), the pause
 //! image built from busybox (no registry is reachable), and a CRI v1
 //! client over containerd's socket.
 
@@ -20,6 +20,7 @@ use k8s_cri::v1::{
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{
+    cni::wait_network_ready,
     containerd::{build_busybox_based_image, mounts_under, Containerd, BUSYBOX_IMAGE},
     processes_mentioning,
 };
@@ -53,8 +54,8 @@ pub const PAUSE_IMAGE: &str = "docker.io/runv/pause:test";
 /// The CRI plugin's part of a containerd config (version 2) whose
 /// directory is `root`: the handler `runv` with the runv config
 /// `root/runv.toml` as ConfigPath, the local pause image, and CNI config
-/// read from the empty `root/cni` rather than the host's /etc/cni (host
-/// network pods need none). A `runtimes` table replaces containerd's
+/// read from `root/cni` (the test's own network, [`crate::cni`]) rather
+/// than the host's /etc/cni. A `runtimes` table replaces containerd's
 /// default one, so runc (the default handler) is declared too. The stream
 /// server (exec, attach, port-forward
 /// URLs) listens on a free port of the loopback. OOM score adjustments are
@@ -124,7 +125,9 @@ impl CriClient {
     pub async fn with_pod_images(containerd: &Containerd) -> CriClient {
         containerd.import_busybox();
         containerd.import_image(&build_pause_image(containerd.dir()));
-        CriClient::connect(&containerd.dir().join("containerd.sock")).await
+        let mut cri = CriClient::connect(&containerd.dir().join("containerd.sock")).await;
+        wait_network_ready(&mut cri).await;
+        cri
     }
 }
 
@@ -220,10 +223,10 @@ pub async fn create_app(
         .container_id
 }
 
-/// A pod named `name` whose logs go to `log_dir`, in the network namespace
-/// mode `network` (Node: host network; Pod: CNI's), with its own PID
-/// namespace and a resolv.conf naming [`POD_NAMESERVER`].
-pub fn pod_config(name: &str, log_dir: &Path, network: NamespaceMode) -> PodSandboxConfig {
+/// A pod named `name` whose logs go to `log_dir`, on the CNI network of
+/// its containerd ([`crate::cni`]), with its own PID namespace and a
+/// resolv.conf naming [`POD_NAMESERVER`].
+pub fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
@@ -242,7 +245,7 @@ pub fn pod_config(name: &str, log_dir: &Path, network: NamespaceMode) -> PodSand
             cgroup_parent: "/kubepods/besteffort/pod-runv-test".into(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    network: network as i32,
+                    network: NamespaceMode::Pod as i32,
                     pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()

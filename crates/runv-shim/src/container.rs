@@ -92,7 +92,7 @@ impl HostMounts {
     async fn place(
         &mut self,
         pod: &mut Pod,
-        host_spec: serde_json::Value,
+        mut host_spec: serde_json::Value,
         bundle: &Path,
         rootfs: &[Mount],
     ) -> Result<Vec<u8>> {
@@ -134,6 +134,7 @@ impl HostMounts {
             let guest_mount = pod.disks.attach(&vm, id, &disk).await?;
             disks.volumes.insert(index, guest_mount);
         }
+        spec::default_hostname(&mut host_spec, &node_hostname()?);
         let mount_points = spec::mount_points(&host_spec);
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
         let mut guest =
@@ -181,6 +182,13 @@ impl HostMounts {
 }
 
 /// The spec's own root, for a bundle that comes with its rootfs.
+/// The node's hostname, which runc's containers start with.
+fn node_hostname() -> Result<String> {
+    let name = nix::unistd::gethostname()
+        .map_err(|e| ShimError::Internal(format!("cannot read the node's hostname: {e}")))?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
 fn host_root(spec: &serde_json::Value, bundle: &Path) -> Result<PathBuf> {
     let root = spec
         .pointer("/root/path")

@@ -52,6 +52,42 @@ pub fn for_guest(namespaces: &mut Vec<Value>, pod_inits: &[u32], has_hostname: b
     }
 }
 
+/// Refuses a pod whose first container (the CRI sandbox, or a container
+/// of its own with `ctr run`) would share the node's network, IPC or PID
+/// namespace: a runv pod is a VM with its own kernel, so such a pod would
+/// silently get the VM's namespaces instead of the node's.
+pub fn refuse_node_namespaces(spec: &Value) -> Result<(), String> {
+    let namespaces = spec
+        .pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let has = |kind: &str| {
+        namespaces
+            .iter()
+            .any(|ns| ns.get("type").and_then(Value::as_str) == Some(kind))
+    };
+    let shared: Vec<&str> = [
+        ("network", "hostNetwork: true (ctr run --net-host)"),
+        ("ipc", "hostIPC: true"),
+        ("pid", "hostPID: true"),
+    ]
+    .into_iter()
+    .filter(|(kind, _)| !has(kind))
+    .map(|(_, field)| field)
+    .collect();
+    if shared.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "runv cannot run this pod: it asks to share the node's namespaces ({}), \
+         and a runv pod is a VM with its own kernel, which has only its own; \
+         run it with runc (no runtimeClassName, or `ctr run` without \
+         --runtime io.containerd.runv.v2), or drop those settings",
+        shared.join(", ")
+    ))
+}
+
 /// The guest's path for `path` if it is `/proc/<task PID>/ns/<kind>` for
 /// a shareable `kind` while the sandbox's init runs (once it has ended,
 /// there is no namespace to join).
@@ -64,11 +100,10 @@ fn guest_path(kind: &str, path: &str, pod_inits: &[u32]) -> Option<String> {
     (SHAREABLE.contains(&kind) && pid == task_pid()).then(|| format!("/proc/{init}/ns/{kind}"))
 }
 
-/// CRI runs a host-network pod in the host's UTS namespace yet still names
-/// its hostname, which an OCI runtime refuses to set without a UTS
-/// namespace of its own. In the VM the host's UTS namespace is the VM's,
-/// shared by every pod: the sandbox gets its own instead, which CRI has
-/// the pod's app containers join.
+/// A spec that names a hostname but no UTS namespace would set the name
+/// of the VM's own UTS namespace, which an OCI runtime refuses to do: the
+/// container gets a UTS namespace of its own instead (which, for a CRI
+/// sandbox, the pod's app containers join).
 fn give_hostname_a_namespace(namespaces: &mut Vec<Value>) {
     let has_uts = namespaces
         .iter()
@@ -132,6 +167,32 @@ mod tests {
         // The sandbox has ended: nothing to join.
         let ended = json!([{"type": "ipc", "path": format!("/proc/{task}/ns/ipc")}]);
         assert_eq!(rewritten(ended, &[]), json!([{"type": "ipc"}]));
+    }
+
+    #[test]
+    fn pods_in_the_nodes_namespaces_are_refused_by_name() {
+        let own = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}]}});
+        refuse_node_namespaces(&own).unwrap();
+        let host_network = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}});
+        let err = refuse_node_namespaces(&host_network).unwrap_err();
+        assert!(err.contains("hostNetwork: true"), "{err}");
+        assert!(
+            !err.contains("hostIPC") && !err.contains("hostPID"),
+            "{err}"
+        );
+        assert!(err.contains("run it with runc"), "{err}");
+        let err = refuse_node_namespaces(&json!({"linux": {"namespaces": [
+            {"type": "network"}, {"type": "mount"}]}}))
+        .unwrap_err();
+        assert!(err.contains("hostIPC: true, hostPID: true"), "{err}");
+        let err = refuse_node_namespaces(&json!({"process": {}})).unwrap_err();
+        assert!(
+            err.contains("hostNetwork: true") && err.contains("hostPID: true"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::{
     container::{Container, HostMounts},
     error::{Result, ShimError},
     events::Events,
-    host_cgroup, network, options,
+    host_cgroup, namespaces, network, options,
     pod::Pod,
     process::{self, task_pid, Process},
     sizing::PodResources,
@@ -66,6 +66,7 @@ impl TaskService {
             let config_path =
                 options::config_path(req.options.as_ref()).map_err(ShimError::InvalidArgument)?;
             let host_spec = spec::read(&bundle).map_err(ShimError::InvalidArgument)?;
+            namespaces::refuse_node_namespaces(&host_spec).map_err(ShimError::InvalidArgument)?;
             let pod_id = spec::pod_id(&host_spec, &req.id);
             let resources =
                 PodResources::from_spec(&host_spec, &pod_id).map_err(ShimError::InvalidArgument)?;

@@ -127,6 +127,33 @@ pub fn for_guest(
     Ok(GuestSpec { spec, binds })
 }
 
+/// Names the node's hostname in a spec that names none, as runc's
+/// container would have it: a new UTS namespace starts with the node's
+/// name, where in the VM it would start with the guest's ("(none)").
+/// [`for_guest`] then gives the container a UTS namespace of its own if it
+/// has none. A container that joins a pod's UTS namespace keeps its name.
+pub fn default_hostname(spec: &mut Value, node_hostname: &str) {
+    let Some(object) = spec.as_object_mut() else {
+        return;
+    };
+    let named = object
+        .get("hostname")
+        .and_then(Value::as_str)
+        .is_some_and(|name| !name.is_empty());
+    let joins_uts = object
+        .get("linux")
+        .and_then(|linux| linux.get("namespaces"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|ns| {
+            ns.get("type").and_then(Value::as_str) == Some("uts") && ns.get("path").is_some()
+        });
+    if !named && !joins_uts {
+        object.insert("hostname".into(), node_hostname.into());
+    }
+}
+
 /// An exec's OCI process (containerd's JSON) as the guest must see it.
 pub fn process_for_guest(process_json: &[u8]) -> Result<Vec<u8>, String> {
     let mut process: Value = serde_json::from_slice(process_json)
@@ -412,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn host_network_pods_keep_their_hostname_in_a_uts_namespace() {
+    fn a_hostname_without_a_uts_namespace_gets_one() {
         let spec = json!({"root": {"path": "rootfs"}, "hostname": "node-1",
             "linux": {"namespaces": [{"type": "pid"}],
                       "cgroupsPath": "kubepods-besteffort-pod1.slice:cri-containerd:c1"}});
@@ -430,6 +457,29 @@ mod tests {
             .unwrap()
             .spec;
         assert_eq!(spec["linux"]["namespaces"], json!([{"type": "pid"}]));
+    }
+
+    #[test]
+    fn a_spec_without_hostname_gets_the_nodes_as_with_runc() {
+        let mut ctr_run = json!({"linux": {"namespaces": [{"type": "uts"}, {"type": "pid"}]}});
+        default_hostname(&mut ctr_run, "node-1");
+        assert_eq!(ctr_run["hostname"], "node-1");
+        let mut shares_the_vms = json!({"root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "pid"}]}});
+        default_hostname(&mut shares_the_vms, "node-1");
+        let guest = for_guest(shares_the_vms, Path::new("/g"), &no_disks(), &[]).unwrap();
+        assert_eq!(guest.spec["hostname"], "node-1");
+        assert_eq!(
+            guest.spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "uts"}])
+        );
+        let mut named = json!({"hostname": "pod-1", "linux": {"namespaces": [{"type": "uts"}]}});
+        default_hostname(&mut named, "node-1");
+        assert_eq!(named["hostname"], "pod-1");
+        let mut cri_app = json!({"linux": {"namespaces": [
+            {"type": "uts", "path": "/proc/1/ns/uts"}]}});
+        default_hostname(&mut cri_app, "node-1");
+        assert!(cri_app.get("hostname").is_none());
     }
 
     #[test]
