@@ -531,7 +531,8 @@ async fn pods_in_the_nodes_namespaces_are_refused() {
     let mut cri = CriClient::with_pod_images(&containerd).await;
     let log_dir = containerd.dir().join("pod-logs");
     fs::create_dir_all(&log_dir).unwrap();
-    let cases: [(&str, fn(&mut NamespaceOption)); 3] = [
+    type Case = (&'static str, fn(&mut NamespaceOption));
+    let cases: [Case; 3] = [
         ("hostNetwork", |o| o.network = NamespaceMode::Node as i32),
         ("hostIPC", |o| o.ipc = NamespaceMode::Node as i32),
         ("hostPID", |o| o.pid = NamespaceMode::Node as i32),
