@@ -270,6 +270,50 @@ fn runv_update_then_oom() {
     containerd.stop();
 }
 
+/// A guest that ends its own VM under a running task (its kernel panics on
+/// the container's OOM, which the container asked for): `ctr run` returns
+/// with exit status 255 instead of waiting on a dead guest, and the task
+/// goes with nothing left behind.
+#[test]
+fn runv_guest_panic_ends_its_tasks() {
+    let Some(containerd) = started() else { return };
+    let id = "runv-guest-panic";
+    // A procfs of its own is writable where ctr's /proc/sys is not. Exit
+    // 3: the set-up failed; 137: only the container was OOM-killed; 255:
+    // the task was lost with its VM.
+    let panic = "mkdir /tmp/proc && mount -t proc proc /tmp/proc && \
+                 echo 2 > /tmp/proc/sys/vm/panic_on_oom || exit 3; echo armed; \
+                 x=$(head -c 314572800 /dev/zero | tr '\\000' a)";
+    let options = ["--cap-add", "CAP_SYS_ADMIN", "--memory-limit", "67108864"];
+    let run = containerd.runv_run_args("--rm", &options, id, &["sh", "-c", panic]);
+    let mut ctr = containerd
+        .ctr_command(&run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ctr");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while ctr.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = ctr.kill();
+            panic!("ctr run still waits on a task whose guest panicked");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = ctr.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "ctr run: {:?}, stdout: {stdout}, stderr: {stderr}",
+        out.status
+    );
+    assert_eq!(stdout, "armed\n");
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    containerd.assert_nothing_running();
+    assert!(containerd.shim_sockets().is_empty());
+    containerd.stop();
+}
+
 /// The first line of `file` that `matches`, waiting up to 10 s for it.
 fn wait_for_line(file: &std::path::Path, matches: impl Fn(&str) -> bool) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
