@@ -4,6 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -85,7 +86,7 @@ impl Shim for RunvShim {
         }
         mounts::unmount_tree(&bundle_rootfs(&bundle))
             .map_err(|e| Error::Other(format!("cannot unmount the rootfs: {e}")))?;
-        remove_dead_socket(&bundle);
+        remove_dead_socket(&bundle).await;
         // The pod's own container (its sandbox, or a `ctr run` one) named
         // the cgroup the dead shim made; the VM's helpers died with it.
         if let Ok(spec) = spec::read(&bundle) {
@@ -121,14 +122,25 @@ impl Shim for RunvShim {
 
 /// Removes the socket of the bundle's shim once nothing serves it: a shim
 /// killed outright could not remove it (a live shim still serving other
-/// containers of the pod keeps it).
-fn remove_dead_socket(bundle: &Path) {
+/// containers of the pod keeps it). containerd may run this as soon as it
+/// sees the shim's connection end, while the dying shim's listener is
+/// still open: it is asked again for a short while before being left.
+async fn remove_dead_socket(bundle: &Path) {
+    const PATIENCE: Duration = Duration::from_secs(2);
     let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
         return;
     };
     let socket = Path::new(address.trim().trim_start_matches("unix://"));
-    let refused = std::os::unix::net::UnixStream::connect(socket)
-        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    let is_refused = || {
+        std::os::unix::net::UnixStream::connect(socket)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    let deadline = Instant::now() + PATIENCE;
+    let mut refused = is_refused();
+    while !refused && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        refused = is_refused();
+    }
     if refused {
         if let Err(e) = std::fs::remove_file(socket) {
             tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the dead shim's socket");
@@ -140,18 +152,26 @@ fn remove_dead_socket(bundle: &Path) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_a_socket_nobody_serves_is_removed() {
+    #[tokio::test]
+    async fn only_a_socket_nobody_serves_is_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let (served, dead) = (dir.path().join("served"), dir.path().join("dead"));
+        let socket = |name: &str| dir.path().join(name);
+        let (served, dead, dying) = (socket("served"), socket("dead"), socket("dying"));
         let _listener = std::os::unix::net::UnixListener::bind(&served).unwrap();
         drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
-        for socket in [&served, &dead] {
+        // A shim still dying when containerd runs `delete`.
+        let last_moments = std::os::unix::net::UnixListener::bind(&dying).unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(last_moments);
+        });
+        for socket in [&served, &dead, &dying] {
             let address = format!("unix://{}", socket.display());
             std::fs::write(dir.path().join("address"), address).unwrap();
-            remove_dead_socket(dir.path());
+            remove_dead_socket(dir.path()).await;
         }
         assert!(served.exists());
         assert!(!dead.exists());
+        assert!(!dying.exists());
     }
 }
