@@ -28,7 +28,7 @@ cd "$repo"
 # stdout, an OOM kill, raw block devices, namespaces) are left to --full.
 ci_set=(
     builtin_boot vm_boot agent_containers block_devices
-    containerd:runv_runs_busybox,runv_task_lifecycle,runv_log_uris,runv_faults_leave_nothing
+    containerd:runv_runs_busybox,runv_task_lifecycle,runv_log_uris,runv_faults_leave_nothing,runv_guest_panic_ends_its_tasks
     cri:pod_runs_in_one_vm,block_volume_hot_plugs,pod_vm_is_sized
     storage:block_and_bind_volumes
     shared_fs:agent_mounts_the_share,files_travel_both_ways
