@@ -1,19 +1,23 @@
-//! The qemu backend's host processes are confined (docs/security.md): for
-//! a real pod VM with a shared directory, QEMU and vhost-device-vsock run
+//! A pod VM's host side is confined (docs/security.md). On qemu, for a
+//! real pod VM with a shared directory, QEMU and vhost-device-vsock run
 //! under the VM's own unprivileged uid with no capability and a seccomp
 //! filter; virtiofsd runs as root under its seccomp filter without
 //! CAP_MKNOD and CAP_FSETID, and maps the guest's extended attributes into
-//! `user.virtiofs.`. And TCG is refused unless the config allows it.
+//! `user.virtiofs.`; TCG is refused unless the config allows it. On
+//! builtin, every VMM thread runs under its seccomp filter, and the
+//! in-process virtio-fs serves no extended attributes. On both, root in
+//! the guest reaches no host attribute and makes no device node.
 
 use std::{
     collections::BTreeMap, ffi::CString, fs, os::unix::ffi::OsStrExt, path::Path, time::Duration,
 };
 
 use runv_agent_client::ConnectOptions;
-use runv_config::AccelMode;
+use runv_config::{AccelMode, HypervisorKind};
 use runv_hypervisor::{confine::HELPER_UID_BASE, VmExit};
 use runv_sandbox::PodVm;
-use runv_tests::{assert_nothing_left, initramfs_with_shell_init, test_config};
+use runv_tests::{assert_nothing_left, initramfs_with_shell_init, only_on, test_config};
+use runv_vmm::THREAD_NAME_PREFIX;
 
 const CAP_MKNOD: u32 = 27;
 const CAP_FSETID: u32 = 4;
@@ -52,6 +56,9 @@ fn cap_set(status: &BTreeMap<String, String>, set: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_helper_process_is_confined() {
+    if !only_on(HypervisorKind::Qemu, "confining helper processes") {
+        return;
+    }
     let scratch = tempfile::tempdir().unwrap();
     let config = test_config(scratch.path());
     let shared = scratch.path().join("shared");
@@ -121,10 +128,56 @@ async fn every_helper_process_is_confined() {
     assert_nothing_left(scratch.path(), &pids, &["console.log", "shared"]);
 }
 
+/// The builtin VM runs in this process: each of its threads (vCPUs, event
+/// loop, virtio-fs worker, supervisor) has its seccomp filter and no new
+/// privileges before the guest runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_builtin_vmm_thread_is_confined() {
+    if !only_on(HypervisorKind::Builtin, "confining the VMM's threads") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let config = test_config(scratch.path());
+    let shared = scratch.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    let mut spec = PodVm::spec(&config, "confined", scratch.path().join("console.log"));
+    spec.shared_dir = Some(shared);
+    let connect = ConnectOptions::new(config.vm.agent_timeout());
+    let vm = PodVm::boot(&config, spec, &connect)
+        .await
+        .expect("VM boots");
+    let mut threads = BTreeMap::new();
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let name = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let name = name.trim();
+        if name.starts_with(THREAD_NAME_PREFIX) {
+            let tid: u32 = task.file_name().to_string_lossy().parse().unwrap();
+            threads.insert(format!("{name} ({tid})"), status(tid));
+        }
+    }
+    for (thread, status) in &threads {
+        println!("{thread}: {}", confinement_fields(status));
+        assert_eq!(status["Seccomp"], "2", "{thread}");
+        assert_eq!(status["NoNewPrivs"], "1", "{thread}");
+    }
+    let names: Vec<&str> = threads.keys().map(String::as_str).collect();
+    for kind in ["runv-vcpu", "runv-events", "runv-fs", "runv-vmm"] {
+        assert!(
+            names.iter().any(|name| name.starts_with(kind)),
+            "no {kind} thread among {names:?}"
+        );
+    }
+    let shutdown = vm.shutdown().await;
+    assert!(!shutdown.forced, "the guest powered off when asked");
+}
+
 /// Without `qemu.allow_tcg`, a VM that would run with TCG does not start,
 /// and the error names the key and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcg_is_refused_without_the_switch() {
+    if !only_on(HypervisorKind::Qemu, "refusing TCG") {
+        return;
+    }
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
     config.qemu.allow_tcg = false;
@@ -237,9 +290,9 @@ async fn guest_cannot_set_host_xattrs_or_make_device_nodes() {
         .filter_map(|line| line.trim_end().strip_prefix("probe: "))
         .collect();
     println!("guest: {probe:#?}");
-    assert_eq!(
-        probe,
-        [
+    let expected = match runv_tests::test_hypervisor() {
+        // virtiofsd keeps the guest's attributes under user.virtiofs.
+        HypervisorKind::Qemu => [
             "set security.capability: ok",
             "set trusted.guest: ok",
             "set user.guest: ok",
@@ -248,16 +301,28 @@ async fn guest_cannot_set_host_xattrs_or_make_device_nodes() {
             "get user.host: No data available",
             "mknod: Operation not permitted",
         ],
-        "console log:\n{log}"
-    );
+        // The in-process virtio-fs serves no extended attribute at all.
+        HypervisorKind::Builtin => [
+            "set security.capability: Operation not supported",
+            "set trusted.guest: Operation not supported",
+            "set user.guest: Operation not supported",
+            "get user.guest: Operation not supported",
+            "get trusted.host: Operation not supported",
+            "get user.host: Operation not supported",
+            "mknod: Operation not permitted",
+        ],
+    };
+    assert_eq!(probe, expected, "console log:\n{log}");
     let guest_file = shared.join("guest-file");
     println!("host: {:?}", host_xattr_names(&guest_file));
     assert_eq!(host_xattr(&guest_file, "security.capability"), None);
     assert_eq!(host_xattr(&guest_file, "trusted.guest"), None);
-    assert_eq!(
-        host_xattr(&guest_file, "user.virtiofs.trusted.guest").as_deref(),
-        Some(&b"t"[..])
-    );
+    if runv_tests::test_hypervisor() == HypervisorKind::Qemu {
+        assert_eq!(
+            host_xattr(&guest_file, "user.virtiofs.trusted.guest").as_deref(),
+            Some(&b"t"[..])
+        );
+    }
     assert!(!shared.join("disk").exists(), "no device node on the host");
     vm.stop(Duration::from_secs(5)).await;
     assert_nothing_left(
