@@ -153,6 +153,10 @@ pub struct VmConfig {
     pub agent_timeout_secs: u64,
     /// How long a VM may take to power off before it is killed.
     pub shutdown_timeout_secs: u64,
+    /// The most of the guest console one log file keeps; the log rotates
+    /// once to `console.log.1`, so a VM's console takes at most twice this
+    /// on the host, whatever the guest writes.
+    pub console_log_kib: u32,
 }
 
 /// Settings of the `builtin` hypervisor.
@@ -208,6 +212,7 @@ impl Default for VmConfig {
             max_memory_mib: 16384,
             agent_timeout_secs: 30,
             shutdown_timeout_secs: 5,
+            console_log_kib: 1024,
         }
     }
 }
@@ -229,6 +234,8 @@ const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// IOAPIC n, below the broadcast ID 0xff: at most 254 vCPUs.
 const MAX_VCPUS: u32 = 254;
 const MIN_MEMORY_MIB: u32 = 64;
+/// A console log of 1 GiB is already more than any operator reads.
+const MAX_CONSOLE_LOG_KIB: u32 = 1 << 20;
 
 impl Config {
     /// Reads and validates a configuration file.
@@ -313,6 +320,15 @@ impl Config {
         if self.vm.agent_timeout_secs == 0 {
             return Err(invalid("vm.agent_timeout_secs", "must be above 0".into()));
         }
+        if !(1..=MAX_CONSOLE_LOG_KIB).contains(&self.vm.console_log_kib) {
+            return Err(invalid(
+                "vm.console_log_kib",
+                format!(
+                    "is {}; use 1 to {MAX_CONSOLE_LOG_KIB}",
+                    self.vm.console_log_kib
+                ),
+            ));
+        }
         for (key, program) in [
             ("qemu.binary", &self.qemu.binary),
             ("qemu.vhost_vsock_binary", &self.qemu.vhost_vsock_binary),
@@ -353,6 +369,10 @@ impl VmConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+
+    pub fn console_log_bytes(&self) -> u64 {
+        u64::from(self.console_log_kib) << 10
+    }
 }
 
 #[cfg(test)]
@@ -369,6 +389,7 @@ mod tests {
         assert_eq!(config.hypervisor, HypervisorKind::Builtin);
         assert!(!config.builtin.pvm_guest_kernel);
         assert_eq!(config.vm.vcpus, 1);
+        assert_eq!(config.vm.console_log_bytes(), 1 << 20);
         assert_eq!(config.qemu.accel, AccelMode::Auto);
         assert!(!config.qemu.allow_tcg);
         assert_eq!(config.qemu.virtiofsd_binary, Path::new("virtiofsd"));
@@ -429,6 +450,13 @@ mod tests {
         );
         let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err().to_string();
         assert!(err.contains("`vm.memory_mib`"), "{err}");
+        let err = parse("[vm]\nconsole_log_kib = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`vm.console_log_kib` is 0; use 1 to 1048576"),
+            "{err}"
+        );
         let err = parse("log_level = \"loud\"\n").unwrap_err().to_string();
         assert!(
             err.contains("`log_level`") && err.contains("debug"),

@@ -1,7 +1,6 @@
 //! The guest's serial console on the host, bounded: the guest decides
-//! how much it writes, so the log it fills is capped at
-//! [`CONSOLE_LOG_CAP`] bytes, with one previous file (`<log>.1`) kept when
-//! it rotates. Both backends write the console into a pipe (QEMU's
+//! how much it writes, so the log it fills is capped (`vm.console_log_kib`),
+//! with one previous file (`<log>.1`) kept when it rotates. Both backends write the console into a pipe (QEMU's
 //! `chardev file` and the builtin serial port alike just write to a path,
 //! here `/proc/self/fd/N` of the pipe's write end, which has no name a
 //! crash could leave behind), and a thread of runv copies it into the
@@ -19,9 +18,6 @@ use std::{
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::{fcntl::OFlag, unistd::pipe2};
-
-/// The most bytes one console log file holds.
-pub const CONSOLE_LOG_CAP: u64 = 1 << 20;
 
 /// A log file that rotates to `<path>.1` at `cap` bytes.
 pub struct CappedLog {
@@ -98,10 +94,10 @@ pub struct ConsoleCapture {
 }
 
 impl ConsoleCapture {
-    /// Makes the pipe and starts copying it into `log`.
-    pub fn start(log: &Path) -> io::Result<ConsoleCapture> {
+    /// Makes the pipe and starts copying it into `log`, `cap` bytes a file.
+    pub fn start(log: &Path, cap: u64) -> io::Result<ConsoleCapture> {
         let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let mut log_file = CappedLog::new(log, CONSOLE_LOG_CAP);
+        let mut log_file = CappedLog::new(log, cap);
         let reader = File::from(read_end);
         std::thread::Builder::new()
             .name("console".into())
@@ -167,7 +163,8 @@ mod tests {
     fn the_console_is_copied_capped_and_leaves_no_name() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");
-        let capture = ConsoleCapture::start(&log).unwrap();
+        let cap = 1 << 20;
+        let capture = ConsoleCapture::start(&log, cap).unwrap();
         // What a hypervisor does: open the path and write.
         let mut writer = OpenOptions::new()
             .append(true)
@@ -190,11 +187,8 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert!(fs::metadata(&log).unwrap().len() <= CONSOLE_LOG_CAP);
-        assert_eq!(
-            fs::metadata(CappedLog::previous(&log)).unwrap().len(),
-            CONSOLE_LOG_CAP
-        );
+        assert!(fs::metadata(&log).unwrap().len() <= cap);
+        assert_eq!(fs::metadata(CappedLog::previous(&log)).unwrap().len(), cap);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&log).unwrap().permissions().mode() & 0o777,
@@ -206,7 +200,7 @@ mod tests {
     fn a_console_nobody_wrote_leaves_no_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");
-        drop(ConsoleCapture::start(&log).unwrap());
+        drop(ConsoleCapture::start(&log, 1024).unwrap());
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!log.exists());
     }

@@ -25,7 +25,7 @@ use runv_config::{Config, HypervisorKind};
 use tokio::sync::watch;
 
 pub use builtin::BuiltinVm;
-pub use console::{CappedLog, ConsoleCapture, CONSOLE_LOG_CAP};
+pub use console::{CappedLog, ConsoleCapture};
 pub use host::{Accel, KvmSupport};
 pub use qemu::QemuVm;
 

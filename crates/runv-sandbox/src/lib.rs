@@ -182,13 +182,16 @@ impl PodVm {
         let shared = spec.shared_dir.is_some();
         // The hypervisor writes into a pipe that runv copies into the
         // log, capped: the guest does not decide how much disk it fills.
-        let capture = ConsoleCapture::start(&console).map_err(|source| HypervisorError::Io {
-            context: format!(
-                "cannot capture the guest console into {}",
-                console.display()
-            ),
-            source,
-        })?;
+        let capture =
+            ConsoleCapture::start(&console, config.vm.console_log_bytes()).map_err(|source| {
+                HypervisorError::Io {
+                    context: format!(
+                        "cannot capture the guest console into {}",
+                        console.display()
+                    ),
+                    source,
+                }
+            })?;
         let mut spec = spec;
         spec.console_log = capture.path().to_owned();
         let mut hypervisor = runv_hypervisor::create(config, spec);
