@@ -80,8 +80,10 @@ const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
 const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 /// How long QEMU may take to exit after a backend did: a backend also
 /// exits when QEMU closes its connection on the way out, and then QEMU's
-/// own exit says why the VM ended.
-const QEMU_EXIT_AFTER_BACKEND: Duration = Duration::from_millis(500);
+/// own exit says why the VM ended. QEMU frees the guest's memory after
+/// that, which takes over a second for a large guest on a busy host (and
+/// in the nested-KVM bed); a lost backend ends the VM this much later.
+const QEMU_EXIT_AFTER_BACKEND: Duration = Duration::from_secs(5);
 /// QEMU's QMP socket, through which block devices are attached.
 const QMP_SOCKET: &str = "qmp.sock";
 
