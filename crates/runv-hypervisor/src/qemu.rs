@@ -420,12 +420,11 @@ impl QemuVm {
             .collect()
     }
 
-    /// How QEMU runs: the VM's helper uid, and the group of /dev/kvm
-    /// where it uses KVM.
-    fn confinement(&self, accel: Accel) -> Result<Confinement, HypervisorError> {
-        let confinement = Confinement::for_new_vm()?;
+    /// The group through which QEMU reaches /dev/kvm, where it uses KVM:
+    /// QEMU keeps it, and the other helpers of the VM do not.
+    fn kvm_group(accel: Accel) -> Result<Option<u32>, HypervisorError> {
         if accel == Accel::Tcg {
-            return Ok(confinement);
+            return Ok(None);
         }
         let kvm = std::fs::metadata("/dev/kvm").map_err(|source| HypervisorError::Io {
             context: "cannot stat /dev/kvm".into(),
@@ -443,7 +442,7 @@ impl QemuVm {
                 ),
             });
         }
-        Ok(confinement.with_group(kvm.gid()))
+        Ok(Some(kvm.gid()))
     }
 
     /// The running VM, or why there is none.
@@ -469,7 +468,11 @@ impl Hypervisor for QemuVm {
         )
         .map_err(HypervisorError::Accel)?;
         tracing::info!(vm = %self.spec.id, %accel, reason = %accel_reason, "starting qemu");
-        let confinement = self.confinement(accel)?;
+        let confinement = Confinement::for_new_vm()?;
+        let qemu_confinement = match Self::kvm_group(accel)? {
+            Some(gid) => confinement.clone().with_group(gid),
+            None => confinement.clone(),
+        };
         let dir = RunDir::for_vm(&self.spec)?;
         confinement
             .create_dir(&dir.join(HELPER_DIR))
@@ -490,7 +493,7 @@ impl Hypervisor for QemuVm {
                 self.qemu_args(accel, &numbers),
                 Spawn {
                     inherit: self.inherited_fds(&numbers),
-                    confinement: Some(&confinement),
+                    confinement: Some(&qemu_confinement),
                     ..Spawn::logged(&dir.join(QEMU_LOG), "qemu")
                 },
             )
