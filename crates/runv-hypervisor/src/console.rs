@@ -1,6 +1,7 @@
 //! The guest's serial console on the host, bounded: the guest decides
-//! how much it writes, so the log it fills is capped (`vm.console_log_kib`),
-//! with one previous file (`<log>.1`) kept when it rotates. Both backends write the console into a pipe (QEMU's
+//! how much it writes, so the log it fills is capped
+//! (`vm.console_log_kib`), with one previous file (`<log>.1`) kept when it
+//! rotates. Both backends write the console into a pipe (QEMU's
 //! `chardev file` and the builtin serial port alike just write to a path,
 //! here `/proc/self/fd/N` of the pipe's write end, which has no name a
 //! crash could leave behind), and a thread of runv copies it into the
