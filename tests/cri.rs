@@ -10,11 +10,11 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
+    Capability, ContainerConfig, ContainerFilter, ContainerState, ContainerStatsRequest,
     CreateContainerRequest, Device, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, ListContainersRequest, Mount, NamespaceMode, NamespaceOption,
-    RemoveContainerRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    VersionRequest,
+    LinuxContainerSecurityContext, ListContainersRequest, Mount, MountPropagation, NamespaceMode,
+    NamespaceOption, RemoveContainerRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, VersionRequest,
 };
 use runv_tests::{
     containerd::Containerd,
@@ -517,6 +517,150 @@ async fn pod_containers_share_ipc_uts_and_pid_namespaces() {
 
     remove_pods(&containerd, &mut cri, &[&pod_id]).await;
     containerd.stop();
+}
+
+/// Volumes propagate the host's mounts as Kubernetes asks, into the VM:
+/// the kubelet's pod directories are shared mounts, and a mount the host
+/// makes under one after the containers started reaches the containers
+/// whose volume is HostToContainer (`rslave`) or Bidirectional
+/// (`rshared`), not one whose volume is private. A container's own mount
+/// under a Bidirectional volume (it has CAP_SYS_ADMIN) stays in the VM:
+/// nothing the guest does mounts anything on the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_follow_host_mounts_as_their_propagation_asks() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    let mut cri = CriClient::with_pod_images(&containerd).await;
+    // Outside containerd's directory, whose mounts the removal checks.
+    let scratch = tempfile::tempdir().unwrap();
+    let volume = scratch.path().join("propagating-volume");
+    fs::create_dir_all(volume.join("late")).unwrap();
+    let mut host_mounts = HostMounts::default();
+    host_mounts.bind_shared(&volume);
+
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let pod = pod_config("propagation", &log_dir);
+    let pod_id = run_pod(&mut cri, &pod).await;
+    let with_volume = |name: &str, propagation: MountPropagation, capabilities: &[&str]| {
+        let mut config = app_config(name);
+        config.mounts = vec![Mount {
+            container_path: "/vol".into(),
+            host_path: volume.to_string_lossy().into_owned(),
+            propagation: propagation as i32,
+            ..Default::default()
+        }];
+        config.linux = Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    add_capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        config
+    };
+    let follower = with_volume(
+        "follower",
+        MountPropagation::PropagationHostToContainer,
+        &[],
+    );
+    let follower = start_app(&mut cri, &pod_id, &pod, follower).await;
+    let private = with_volume("private", MountPropagation::PropagationPrivate, &[]);
+    let private = start_app(&mut cri, &pod_id, &pod, private).await;
+    let both = with_volume(
+        "both",
+        MountPropagation::PropagationBidirectional,
+        &["SYS_ADMIN"],
+    );
+    let both = start_app(&mut cri, &pod_id, &pod, both).await;
+
+    host_mounts.tmpfs(&volume.join("late"));
+    fs::write(volume.join("late/flag"), "mounted later\n").unwrap();
+    for (name, id, expected) in [
+        ("follower", &follower, Some("mounted later\n")),
+        ("both", &both, Some("mounted later\n")),
+        ("private", &private, None),
+    ] {
+        let read = exec_sync(&mut cri, id, &["cat", "/vol/late/flag"]).await;
+        match expected {
+            Some(text) => assert_eq!(
+                String::from_utf8_lossy(&read.stdout),
+                text,
+                "{name} does not see the host's later mount"
+            ),
+            None => assert_ne!(read.exit_code, 0, "{name} sees the host's later mount"),
+        }
+    }
+
+    let script = "mkdir -p /vol/from-guest && mount -t tmpfs guest /vol/from-guest && \
+                  echo guest > /vol/from-guest/flag && cat /vol/from-guest/flag";
+    let mounted = exec_sync(&mut cri, &both, &["sh", "-c", script]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&mounted.stdout),
+        "guest\n",
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    assert!(
+        !volume.join("from-guest/flag").exists(),
+        "a mount in the guest reached the host"
+    );
+    let host_mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mountinfo.contains("from-guest"),
+        "a mount in the guest reached the host: {host_mountinfo}"
+    );
+
+    remove_pods(&containerd, &mut cri, &[&pod_id]).await;
+    containerd.stop();
+}
+
+/// Mounts a test makes on the host, undone (last first) when it ends.
+#[derive(Default)]
+struct HostMounts(Vec<std::path::PathBuf>);
+
+impl HostMounts {
+    /// Binds `dir` onto itself and makes it shared, as the kubelet's pod
+    /// directories are.
+    fn bind_shared(&mut self, dir: &Path) {
+        use nix::mount::{mount, MsFlags};
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .unwrap_or_else(|e| panic!("bind {}: {e}", dir.display()));
+        self.0.push(dir.to_owned());
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("make {} shared: {e}", dir.display()));
+    }
+
+    fn tmpfs(&mut self, dir: &Path) {
+        use nix::mount::{mount, MsFlags};
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("tmpfs on {}: {e}", dir.display()));
+        self.0.push(dir.to_owned());
+    }
+}
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 /// The namespace `path` (a /proc/<pid>/ns file) names, seen in container `id`.

@@ -155,12 +155,18 @@ impl HostMounts {
                     .map_err(|e| ShimError::Internal(e.to_string()))?;
             }
             shared
-                .bind(id, ROOTFS_SHARE, root, read_only)
+                .bind(id, ROOTFS_SHARE, root, read_only, false)
                 .map_err(ShimError::Internal)?;
         }
         for bind in &guest.binds {
             shared
-                .bind(id, &bind.share_name, &bind.source, bind.read_only)
+                .bind(
+                    id,
+                    &bind.share_name,
+                    &bind.source,
+                    bind.read_only,
+                    bind.follows_host,
+                )
                 .map_err(ShimError::Internal)?;
         }
         Ok(serde_json::to_vec(&guest.spec).expect("a JSON value serializes"))

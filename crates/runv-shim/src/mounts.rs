@@ -133,18 +133,30 @@ impl SharedDir {
 
     /// Binds `source` (a directory or a file) at
     /// `<shared>/<container_id>/<share_name>`, read-only on the host when
-    /// `read_only`, always nosuid and nodev.
+    /// `read_only`, always nosuid and nodev. The bind is a slave of a
+    /// shared source when `follows_host` (the host's later mounts under it
+    /// reach the guest), else private; never a peer, so nothing mounted on
+    /// the share's side reaches the host.
     pub fn bind(
         &self,
         container_id: &str,
         share_name: &str,
         source: &Path,
         read_only: bool,
+        follows_host: bool,
     ) -> Result<(), String> {
         let relative = Path::new(container_id).join(share_name);
         let bound = create_mount_target(source, &self.skeleton.join(&relative)).and_then(|()| {
             let tree = clone_tree(source)?;
-            set_attributes(&tree, MountAttributes::read_only(read_only))?;
+            let propagation = if follows_host {
+                libc::MS_SLAVE
+            } else {
+                libc::MS_PRIVATE
+            };
+            set_attributes(
+                &tree,
+                MountAttributes::read_only(read_only).with_propagation(propagation),
+            )?;
             let view = fs::File::open(&self.view)?;
             let target = resolve_beneath(&view, &relative)?;
             attach_at(&tree, &target)
@@ -256,8 +268,12 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// The attributes of a bind runv makes: never setuid or device files on
-/// the host, read-only on request (recursively: submounts too).
-struct MountAttributes(u64);
+/// the host, read-only on request (recursively: submounts too), and the
+/// propagation asked for (0 keeps the clone's: a peer of a shared source).
+struct MountAttributes {
+    set: u64,
+    propagation: u64,
+}
 
 impl MountAttributes {
     fn read_only(read_only: bool) -> MountAttributes {
@@ -265,7 +281,17 @@ impl MountAttributes {
         if read_only {
             set |= libc::MOUNT_ATTR_RDONLY;
         }
-        MountAttributes(set)
+        MountAttributes {
+            set,
+            propagation: 0,
+        }
+    }
+
+    fn with_propagation(self, propagation: libc::c_ulong) -> MountAttributes {
+        MountAttributes {
+            propagation,
+            ..self
+        }
     }
 }
 
@@ -285,9 +311,9 @@ fn clone_tree(source: &Path) -> io::Result<OwnedFd> {
 /// Sets `attributes` on every mount of the detached tree `tree`.
 fn set_attributes(tree: &OwnedFd, attributes: MountAttributes) -> io::Result<()> {
     let attr = libc::mount_attr {
-        attr_set: attributes.0,
+        attr_set: attributes.set,
         attr_clr: 0,
-        propagation: 0,
+        propagation: attributes.propagation,
         userns_fd: 0,
     };
     // SAFETY: mount_setattr reads `attr` (of the size passed) and an empty
@@ -473,8 +499,10 @@ mod tests {
 
         let pod = scratch.path().join("pod");
         let shared = SharedDir::create(&pod).unwrap();
-        shared.bind("c1", "rootfs", &source, false).unwrap();
-        shared.bind("c1", "mounts/1-hosts", &file, true).unwrap();
+        shared.bind("c1", "rootfs", &source, false, false).unwrap();
+        shared
+            .bind("c1", "mounts/1-hosts", &file, true, false)
+            .unwrap();
         let seen = shared.path().join("c1/mounts/1-hosts");
         assert_eq!(fs::read_to_string(&seen).unwrap(), "127.0.0.1 localhost\n");
         assert!(shared.path().join("c1/rootfs/keep").is_file());
@@ -571,6 +599,91 @@ mod tests {
         assert!(root.join("y").is_file());
     }
 
+    /// A volume that follows the host (rslave, rshared) sees what the host
+    /// mounts under its source after it was shared; a private one does
+    /// not; and a mount on the share's side never reaches the host.
+    #[test]
+    fn host_mounts_reach_only_the_binds_that_follow_the_host() {
+        if !is_root() {
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        // The source is shared, as the kubelet's pod directories are.
+        let source = scratch.path().join("volume");
+        fs::create_dir_all(source.join("late")).unwrap();
+        fs::create_dir(source.join("from-share")).unwrap();
+        mount(
+            Some(&source),
+            &source,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &source,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap();
+        let shared = SharedDir::create(&scratch.path().join("pod")).unwrap();
+        shared
+            .bind("c1", "mounts/1-follows", &source, false, true)
+            .unwrap();
+        shared
+            .bind("c1", "mounts/2-private", &source, false, false)
+            .unwrap();
+
+        mount(
+            Some("tmpfs"),
+            &source.join("late"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        fs::write(source.join("late/flag"), "mounted later").unwrap();
+        let seen = |share: &str| {
+            shared
+                .path()
+                .join("c1")
+                .join(share)
+                .join("late/flag")
+                .exists()
+        };
+        assert!(
+            seen("mounts/1-follows"),
+            "the host's mount did not reach the follower"
+        );
+        assert!(
+            !seen("mounts/2-private"),
+            "the host's mount reached a private bind"
+        );
+
+        let on_share_side = shared.path().join("c1/mounts/1-follows/from-share");
+        mount(
+            Some("tmpfs"),
+            &on_share_side,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        fs::write(on_share_side.join("flag"), "guest side").unwrap();
+        assert!(
+            !source.join("from-share/flag").exists(),
+            "a mount on the share's side reached the host"
+        );
+
+        umount2(&on_share_side, MntFlags::MNT_DETACH).unwrap();
+        shared.unshare("c1").unwrap();
+        shared.remove();
+        umount2(&source.join("late"), MntFlags::MNT_DETACH).unwrap();
+        umount2(&source, MntFlags::MNT_DETACH).unwrap();
+    }
+
     /// Were a symlink ever in a bind's way, the bind fails rather than
     /// land where it points, and mounts nothing.
     #[test]
@@ -592,7 +705,9 @@ mod tests {
                 fs::create_dir(skeleton.join("c1")).unwrap();
             }
             std::os::unix::fs::symlink(&elsewhere, skeleton.join(planted)).unwrap();
-            let error = shared.bind("c1", "rootfs", &source, false).unwrap_err();
+            let error = shared
+                .bind("c1", "rootfs", &source, false, false)
+                .unwrap_err();
             assert!(error.contains("cannot share"), "{error}");
             assert!(mount_points_under(&elsewhere).unwrap().is_empty());
         }

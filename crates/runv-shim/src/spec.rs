@@ -23,6 +23,10 @@ pub struct HostBind {
     pub share_name: String,
     /// The mount asked for `ro`: the host bind is read-only too.
     pub read_only: bool,
+    /// The mount asked for `rslave` or `rshared` (Kubernetes'
+    /// HostToContainer and Bidirectional): mounts the host makes under the
+    /// source later reach the guest.
+    pub follows_host: bool,
 }
 
 /// What the guest reaches through disks the agent mounted rather than
@@ -222,10 +226,14 @@ fn share_bind_mounts(
             guest_dir.join(&share_name).to_string_lossy().into(),
         );
         let read_only = has_option(mount, "ro");
+        let follows_host = ["rslave", "slave", "rshared", "shared"]
+            .iter()
+            .any(|option| has_option(mount, option));
         binds.push(HostBind {
             source,
             share_name,
             read_only,
+            follows_host,
         });
     }
     Ok(binds)
@@ -372,11 +380,13 @@ mod tests {
                     source: "/var/lib/containerd/sandboxes/s1/hosts".into(),
                     share_name: "mounts/1-hosts".into(),
                     read_only: false,
+                    follows_host: false,
                 },
                 HostBind {
                     source: "/srv/data".into(),
                     share_name: "mounts/2-data".into(),
                     read_only: true,
+                    follows_host: false,
                 },
             ]
         );

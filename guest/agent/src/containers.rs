@@ -706,12 +706,39 @@ fn container_spec(id: &str, json: &[u8], terminal: bool) -> Result<Spec> {
         if linux.cgroups_path().is_none() {
             linux.set_cgroups_path(Some(PathBuf::from(format!("/runv/{id}"))));
         }
+        let propagation = linux
+            .rootfs_propagation()
+            .as_deref()
+            .map(rootfs_propagation)
+            .transpose()
+            .map_err(|name| {
+                invalid(format!(
+                    "container {id}: unknown rootfsPropagation {name:?}; use one of \
+                     private, rprivate, slave, rslave, shared, rshared, unbindable, \
+                     runbindable"
+                ))
+            })?;
+        linux.set_rootfs_propagation(propagation.map(str::to_owned));
     } else {
         return Err(invalid(format!(
             "the OCI spec of container {id} has no linux section"
         )));
     }
     Ok(spec)
+}
+
+/// runc's names for the root's propagation (containerd's CRI sends
+/// `rshared` and `rslave` for Bidirectional and HostToContainer volumes) as
+/// libcontainer knows them; it makes the root's propagation recursive
+/// whatever the name says, as runc does.
+fn rootfs_propagation(name: &str) -> std::result::Result<&'static str, &str> {
+    match name {
+        "private" | "rprivate" => Ok("private"),
+        "slave" | "rslave" => Ok("slave"),
+        "shared" | "rshared" => Ok("shared"),
+        "unbindable" | "runbindable" => Ok("unbindable"),
+        unknown => Err(unknown),
+    }
 }
 
 fn check_process(process: &OciProcess, root: Option<&std::path::Path>, whose: &str) -> Result<()> {
@@ -826,5 +853,32 @@ mod tests {
         let json = serde_json::to_vec(&no_args).unwrap();
         let err = container_spec("web", &json, false).unwrap_err();
         assert!(err.message.contains("has no args"), "{}", err.message);
+
+        for (given, taken) in [
+            ("rshared", "shared"),
+            ("rslave", "slave"),
+            ("private", "private"),
+        ] {
+            let mut propagated = spec.clone();
+            let mut linux = spec.linux().clone().unwrap();
+            linux.set_rootfs_propagation(Some(given.into()));
+            propagated.set_linux(Some(linux));
+            let json = serde_json::to_vec(&propagated).unwrap();
+            let completed = container_spec("web", &json, false).unwrap();
+            let linux = completed.linux().as_ref().unwrap();
+            assert_eq!(linux.rootfs_propagation().as_deref(), Some(taken));
+        }
+        let mut odd = spec.clone();
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_rootfs_propagation(Some("rsideways".into()));
+        odd.set_linux(Some(linux));
+        let json = serde_json::to_vec(&odd).unwrap();
+        let err = container_spec("web", &json, false).unwrap_err();
+        assert!(
+            err.message
+                .contains("unknown rootfsPropagation \"rsideways\""),
+            "{}",
+            err.message
+        );
     }
 }
