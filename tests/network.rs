@@ -19,7 +19,7 @@ use std::{
 
 use k8s_cri::v1::PodSandboxStatsRequest;
 use runv_tests::{
-    cni::{self, pod_ip},
+    cni::{self, pod_ip, pod_netns},
     containerd::Containerd,
     cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
 };
@@ -101,6 +101,64 @@ async fn pods_reach_the_host_and_each_other() {
     let taps = runv_taps();
     assert!(taps.is_empty(), "taps left: {taps:?}");
     containerd.stop();
+}
+
+/// CRI PortForward (`kubectl port-forward`) into a runv pod: containerd
+/// dials 127.0.0.1:<port> in the pod's network namespace on the host,
+/// which this test does the same way. A server bound to the VM's loopback
+/// answers, and so does one bound only to the pod IP; a port nothing
+/// listens on gets its connection closed, not a hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_reaches_servers_inside_the_vm() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    let mut cri = CriClient::with_pod_images(&containerd).await;
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let config = pod_config("forwarded", &log_dir);
+    let pod = run_pod(&mut cri, &config).await;
+    let pod_ip = pod_ip(&mut cri, &pod).await;
+    let mut httpd = app_config("httpd");
+    httpd.args = vec![format!(
+        "mkdir -p /www && echo '{PAGE}' > /www/index.html && echo started httpd && \
+         httpd -p 127.0.0.1:{HTTP_PORT} -h /www && exec httpd -f -p {pod_ip}:8081 -h /www"
+    )];
+    start_app(&mut cri, &pod, &config, httpd).await;
+
+    let netns = pod_netns(&mut cri, &pod).await;
+    for port in [HTTP_PORT, 8081] {
+        let page = in_netns(&netns, move || http_get(&format!("127.0.0.1:{port}")));
+        assert!(
+            page.contains(PAGE),
+            "port {port} through PortForward's path: {page}"
+        );
+    }
+    let nobody = in_netns(&netns, || {
+        let mut stream = TcpStream::connect("127.0.0.1:9999")?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).map(|_| response)
+    });
+    match nobody {
+        Ok(response) => assert!(response.is_empty(), "port 9999 answered {response:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+
+    remove_pods(&containerd, &mut cri, &[&pod]).await;
+    containerd.stop();
+}
+
+/// Runs `work` on a thread inside the network namespace `netns`.
+fn in_netns<T: Send + 'static>(netns: &Path, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = fs::File::open(netns).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        work()
+    })
+    .join()
+    .unwrap()
 }
 
 /// A VF passed through (runv's fastest network mode): CNI's host-device

@@ -148,3 +148,27 @@ pub async fn pod_ip(cri: &mut CriClient, pod_id: &str) -> String {
         .filter(|ip| !ip.is_empty())
         .expect("the pod has an IP")
 }
+
+/// The pod's network namespace on the host, from CRI's verbose status
+/// (the sandbox's runtime spec), as containerd enters it for PortForward.
+pub async fn pod_netns(cri: &mut CriClient, pod_id: &str) -> std::path::PathBuf {
+    let status = cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(status.info.get("info").expect("verbose info")).unwrap();
+    info.pointer("/runtimeSpec/linux/namespaces")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|ns| ns["type"] == "network")
+        .and_then(|ns| ns["path"].as_str())
+        .map(Into::into)
+        .expect("the sandbox has a network namespace")
+}

@@ -34,7 +34,14 @@ pub async fn connect(socket: &Path, port: u32) -> io::Result<UnixStream> {
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await?;
-    let reply = read_line(&mut stream).await?;
+    let reply = read_line(&mut stream, MAX_REPLY_LEN)
+        .await?
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "the guest did not accept the connection (nothing listens on the port yet)",
+            )
+        })?;
     if reply.starts_with("OK ") {
         Ok(stream)
     } else {
@@ -75,10 +82,14 @@ pub fn listener_path(socket: &Path, port: u32) -> PathBuf {
     PathBuf::from(path)
 }
 
-/// Reads the reply byte by byte: anything after the newline already belongs
-/// to the guest connection and must stay in the socket.
-async fn read_line(stream: &mut UnixStream) -> io::Result<String> {
-    let mut line = Vec::with_capacity(MAX_REPLY_LEN);
+/// Reads a reply line of at most `max_len` bytes, byte by byte: anything
+/// after the newline already belongs to the guest connection and must stay
+/// in the socket. None when the other end closed (or reset) first.
+pub(crate) async fn read_line(
+    stream: &mut UnixStream,
+    max_len: usize,
+) -> io::Result<Option<String>> {
+    let mut line = Vec::with_capacity(max_len);
     loop {
         let byte = match stream.read_u8().await {
             Ok(byte) => byte,
@@ -89,20 +100,17 @@ async fn read_line(stream: &mut UnixStream) -> io::Result<String> {
                     io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
                 ) =>
             {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    "the guest did not accept the connection (nothing listens on the port yet)",
-                ))
+                return Ok(None)
             }
             Err(e) => return Err(e),
         };
         if byte == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
+            return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
         }
-        if line.len() == MAX_REPLY_LEN {
+        if line.len() == max_len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "hybrid vsock reply line is too long",
+                format!("a reply line from the guest exceeds {max_len} bytes"),
             ));
         }
         line.push(byte);

@@ -4,6 +4,7 @@
 
 mod containers;
 pub mod hybrid_vsock;
+pub mod port_forward;
 pub mod stdio;
 
 /// The status codes of the agent's answers ([`AgentError::status_code`]).

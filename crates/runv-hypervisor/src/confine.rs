@@ -25,7 +25,10 @@ use std::{
 };
 
 use nix::libc;
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::process::die_with_parent;
 
@@ -36,15 +39,15 @@ pub const HELPER_UID_BASE: u32 = 2_000_000_000;
 /// System calls no runv process needs, the shim included (it mounts,
 /// enters network namespaces and starts helpers, so those stay), that a
 /// process taken over through its guest could use against the host:
-/// tracing other processes, kernel modules, keys, BPF, perf, kexec, file
+/// tracing other processes, kernel modules, keys, perf, kexec, file
 /// handles (the classic container escape), clocks, swap and port I/O.
-/// Each fails with EPERM.
+/// Each fails with EPERM. BPF is denied too, but for [`SHIM_BPF_COMMANDS`]
+/// in the shim.
 const HOST_DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
     libc::SYS_kcmp,
-    libc::SYS_bpf,
     libc::SYS_perf_event_open,
     libc::SYS_userfaultfd,
     libc::SYS_kexec_load,
@@ -76,6 +79,7 @@ const HOST_DENIED_SYSCALLS: &[i64] = &[
 /// filter is installed before the helper itself is executed; QEMU's own
 /// sandbox denies it to QEMU.)
 const HELPER_DENIED_SYSCALLS: &[i64] = &[
+    libc::SYS_bpf,
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,
@@ -213,18 +217,51 @@ struct CapData {
     inheritable: u32,
 }
 
-/// Installs [`HOST_DENIED_SYSCALLS`] on every thread of the calling
-/// process (and so on every child it starts): the shim calls it before it
-/// serves containerd. Sets no_new_privs, which costs a root process
+/// Installs [`HOST_DENIED_SYSCALLS`], and bpf(2) but for
+/// [`SHIM_BPF_COMMANDS`], on every thread of the calling process (and so
+/// on every child it starts): the shim calls it before it serves
+/// containerd. Sets no_new_privs, which costs a root process
 /// nothing.
 pub fn confine_process() -> Result<(), String> {
-    let filter = deny_filter(&[HOST_DENIED_SYSCALLS])?;
+    let filter = deny_filter_with(&[HOST_DENIED_SYSCALLS], Some(shim_bpf_rule()?))?;
     seccompiler::apply_filter_all_threads(&filter)
         .map_err(|e| format!("cannot install the process's seccomp filter: {e}"))
 }
 
+/// The bpf(2) commands the shim keeps: it steers a pod namespace's
+/// loopback to its port-forward listener (runv_network::loopback) with a
+/// program and a map it made before this filter, by putting the listener
+/// in the map and attaching the program to the namespace. Loading
+/// programs and making maps stay denied.
+const SHIM_BPF_COMMANDS: [u64; 2] = [
+    2,  /* BPF_MAP_UPDATE_ELEM */
+    28, /* BPF_LINK_CREATE */
+];
+
+/// bpf(2) with any command but [`SHIM_BPF_COMMANDS`].
+fn shim_bpf_rule() -> Result<(i64, Vec<SeccompRule>), String> {
+    let conditions = SHIM_BPF_COMMANDS
+        .iter()
+        .map(|&command| {
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, command)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let rule = SeccompRule::new(conditions).map_err(|e| e.to_string())?;
+    Ok((libc::SYS_bpf, vec![rule]))
+}
+
 /// A deny-list: the calls of `lists` fail with EPERM, all else is allowed.
 fn deny_filter(lists: &[&[i64]]) -> Result<BpfProgram, String> {
+    deny_filter_with(lists, None)
+}
+
+/// [`deny_filter`], and `conditional`'s call fails with EPERM when one of
+/// its rules matches.
+fn deny_filter_with(
+    lists: &[&[i64]],
+    conditional: Option<(i64, Vec<SeccompRule>)>,
+) -> Result<BpfProgram, String> {
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("{e:?}"))?;
@@ -232,6 +269,7 @@ fn deny_filter(lists: &[&[i64]]) -> Result<BpfProgram, String> {
         .iter()
         .flat_map(|list| list.iter())
         .map(|&nr| (nr, Vec::new()))
+        .chain(conditional)
         .collect();
     let filter = SeccompFilter::new(
         rules,

@@ -42,15 +42,26 @@ fn the_host_deny_list_refuses_escapes_and_keeps_what_the_shim_needs() {
                 "open_by_handle_at",
                 libc::syscall(libc::SYS_open_by_handle_at, -1, 0, 0),
             ),
-            ("bpf", libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+            ("bpf MAP_CREATE", libc::syscall(libc::SYS_bpf, 0, 0, 0)),
+            ("bpf PROG_LOAD", libc::syscall(libc::SYS_bpf, 5, 0, 0)),
             ("init_module", libc::syscall(libc::SYS_init_module, 0, 0, 0)),
         ]
     };
     for (name, result) in refused {
         assert_eq!(errno_of(result), Some(libc::EPERM), "{name}");
     }
-    // What the shim does stays possible: children, and a mount namespace
-    // for one thread (macvtap's).
+    // What the shim does stays possible: port-forward's two bpf commands
+    // (a map update and a link; the kernel itself refuses these empty
+    // ones), children, and a mount namespace for one thread (macvtap's).
+    for command in [2 /* MAP_UPDATE_ELEM */, 28 /* LINK_CREATE */] {
+        // SAFETY: a null attribute of size 0, which the kernel refuses.
+        let result = unsafe { libc::syscall(libc::SYS_bpf, command, 0, 0) };
+        let errno = errno_of(result);
+        // SAFETY: geteuid only reads the process's credentials.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_ne!(errno, Some(libc::EPERM), "bpf command {command}");
+        }
+    }
     assert!(std::process::Command::new("true")
         .status()
         .unwrap()

@@ -19,6 +19,7 @@
 //! namespace with `setns` (which changes only that thread): the netlink
 //! socket and the tap fd opened there belong to that namespace.
 
+pub mod loopback;
 mod macvtap;
 mod netns;
 mod tap;

@@ -7,6 +7,7 @@ pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
+pub mod port_forward;
 pub mod stdio;
 
 /// ttrpc client and server stubs of the `Agent` service.
@@ -17,7 +18,7 @@ pub mod agent_ttrpc {
 
 /// The protocol version this build speaks. Bump it whenever a message or a
 /// method changes meaning; the shim refuses an agent of another version.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The vsock port on which the agent serves ttrpc.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -39,6 +40,14 @@ pub const AGENT_READY_MESSAGE: &[u8] = b"READY\n";
 /// pipe or terminal is closed and everything is sent). A terminal
 /// process has no stderr stream: its stdout carries the terminal.
 pub const STDIO_VSOCK_PORT: u32 = 1026;
+
+/// The guest vsock port of port-forwarding (CRI PortForward, `kubectl
+/// port-forward`). The host opens one connection per forwarded TCP
+/// connection and writes the guest port as one line (`8080\n`); the agent
+/// connects to that port on the guest's loopback (else on the guest's own
+/// addresses), answers `OK\n` or `ERR <why>\n`, and then relays bytes
+/// both ways until either side closes (see [`port_forward`]).
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1027;
 
 /// The exec ID written in a stdio stream's first line for a container's
 /// init process, whose exec ID is empty.

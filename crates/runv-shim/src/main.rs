@@ -13,6 +13,7 @@ mod network;
 mod oom;
 mod options;
 mod pod;
+mod port_forward;
 mod process;
 mod service;
 mod shim;

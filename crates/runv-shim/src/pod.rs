@@ -23,6 +23,7 @@ use crate::{
     host_cgroup::{HostCgroup, Limits},
     mounts::SharedDir,
     network,
+    port_forward::{self, PortForwarder},
     sizing::{self, PodResources},
 };
 
@@ -43,6 +44,9 @@ pub struct Pod {
     pub containers: HashMap<String, Container>,
     pub disks: PodDisks,
     network: PodNetwork,
+    /// Relays PortForward's connections into the VM (a pod with a network
+    /// namespace only).
+    _port_forward: Option<PortForwarder>,
     /// The host cgroup the VM runs in: left once the VM is gone.
     cgroup: Option<HostCgroup>,
 }
@@ -69,7 +73,7 @@ impl Pod {
                 runv_config::DEFAULT_CONFIG_PATH
             ))
         })?;
-        let network = network::setup(netns, &config).await?;
+        let network = network::setup(netns.clone(), &config).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
         let shared = match SharedDir::create(&dir) {
@@ -116,15 +120,20 @@ impl Pod {
             Ok((vm, cgroup)) => {
                 let vm = Arc::new(vm);
                 tokio::spawn(log_boot_timeline(vm.clone()));
+                let vsock = vm.vsock_socket();
+                let port_forward = netns
+                    .as_deref()
+                    .and_then(|netns| port_forward::start(netns, vsock.clone()));
                 Ok(Pod {
                     id: pod_id.to_owned(),
-                    vsock: vm.vsock_socket(),
+                    vsock,
                     vm,
                     shared,
                     dir,
                     containers: HashMap::new(),
                     disks: PodDisks::default(),
                     network,
+                    _port_forward: port_forward,
                     cgroup,
                 })
             }
@@ -193,8 +202,11 @@ impl Pod {
             containers,
             mut network,
             cgroup,
+            _port_forward: port_forward,
             ..
         } = self;
+        // No new connections into a VM that is going.
+        drop(port_forward);
         // Dropping the processes ends their exit watchers, which hold the VM.
         drop(containers);
         let deadline = tokio::time::Instant::now() + VM_RELEASE_TIMEOUT;

@@ -111,7 +111,9 @@ impl Shim for RunvShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         // Before the first pod: every thread, and every helper this shim
-        // starts, inherits it (docs/security.md).
+        // starts, inherits it (docs/security.md). It denies loading eBPF
+        // programs, so port-forward's is loaded first.
+        crate::port_forward::prepare();
         if let Err(e) = runv_hypervisor::confine::confine_process() {
             tracing::error!(error = %e, "running without the shim's seccomp filter");
         }

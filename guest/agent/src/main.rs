@@ -11,6 +11,7 @@ mod hotplug;
 mod init;
 mod network;
 mod oci_runtime;
+mod port_forward;
 mod process_io;
 mod process_spec;
 mod ready;
@@ -72,6 +73,9 @@ async fn serve(init_started: u64, is_init: bool) -> ttrpc::Result<()> {
     let stdio = stdio_listener::listen()
         .map_err(|e| ttrpc::Error::Others(format!("listening for stdio streams: {e}")))?;
     tokio::spawn(stdio_listener::serve(stdio, containers.clone()));
+    let forwards = port_forward::listen()
+        .map_err(|e| ttrpc::Error::Others(format!("listening for port-forwards: {e}")))?;
+    tokio::spawn(port_forward::serve(forwards));
     let service = service::AgentService::new(init_started, is_init, containers);
     let service = Arc::new(service);
     let listener =
