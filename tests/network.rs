@@ -17,10 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_cri::v1::PodSandboxStatsRequest;
+use k8s_cri::v1::{
+    Capability, ContainerState, ContainerStatusRequest, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, PodSandboxStatsRequest,
+};
 use runv_tests::{
+    bench::program_with_libraries,
     cni::{self, pod_ip, pod_netns},
-    containerd::Containerd,
+    containerd::{build_busybox_image_with_files, Containerd},
     cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
 };
 
@@ -148,6 +152,152 @@ async fn port_forward_reaches_servers_inside_the_vm() {
 
     remove_pods(&containerd, &mut cri, &[&pod]).await;
     containerd.stop();
+}
+
+/// The pod image with the host's iptables (its nft and legacy multi-call
+/// binaries), as a service mesh's init container carries.
+const MESH_IMAGE: &str = "docker.io/runv/mesh-init:test";
+/// Where Debian's iptables keeps its extensions.
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// A service mesh's traffic capture in a runv pod: an init container
+/// with NET_ADMIN sets iptables rules the way Istio's does (REDIRECT in
+/// nat, matched by owner, multiport and conntrack, a TPROXY rule in
+/// mangle, IPv6 too, through both iptables-nft and iptables-legacy), and
+/// then the pod's traffic goes where the rules say: an app's outbound
+/// connection to port 80 anywhere lands on the "sidecar"'s port 15001,
+/// and the host's connection to the pod IP's port 8080 on its port 15006.
+#[tokio::test(flavor = "multi_thread")]
+async fn iptables_rules_of_an_init_container_redirect_the_pods_traffic() {
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    // The two multi-call binaries, and the match and target extensions
+    // they load at run time.
+    let extensions = fs::read_dir(XTABLES_EXTENSIONS)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| Some(entry.ok()?.path()));
+    let iptables: std::collections::BTreeSet<PathBuf> = [
+        "/usr/sbin/xtables-nft-multi",
+        "/usr/sbin/xtables-legacy-multi",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .filter(|program| program.is_file())
+    .chain(extensions)
+    .flat_map(|program| program_with_libraries(&program))
+    .collect();
+    let iptables: Vec<PathBuf> = iptables.into_iter().collect();
+    if !iptables.iter().any(|p| p.ends_with("xtables-legacy-multi"))
+        || !iptables.iter().any(|p| p.ends_with("xtables-nft-multi"))
+    {
+        println!("SKIPPED: the host has no iptables 1.8 (Debian package iptables)");
+        return;
+    }
+    let archive =
+        build_busybox_image_with_files(containerd.dir(), MESH_IMAGE, &[], &["sh"], &iptables);
+    containerd.import_image(&archive);
+    let mut cri = CriClient::with_pod_images(&containerd).await;
+    let log_dir = containerd.dir().join("pod-logs");
+    fs::create_dir_all(&log_dir).unwrap();
+    let config = pod_config("meshed", &log_dir);
+    let pod = run_pod(&mut cri, &config).await;
+    let pod_ip = pod_ip(&mut cri, &pod).await;
+
+    // iptables-legacy locks /run/xtables.lock, which the image lacks.
+    let rules = "set -e
+        mkdir -p /run
+        nft='/usr/sbin/xtables-nft-multi iptables'
+        $nft -t nat -N MESH_OUTBOUND
+        $nft -t nat -A OUTPUT -p tcp -m multiport --dports 80,81 \
+            -m owner ! --uid-owner 1337 -j MESH_OUTBOUND
+        $nft -t nat -A MESH_OUTBOUND -p tcp -m conntrack --ctstate NEW -j REDIRECT --to-ports 15001
+        $nft -t nat -A PREROUTING -p tcp --dport 8080 -j REDIRECT --to-ports 15006
+        $nft -t mangle -A PREROUTING -p tcp --dport 9090 -m mark ! --mark 0x539 \
+            -j TPROXY --on-port 15008 --tproxy-mark 0x539/0xffffffff
+        /usr/sbin/xtables-nft-multi ip6tables -t nat -A OUTPUT -p tcp --dport 80 -j REDIRECT --to-ports 15001
+        /usr/sbin/xtables-legacy-multi iptables -t mangle -A OUTPUT -p tcp --dport 7777 -j MARK --set-mark 1
+        /usr/sbin/xtables-legacy-multi ip6tables -t filter -A INPUT -p tcp --dport 7777 -j ACCEPT
+        echo rules set";
+    let mut init = app_config("mesh-init");
+    init.image = Some(ImageSpec {
+        image: MESH_IMAGE.into(),
+        ..Default::default()
+    });
+    init.args = vec![rules.into()];
+    init.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            capabilities: Some(Capability {
+                add_capabilities: vec!["NET_ADMIN".into(), "NET_RAW".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let init = start_app(&mut cri, &pod, &config, init).await;
+    let exit_code = wait_exited(&mut cri, &init).await;
+    let init_log = fs::read_to_string(log_dir.join("mesh-init.log")).unwrap_or_default();
+    assert_eq!(
+        exit_code, 0,
+        "the init container's rules failed:\n{init_log}"
+    );
+
+    let mut sidecar = app_config("sidecar");
+    sidecar.args = vec![
+        "mkdir -p /out /in && echo outbound captured > /out/index.html && \
+         echo inbound captured > /in/index.html && echo started sidecar && \
+         httpd -p 15001 -h /out && exec httpd -f -p 15006 -h /in"
+            .into(),
+    ];
+    start_app(&mut cri, &pod, &config, sidecar).await;
+    let app = start_app(&mut cri, &pod, &config, app_config("app")).await;
+
+    // 192.0.2.1 (TEST-NET-1) is nobody: only the rule can answer for it.
+    let outbound = exec_sync(
+        &mut cri,
+        &app,
+        &["wget", "-q", "-O", "-", "http://192.0.2.1/"],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&outbound.stdout),
+        "outbound captured\n",
+        "{}",
+        String::from_utf8_lossy(&outbound.stderr)
+    );
+    let inbound = http_get(&format!("{pod_ip}:8080"));
+    assert!(
+        inbound.contains("inbound captured"),
+        "the host got: {inbound}"
+    );
+
+    remove_pods(&containerd, &mut cri, &[&pod]).await;
+    containerd.stop();
+}
+
+/// Waits for container `id` to exit; its exit code.
+async fn wait_exited(cri: &mut CriClient, id: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = cri
+            .runtime
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerExited as i32 {
+            return status.exit_code;
+        }
+        assert!(Instant::now() < deadline, "{id} did not exit: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs `work` on a thread inside the network namespace `netns`.

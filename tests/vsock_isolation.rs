@@ -1,16 +1,17 @@
 //! A container cannot reach the agent (issue 12, docs/security.md):
 //! AF_VSOCK is not namespaced, so a process in a container, as root with
 //! the default capabilities and as uid 1000, tries the agent's ttrpc port
-//! (1024) and stdio port (1026) at CID 1 (loopback), CID 2 (the host) and
-//! the guest's own CID, and sends a ttrpc request on any connection it
-//! gets. Every connect must fail, and no request be answered.
+//! (1024), stdio port (1026) and port-forward port (1027) at CID 1
+//! (loopback), CID 2 (the host) and the guest's own CID, and sends a
+//! ttrpc request on any connection it gets. Every connect must fail, and
+//! no request be answered.
 
 use runv_tests::containerd::{build_busybox_image_with_files, Containerd};
 
 const IMAGE: &str = "docker.io/runv/vsock-probe:test";
 
 /// The agent's ports the probe tries, at each of its 3 CIDs.
-const ATTEMPTS_PER_RUN: usize = 6;
+const ATTEMPTS_PER_RUN: usize = 9;
 
 #[test]
 fn containers_cannot_reach_the_agent_over_vsock() {

@@ -1,8 +1,9 @@
 /*
  * An attacker inside a runv container (tests/vsock_isolation.rs): tries to
- * reach the agent's vsock ports (1024 ttrpc, 1026 stdio) at CID 1
- * (loopback), CID 2 (the host) and the guest's own CID, and on any
- * connection sends a ttrpc Check request and waits for an answer.
+ * reach the agent's vsock ports (1024 ttrpc, 1026 stdio, 1027
+ * port-forward) at CID 1 (loopback), CID 2 (the host) and the guest's own
+ * CID, and on any connection sends a ttrpc Check request and waits for an
+ * answer.
  *
  *   vsock-probe [UID]   with UID: drop to that uid and gid (and no groups,
  *                       and so no capabilities) first
@@ -109,7 +110,7 @@ int main(int argc, char **argv)
 	}
 	printf("probing as uid %u\n", (unsigned)getuid());
 	unsigned cids[] = { VMADDR_CID_LOCAL, VMADDR_CID_HOST, own_cid() };
-	unsigned ports[] = { 1024, 1026 };
+	unsigned ports[] = { 1024, 1026, 1027 };
 	for (size_t c = 0; c < sizeof cids / sizeof *cids; c++)
 		for (size_t p = 0; p < sizeof ports / sizeof *ports; p++)
 			attempt(cids[c], ports[p]);
