@@ -16,6 +16,7 @@ mod process_io;
 mod process_spec;
 mod ready;
 mod reaper;
+mod request_line;
 mod root_switch;
 mod service;
 mod share;

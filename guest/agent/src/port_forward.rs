@@ -20,12 +20,12 @@ use runv_protocol::{
     PORT_FORWARD_VSOCK_PORT,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncWriteExt},
     net::TcpStream,
 };
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
-use crate::host_only;
+use crate::{host_only, request_line};
 
 /// A host that connects but never names its port is dropped after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,25 +97,9 @@ async fn relay(host: tokio_vsock::VsockStream, server: TcpStream) -> io::Result<
     }
 }
 
-/// Reads the request line byte by byte: the TCP stream's bytes follow it.
 async fn read_request(host: &mut (impl AsyncRead + Unpin)) -> Result<u16, String> {
-    let mut line = Vec::with_capacity(MAX_REQUEST_LEN);
-    loop {
-        let byte = host
-            .read_u8()
-            .await
-            .map_err(|e| format!("reading the port-forward request: {e}"))?;
-        if byte == b'\n' {
-            break;
-        }
-        if line.len() == MAX_REQUEST_LEN {
-            return Err(format!(
-                "the port-forward request exceeds {MAX_REQUEST_LEN} bytes"
-            ));
-        }
-        line.push(byte);
-    }
-    parse_request(&String::from_utf8_lossy(&line))
+    let line = request_line::read(host, MAX_REQUEST_LEN, "port-forward request").await?;
+    parse_request(&line)
 }
 
 /// Connects to `port` on the loopback, else on the guest's own addresses.

@@ -8,10 +8,10 @@ use runv_protocol::{
     stdio::{StreamHeader, MAX_HEADER_LEN},
     STDIO_VSOCK_PORT,
 };
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
-use crate::{containers::Containers, host_only};
+use crate::{containers::Containers, host_only, request_line};
 
 /// A host that connects but never names its stream is dropped after this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,31 +53,15 @@ pub async fn serve(listener: VsockListener, containers: Arc<Containers>) {
     }
 }
 
-/// Reads the header line byte by byte, so that no stream byte after it is
-/// consumed.
 async fn read_header(connection: &mut (impl AsyncRead + Unpin)) -> Result<StreamHeader, String> {
-    let mut line = Vec::new();
-    loop {
-        let byte = connection
-            .read_u8()
-            .await
-            .map_err(|e| format!("reading the stdio header: {e}"))?;
-        if byte == b'\n' {
-            break;
-        }
-        if line.len() == MAX_HEADER_LEN {
-            return Err(format!("the stdio header exceeds {MAX_HEADER_LEN} bytes"));
-        }
-        line.push(byte);
-    }
-    let line = String::from_utf8(line).map_err(|_| "the stdio header is not UTF-8".to_owned())?;
+    let line = request_line::read(connection, MAX_HEADER_LEN, "stdio header").await?;
     StreamHeader::parse(&line)
 }
 
 #[cfg(test)]
 mod tests {
     use runv_protocol::stdio::StdioStream;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
