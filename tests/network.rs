@@ -101,8 +101,12 @@ async fn pods_reach_the_host_and_each_other() {
     let cri_rx = interface.and_then(|i| i.rx_bytes).map_or(0, |b| b.value);
     assert!(cri_rx > 0, "CRI pod stats count the pod's traffic");
 
+    let pod_netns = vec![
+        pod_netns(&mut cri, &client_pod).await,
+        pod_netns(&mut cri, &server_pod).await,
+    ];
     remove_pods(&containerd, &mut cri, &[&client_pod, &server_pod]).await;
-    let taps = runv_taps();
+    let taps = runv_taps(&pod_netns);
     assert!(taps.is_empty(), "taps left: {taps:?}");
     containerd.stop();
 }
@@ -523,24 +527,27 @@ fn rx_bytes(containerd: &Containerd, container_id: &str) -> u64 {
         .sum()
 }
 
-/// Tap devices named by runv's convention, in any network namespace left.
-fn runv_taps() -> Vec<String> {
-    let output = Command::new("ip")
-        .args(["-all", "netns", "exec", "ip", "-o", "link", "show"])
-        .output()
-        .expect("running ip");
-    let root = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("running ip");
-    [output.stdout, root.stdout]
-        .iter()
-        .flat_map(|out| {
-            String::from_utf8_lossy(out)
-                .lines()
-                .filter(|line| line.contains("_runv"))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
+/// Tap devices named by runv's convention in the host's namespace and in
+/// those of `pod_netns` that are left (not in other tests' pods, which
+/// run at the same time).
+fn runv_taps(pod_netns: &[PathBuf]) -> Vec<String> {
+    let links = |netns: Option<&Path>| {
+        let mut command = Command::new("nsenter");
+        if let Some(netns) = netns {
+            command.arg(format!("--net={}", netns.display()));
+        }
+        let output = command
+            .args(["ip", "-o", "link", "show"])
+            .output()
+            .expect("running ip");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.contains("_runv"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let left = pod_netns.iter().filter(|netns| netns.exists());
+    left.flat_map(|netns| links(Some(netns)))
+        .chain(links(None))
         .collect()
 }
