@@ -270,16 +270,16 @@ mod bpf {
             insn(ST_W, 10, 0, -4, 0),                    // key 0 on the stack
             insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map_fd), // r1 = map
             insn(0, 0, 0, 0, 0),                         // (its upper half)
-            insn(MOV64_REG, 2, 10, 0, 0),                // r2 = &key
-            insn(ADD64_IMM, 2, 0, 0, -4),                //
+            insn(MOV64_REG, 2, 10, 0, 0),                // r2 = frame pointer
+            insn(ADD64_IMM, 2, 0, 0, -4),                // r2 = &key
             insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM),        // r0 = listener or NULL
             insn(JEQ_IMM, 0, 0, 7, 0),                   // none: pass
             insn(MOV64_REG, 7, 0, 0, 0),                 // r7 = listener
-            insn(MOV64_REG, 1, 6, 0, 0),                 //
-            insn(MOV64_REG, 2, 7, 0, 0),                 //
-            insn(MOV64_IMM, 3, 0, 0, 0),                 //
+            insn(MOV64_REG, 1, 6, 0, 0),                 // r1 = ctx
+            insn(MOV64_REG, 2, 7, 0, 0),                 // r2 = listener
+            insn(MOV64_IMM, 3, 0, 0, 0),                 // r3 = no flags
             insn(CALL, 0, 0, 0, SK_ASSIGN),              // sk_assign(ctx, listener, 0)
-            insn(MOV64_REG, 1, 7, 0, 0),                 //
+            insn(MOV64_REG, 1, 7, 0, 0),                 // r1 = listener
             insn(CALL, 0, 0, 0, SK_RELEASE),             // drop the lookup's reference
             insn(MOV64_IMM, 0, 0, 0, SK_PASS),           // pass:
             insn(EXIT, 0, 0, 0, 0),                      // return SK_PASS
