@@ -55,8 +55,10 @@ fi
 
 cargo build --locked --quiet -p runv-shim -p runv-ctl --bin containerd-shim-runv-v2 --bin runv-ctl
 bin=$(realpath "${CARGO_TARGET_DIR:-target}/debug")
-# A short path: containerd's socket lies under it (at most 100 bytes).
-work=$(mktemp -d /tmp/runv-critest.XXXXXX)
+# A short path: containerd's socket lies under it (at most 100 bytes). In
+# the nested-KVM bed TMPDIR is the scratch disk: overlayfs cannot sit on
+# its root, which is an overlay itself.
+work=$(mktemp -d "${TMPDIR:-/tmp}/runv-critest.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 boot_files="[vm]
 kernel = \"$RUNV_KERNEL\"
