@@ -101,7 +101,7 @@ for line in open(specs):
     name, _, message = rest.strip().partition("  -- ")
     state = {"PASSED": "passed", "SKIPPED": "skipped"}.get(state, "failed")
     counts[state] += 1
-    (failed if state == "failed" else passed).append((name, message))
+    {"failed": failed, "passed": passed}.get(state, []).append((name, message))
 
 lines, new = [], 0
 for name, message in failed:
