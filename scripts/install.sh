@@ -33,12 +33,13 @@ fi
 # protoc for the tests' CRI client (k8s-cri), the libraries virtiofsd links
 # (capabilities, seccomp), fio for the storage benchmark, iperf3 and ping
 # for the network benchmark; kmod, iproute2 and e2fsprogs for the nested-KVM
-# test bed (scripts/nested-kvm.sh).
+# test bed (scripts/nested-kvm.sh); iptables, which the service-mesh test
+# copies into its init container's image.
 packages=(
     qemu-system-x86 linux-source-6.12 build-essential flex bison bc libelf-dev
     libssl-dev cpio xz-utils busybox-static binutils pkg-config libcap-ng-dev
     libseccomp-dev containerd runc containernetworking-plugins protobuf-compiler fio iperf3
-    iputils-ping python3-matplotlib kmod iproute2 e2fsprogs
+    iputils-ping python3-matplotlib kmod iproute2 e2fsprogs iptables
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -29,8 +29,9 @@ use crate::{host_only, request_line};
 
 /// A host that connects but never names its port is dropped after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one address may take to answer a connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the connects to all addresses may take together: under the
+/// 30 s the host waits for the answer, so that the host hears why.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn listen() -> io::Result<VsockListener> {
     VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, PORT_FORWARD_VSOCK_PORT))
@@ -104,13 +105,19 @@ async fn read_request(host: &mut (impl AsyncRead + Unpin)) -> Result<u16, String
 
 /// Connects to `port` on the loopback, else on the guest's own addresses.
 async fn connect(port: u16) -> Result<TcpStream, String> {
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut tried = Vec::new();
     for ip in candidates() {
         let address = SocketAddr::new(ip, port);
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(e)) => tried.push(format!("{address}: {e}")),
-            Err(_) => tried.push(format!("{address}: no answer in {CONNECT_TIMEOUT:?}")),
+            Err(_) => {
+                tried.push(format!(
+                    "{address}: no answer within {CONNECT_TIMEOUT:?} in all"
+                ));
+                break;
+            }
         }
     }
     Err(format!(
