@@ -18,14 +18,16 @@ use std::{
 };
 
 use k8s_cri::v1::{
-    Capability, ContainerState, ContainerStatusRequest, ImageSpec, LinuxContainerConfig,
-    LinuxContainerSecurityContext, PodSandboxStatsRequest,
+    Capability, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
+    PodSandboxStatsRequest,
 };
 use runv_tests::{
     bench::program_with_libraries,
     cni::{self, pod_ip, pod_netns},
     containerd::{build_busybox_image_with_files, Containerd},
-    cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
+    cri::{
+        app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, wait_exited, CriClient,
+    },
 };
 
 /// The page the pod serves.
@@ -241,7 +243,7 @@ async fn iptables_rules_of_an_init_container_redirect_the_pods_traffic() {
         ..Default::default()
     });
     let init = start_app(&mut cri, &pod, &config, init).await;
-    let exit_code = wait_exited(&mut cri, &init).await;
+    let exit_code = wait_exited(&mut cri, &init).await.exit_code;
     let init_log = fs::read_to_string(log_dir.join("mesh-init.log")).unwrap_or_default();
     assert_eq!(
         exit_code, 0,
@@ -279,29 +281,6 @@ async fn iptables_rules_of_an_init_container_redirect_the_pods_traffic() {
 
     remove_pods(&containerd, &mut cri, &[&pod]).await;
     containerd.stop();
-}
-
-/// Waits for container `id` to exit; its exit code.
-async fn wait_exited(cri: &mut CriClient, id: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = cri
-            .runtime
-            .container_status(ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("a status");
-        if status.state == ContainerState::ContainerExited as i32 {
-            return status.exit_code;
-        }
-        assert!(Instant::now() < deadline, "{id} did not exit: {status:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Runs `work` on a thread inside the network namespace `netns`.

@@ -20,6 +20,13 @@ use crate::cri::CriClient;
 /// its pods use that one.
 const CONFLIST: &str = "90-runv-test.conflist";
 
+/// The name of the tests' CNI network.
+pub const NETWORK_NAME: &str = "runv-test";
+
+/// Where, below a CRI containerd's directory, the IPAM plugin keeps the
+/// addresses it gave out.
+pub const IPAM_DIR: &str = "cni-state";
+
 /// Debian's CNI bridge plugin (containernetworking-plugins).
 pub const BRIDGE_PLUGIN: &str = "/usr/lib/cni/bridge";
 
@@ -67,7 +74,7 @@ impl TestNetwork {
     /// the test's /24, the bridge as gateway, no masquerade.
     pub fn conflist(&self, state_dir: &Path) -> String {
         format!(
-            r#"{{"cniVersion": "1.0.0", "name": "runv-test", "plugins": [
+            r#"{{"cniVersion": "1.0.0", "name": "{NETWORK_NAME}", "plugins": [
   {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
     "ipam": {{"type": "host-local", "dataDir": "{state}",
       "ranges": [[{{"subnet": "{prefix}.0/24", "gateway": "{prefix}.1"}}]],
@@ -85,11 +92,7 @@ impl TestNetwork {
     pub fn install(&self, root: &Path) {
         let cni_dir = root.join("cni");
         fs::create_dir_all(&cni_dir).unwrap();
-        fs::write(
-            cni_dir.join(CONFLIST),
-            self.conflist(&root.join("cni-state")),
-        )
-        .unwrap();
+        fs::write(cni_dir.join(CONFLIST), self.conflist(&root.join(IPAM_DIR))).unwrap();
     }
 }
 

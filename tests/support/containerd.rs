@@ -33,6 +33,8 @@ pub struct Containerd {
     namespace: String,
     /// With CRI: the pods' network (deleted after the daemon is gone).
     network: Option<TestNetwork>,
+    /// Where the shim under test is (on containerd's PATH).
+    shim_dir: PathBuf,
 }
 
 impl Containerd {
@@ -87,19 +89,7 @@ impl Containerd {
         )
         .unwrap();
         write_runv_config(root);
-        let log = fs::File::create(root.join("containerd.log")).unwrap();
-        let path = format!(
-            "{}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            shim_dir.display()
-        );
-        let daemon = Command::new("containerd")
-            .arg("--config")
-            .arg(root.join("config.toml"))
-            .env("PATH", path)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+        let daemon = spawn_daemon(root, &shim_dir);
         let namespace = match with_cri {
             true => cri::NAMESPACE.to_owned(),
             false => format!("runv-test-{}", std::process::id()),
@@ -114,6 +104,7 @@ impl Containerd {
             dir,
             daemon,
             network,
+            shim_dir,
         };
         containerd.wait_ready();
         Some(containerd)
@@ -123,11 +114,32 @@ impl Containerd {
         self.dir.path()
     }
 
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.daemon.id()
+    }
+
+    /// Kills containerd with `signal` (SIGTERM as a service manager's
+    /// restart sends, SIGKILL as a crash) and starts it again on the same
+    /// config, root and state; the shims of running tasks live on.
+    pub fn restart(&mut self, signal: i32) {
+        // SAFETY: kill only signals the daemon this harness started.
+        unsafe { libc::kill(self.daemon.id() as i32, signal) };
+        let _ = self.daemon.wait();
+        self.daemon = spawn_daemon(self.dir.path(), &self.shim_dir);
+        self.wait_ready();
+    }
+
     /// The CNI network of a containerd started with CRI.
     pub fn network(&self) -> &TestNetwork {
         self.network
             .as_ref()
             .expect("a containerd started with CRI has a pod network")
+    }
+
+    /// The bridge of the CNI network of a containerd started with CRI.
+    pub fn bridge(&self) -> Option<&str> {
+        self.network.as_ref().map(|network| network.bridge.as_str())
     }
 
     /// The runv configuration the tests name with `--runtime-config-path`.
@@ -507,6 +519,28 @@ impl Drop for Containerd {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
         }
     }
+}
+
+/// Starts containerd on the config in `root`, with the shim in `shim_dir`
+/// first on its PATH, appending to `root/containerd.log`.
+fn spawn_daemon(root: &Path, shim_dir: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("containerd.log"))
+        .unwrap();
+    let path = format!(
+        "{}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        shim_dir.display()
+    );
+    Command::new("containerd")
+        .arg("--config")
+        .arg(root.join("config.toml"))
+        .env("PATH", path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
 }
 
 /// A length-delimited protobuf field (a string, bytes or a message).

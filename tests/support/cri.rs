@@ -12,10 +12,11 @@ use std::{
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, DnsConfig, ExecSyncRequest,
-    ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -311,4 +312,28 @@ pub fn pod_processes(containerd: &Containerd, program: &str) -> Vec<String> {
                 .is_some_and(|name| name == program)
         })
         .collect()
+}
+
+/// Waits (at most 120 s) for container `id` to exit, as containerd learns
+/// from the shim's exit event or from the shim's death; its status.
+pub async fn wait_exited(cri: &mut CriClient, id: &str) -> ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = cri
+            .runtime
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerExited as i32 {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{id} did not exit: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod disks;
+pub mod leaks;
 
 use std::{
     fs,
