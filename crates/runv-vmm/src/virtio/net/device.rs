@@ -129,6 +129,14 @@ impl Net {
         Net::with_backend(Box::new(tap), config.mac)
     }
 
+    /// A device whose host end is `socket` (a connected datagram or
+    /// seqpacket socket, one frame with its header per message) instead
+    /// of a tap, which needs CAP_NET_ADMIN: for fuzzing the guest's side.
+    #[cfg(feature = "fuzzing")]
+    pub fn with_socket(socket: OwnedFd, mac: [u8; 6]) -> Result<Arc<Mutex<Net>>, VmmError> {
+        Net::with_backend(Box::new(super::socket::SocketBackend::new(socket)), mac)
+    }
+
     pub(crate) fn with_backend(
         backend: Box<dyn NetBackend>,
         mac: [u8; 6],

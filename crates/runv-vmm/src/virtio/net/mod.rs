@@ -27,6 +27,8 @@
 //! boot and for `MicroVm::attach_net`; `MicroVm::detach` removes one.
 
 mod device;
+#[cfg(feature = "fuzzing")]
+mod socket;
 mod tap;
 
 #[cfg(test)]
