@@ -1,0 +1,124 @@
+//! A guest's accesses of any size, offset and value to a virtio-mmio
+//! register window (crates/runv-vmm/src/virtio/mmio.rs, bus.rs, a
+//! virtio-net device's configuration space behind it) and to PCI
+//! configuration space through the 0xcf8/0xcfc ports (pci/config_io.rs,
+//! root.rs, bar.rs: the latch, the root bus's dispatch, the BAR sizing
+//! protocol) of a function with three kinds of BAR.
+//!
+//! Each access is 11 bytes: a kind byte (bit 0 write, bit 1 the port bus,
+//! bits 2-4 the size), an address and a value for writes.
+#![no_main]
+
+use std::sync::{Arc, Mutex};
+
+use libfuzzer_sys::fuzz_target;
+use runv_fuzz::host;
+use runv_vmm::{
+    memory::create_guest_memory,
+    pci::{
+        Bar, BarKind, BarRegisters, PciConfigIo, PciDevice, PciRoot, BAR_COUNT, CONFIG_IO_PORT,
+        CONFIG_IO_PORT_LEN, FIRST_BAR_REGISTER,
+    },
+    virtio::{mmio::MmioTransport, net::Net},
+    Bus,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+const WINDOW: u64 = 0x1000;
+/// Access sizes, by bits 2-4 of the kind byte: the valid ones and a few
+/// that no CPU makes but a bus must survive.
+const SIZES: [usize; 8] = [1, 2, 4, 8, 0, 3, 5, 16];
+
+/// A function whose configuration space is a vendor and device ID, and
+/// BARs: a 64-bit prefetchable one, an I/O one and a 32-bit one.
+struct Function {
+    bars: BarRegisters,
+}
+
+impl Function {
+    fn new() -> Function {
+        let mut bars = BarRegisters::default();
+        let bar = |address, size, kind, prefetchable| Bar {
+            address,
+            size,
+            kind,
+            prefetchable,
+        };
+        bars.set(0, bar(0x1_0000_0000, 0x4000, BarKind::Memory64, true));
+        bars.set(2, bar(0xc000, 0x20, BarKind::Io, false));
+        bars.set(3, bar(0xe000_0000, 0x1000, BarKind::Memory32, false));
+        Function { bars }
+    }
+
+    fn bar_index(register: usize) -> Option<usize> {
+        register
+            .checked_sub(FIRST_BAR_REGISTER)
+            .filter(|&index| index < BAR_COUNT)
+    }
+}
+
+impl PciDevice for Function {
+    fn read_config(&mut self, register: usize) -> u32 {
+        match (register, Function::bar_index(register)) {
+            (0, _) => 0x1234_8086,
+            (_, Some(index)) => self.bars.read(index),
+            _ => 0,
+        }
+    }
+
+    fn write_config(&mut self, register: usize, offset: u64, data: &[u8]) {
+        if let Some(index) = Function::bar_index(register) {
+            self.bars.write(index, offset, data);
+        }
+    }
+}
+
+fuzz_target!(|input: &[u8]| {
+    let memory = create_guest_memory(0x1_0000).expect("guest memory");
+    let (device_end, _host_end) = host::seqpacket_pair();
+    let net = Net::with_socket(device_end, [0x52, 0x54, 0, 0, 0, 1]).expect("a net device");
+    let irq = EventFd::new(libc::EFD_NONBLOCK).expect("an irq eventfd");
+    let transport = MmioTransport::new(Box::new(net), memory, irq).expect("a transport");
+    let mut mmio = Bus::default();
+    mmio.insert(
+        "virtio-mmio",
+        WINDOW,
+        WINDOW,
+        Arc::new(Mutex::new(transport)),
+    )
+    .expect("the window");
+    let mut root = PciRoot::new();
+    root.add_device(Arc::new(Mutex::new(Function::new())))
+        .expect("a PCI slot");
+    let mut ports = Bus::default();
+    let config_io = PciConfigIo::new(Arc::new(Mutex::new(root)));
+    ports
+        .insert(
+            "pci-config",
+            CONFIG_IO_PORT,
+            CONFIG_IO_PORT_LEN,
+            Arc::new(Mutex::new(config_io)),
+        )
+        .expect("the config ports");
+
+    for access in input.chunks(11) {
+        let mut bytes = [0u8; 11];
+        bytes[..access.len()].copy_from_slice(access);
+        let kind = bytes[0];
+        let address = u64::from(u16::from_le_bytes([bytes[1], bytes[2]]));
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&bytes[3..]);
+        let data = &mut value[..SIZES[usize::from(kind >> 2 & 7)]];
+        // Addresses near each device, so that most accesses reach one.
+        let (bus, address) = if kind & 2 == 0 {
+            (&mmio, WINDOW / 2 + address % (2 * WINDOW))
+        } else {
+            (&ports, CONFIG_IO_PORT - 8 + address % 24)
+        };
+        if kind & 1 == 0 {
+            bus.read(address, data);
+        } else {
+            bus.write(address, data);
+        }
+    }
+});
