@@ -5,8 +5,8 @@
 //! decodes them (frames, status, protobuf messages).
 //!
 //! The input's first byte picks the call; the rest is everything the
-//! agent writes to the connection after reading `CONNECT <port>\n`,
-//! before it closes it.
+//! agent writes: its first line once it has read `CONNECT <port>\n`, the
+//! rest once it has read the host's request; then it closes.
 #![no_main]
 
 use std::{path::Path, time::Duration};
@@ -16,23 +16,54 @@ use runv_agent_client::{hybrid_vsock, port_forward};
 use runv_fuzz::scratch;
 use runv_protocol::{agent, agent_ttrpc::AgentClient};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
 };
 
 /// Past this a call is stuck: the agent has closed its end long before.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The hostile agent: answers one connection with `reply`, then closes.
-async fn agent(listener: UnixListener, reply: Vec<u8>) {
+/// The hostile agent: answers one connection with `reply`, split where
+/// the protocol has the host speak: the first line is the handshake reply
+/// to `CONNECT`; the rest goes once the host's request has arrived (a
+/// port-forward line, or a ttrpc frame: a response before its request is
+/// one the client never asked for).
+async fn agent(listener: UnixListener, port_forward: bool, reply: Vec<u8>) {
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
     let mut stream = BufReader::new(stream);
-    let mut connect = String::new();
-    if stream.read_line(&mut connect).await.is_ok() {
-        let _ = stream.get_mut().write_all(&reply).await;
+    let mut line = String::new();
+    if stream.read_line(&mut line).await.is_err() {
+        return;
     }
+    let split = reply
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .map_or(reply.len(), |newline| newline + 1);
+    let (handshake, answer) = reply.split_at(split);
+    // Without a whole line the host still waits for the handshake: close.
+    if stream.get_mut().write_all(handshake).await.is_err() || !handshake.ends_with(b"\n") {
+        return;
+    }
+    let request = if port_forward {
+        stream.read_line(&mut line).await.map(drop)
+    } else {
+        read_ttrpc_frame(&mut stream).await
+    };
+    if request.is_ok() {
+        let _ = stream.get_mut().write_all(answer).await;
+    }
+}
+
+/// Reads one ttrpc frame: a 10-byte header whose first 4 bytes are the
+/// payload's length (big-endian), then the payload.
+async fn read_ttrpc_frame(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<()> {
+    let mut header = [0u8; 10];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+    tokio::io::copy(&mut stream.take(u64::from(len)), &mut tokio::io::sink()).await?;
+    Ok(())
 }
 
 /// One call of the shim's, picked by `call`; what it returns is dropped:
@@ -83,7 +114,7 @@ fuzz_target!(|input: &[u8]| {
     runtime.block_on(async {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).expect("the agent's socket");
-        let agent = tokio::spawn(agent(listener, reply.to_vec()));
+        let agent = tokio::spawn(agent(listener, call == 0, reply.to_vec()));
         tokio::time::timeout(CALL_TIMEOUT * 2, host(&socket, call))
             .await
             .expect("a call that ends once the agent has closed the connection");
