@@ -49,16 +49,21 @@ impl Bus {
     }
 
     /// The device owning `addr`, and the offset of `addr` in it.
-    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
+    /// The device whose range holds all `len` bytes at `addr`, and the
+    /// offset into it. An access that runs past the end of a range
+    /// (a guest's unaligned access at its last bytes) reaches no device:
+    /// devices may rely on every access lying within their range.
+    fn find(&self, addr: u64, len: usize) -> Option<(&Range, u64)> {
         let (start, range) = self.ranges.range(..=addr).next_back()?;
         let offset = addr - start;
-        (offset < range.len).then_some((range, offset))
+        let end = offset.checked_add(len as u64)?;
+        (end <= range.len).then_some((range, offset))
     }
 
-    /// Routes a read; returns false when no device owns `addr` (the data
-    /// is then left as all ones, like an unclaimed bus).
+    /// Routes a read; returns false when no device owns the bytes at
+    /// `addr` (the data is then left as all ones, like an unclaimed bus).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
+        match self.find(addr, data.len()) {
             Some((range, offset)) => {
                 range.device.lock().expect("device lock").read(offset, data);
                 true
@@ -70,9 +75,9 @@ impl Bus {
         }
     }
 
-    /// Routes a write; returns false when no device owns `addr`.
+    /// Routes a write; returns false when no device owns the bytes at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr) {
+        match self.find(addr, data.len()) {
             Some((range, offset)) => {
                 range
                     .device
@@ -113,8 +118,26 @@ mod tests {
         assert!(bus.write(0x104, &[1, 2]));
         assert_eq!(dev.lock().unwrap().last_write, Some((4, vec![1, 2])));
         let mut data = [0u8; 2];
-        assert!(bus.read(0x10f, &mut data));
-        assert_eq!(data, [0xf, 0xf]);
+        assert!(bus.read(0x10e, &mut data));
+        assert_eq!(data, [0xe, 0xe]);
+    }
+
+    /// Found by the vfio_pci fuzz target: 16 bytes at the last byte of a
+    /// passed-through BAR reached the function past the BAR's end.
+    #[test]
+    fn an_access_past_the_end_of_a_range_reaches_no_device() {
+        let mut bus = Bus::default();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert("rec", 0x100, 0x10, dev.clone()).unwrap();
+        let mut data = [0u8; 16];
+        assert!(!bus.read(0x10f, &mut data));
+        assert_eq!(data, [0xff; 16]);
+        assert!(!bus.write(0x10f, &[1, 2]));
+        assert!(!bus.write(0x10c, &[0; 8]));
+        assert_eq!(dev.lock().unwrap().last_write, None);
+        // The last byte alone is the device's.
+        assert!(bus.write(0x10f, &[3]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((0xf, vec![3])));
     }
 
     #[test]

@@ -342,6 +342,27 @@ mod tests {
         assert!(function.state.lock().unwrap().mmaps.is_empty());
     }
 
+    /// Found by the vfio_pci fuzz target: a guest access that starts in
+    /// the BAR's last bytes and runs past its end was passed to the
+    /// function, past the end of its region.
+    #[test]
+    fn an_access_past_the_end_of_a_bar_does_not_reach_the_function() {
+        if !crate::testing::kvm_usable() {
+            return;
+        }
+        let (vm, device, function) = attach(FakeFunction::vf_without_mmap());
+        let last = bar0(&device).address + FakeFunction::BAR0_SIZE - 1;
+        let mut data = [0u8; 16];
+        assert!(!vm.mmio.read(last, &mut data));
+        assert!(!vm.mmio.write(last - 3, &[0x5a; 8]));
+        assert!(function.state.lock().unwrap().bar0.iter().all(|&b| b == 0));
+        assert!(vm.mmio.write(last, &[0x5a]));
+        assert_eq!(
+            function.state.lock().unwrap().bar0[last as usize & 0xffff],
+            0x5a
+        );
+    }
+
     #[test]
     fn a_function_without_msix_is_refused() {
         if !crate::testing::kvm_usable() {
