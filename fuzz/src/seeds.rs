@@ -23,6 +23,7 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
         ("mmio_pci", mmio_pci()),
         ("agent_replies", agent_replies()),
         ("host_requests", host_requests()),
+        ("vfio_pci", vfio_pci()),
     ]
 }
 
@@ -346,18 +347,32 @@ fn virtio_fs() -> Seeds {
     ]
 }
 
-/// One access of the mmio_pci target: a 4-byte read or write at `offset`
-/// of the virtio-mmio window (0x1000 there) or of the PCI ports (0xcf8).
+/// One access of the mmio_pci and vfio_pci targets: a read or write of
+/// `size` bytes (an index into their size table) at `address`, which the
+/// target maps onto the MMIO window or the PCI ports.
+fn bus_access(write: bool, ports: bool, size: u8, address: u16, value: u64) -> Vec<u8> {
+    let mut bytes = vec![u8::from(write) | u8::from(ports) << 1 | size << 2];
+    bytes.extend_from_slice(&address.to_le_bytes());
+    bytes.extend_from_slice(&value.to_le_bytes());
+    bytes
+}
+
+/// A 4-byte access at `offset` of the mmio_pci target's virtio-mmio window
+/// (at 0x1000) or PCI ports (at 0xcf8).
 fn access(write: bool, ports: bool, offset: u64, value: u32) -> Vec<u8> {
-    let kind = u8::from(write) | u8::from(ports) << 1 | 2 << 2;
     let address = if ports {
         0xcf8 - 0xcf0 + offset
     } else {
         0x1000 - 0x800 + offset
     };
-    let mut bytes = vec![kind];
-    bytes.extend_from_slice(&(address as u16).to_le_bytes());
-    bytes.extend_from_slice(&u64::from(value).to_le_bytes());
+    bus_access(write, ports, 2, address as u16, u64::from(value))
+}
+
+/// PCI configuration accesses to device 1: latch `register`, then read
+/// or write its 4 bytes.
+fn config_access(register: u32, write: Option<u32>) -> Vec<u8> {
+    let mut bytes = access(true, true, 0, 0x8000_0000 | 1 << 11 | register << 2);
+    bytes.extend(access(write.is_some(), true, 4, write.unwrap_or(0)));
     bytes
 }
 
@@ -400,14 +415,11 @@ fn mmio_pci() -> Seeds {
         probe.extend(mmio_read(offset));
     }
     // Device 1's vendor ID, then the sizing of each of its BARs.
-    let latch = |register: u32| access(true, true, 0, 0x8000_0000 | 1 << 11 | register << 2);
-    let mut pci = latch(0);
-    pci.extend(access(false, true, 4, 0));
+    let mut pci = config_access(0, None);
     for register in 4..10 {
-        pci.extend(latch(register));
-        pci.extend(access(false, true, 4, 0));
-        pci.extend(access(true, true, 4, u32::MAX));
-        pci.extend(access(false, true, 4, 0));
+        pci.extend(config_access(register, None));
+        pci.extend(config_access(register, Some(u32::MAX)));
+        pci.extend(config_access(register, None));
     }
     vec![("driver", driver), ("probe", probe), ("pci_bars", pci)]
 }
@@ -579,5 +591,47 @@ fn host_requests() -> Seeds {
         ),
         ("signal_process", ttrpc_request("SignalProcess", &signal)),
         ("check", ttrpc_request("Check", &agent::CheckRequest::new())),
+    ]
+}
+
+fn vfio_pci() -> Seeds {
+    // The function's MSI-X capability is at 0x70: Message Control is the
+    // upper half of register 28; the table is at 0x8000 of BAR0.
+    const MSIX_REGISTER: u32 = 0x70 / 4;
+    const TABLE: u16 = 0x8000;
+    const PBA: u16 = 0x9000;
+    let bar_write = |offset: u16, value: u32| bus_access(true, false, 2, offset, u64::from(value));
+    let bar_read = |offset: u16| bus_access(false, false, 2, offset, 0);
+    let mut scan = Vec::new();
+    for register in 0..64 {
+        scan.extend(config_access(register, None));
+    }
+    let mut sizing = Vec::new();
+    for register in [1, 4, 5, 12, 15] {
+        sizing.extend(config_access(register, Some(u32::MAX)));
+        sizing.extend(config_access(register, None));
+    }
+    let mut msix = config_access(1, Some(0x6)); // memory space, bus master
+    for vector in 0..4u16 {
+        let entry = TABLE + 16 * vector;
+        msix.extend(bar_write(entry, 0xfee0_0000)); // address low
+        msix.extend(bar_write(entry + 4, 0)); // address high
+        msix.extend(bar_write(entry + 8, 0x30 + u32::from(vector))); // data
+        msix.extend(bar_write(entry + 12, 0)); // unmasked
+    }
+    msix.extend(config_access(MSIX_REGISTER, Some(0x8003 << 16)));
+    msix.extend(bar_read(PBA));
+    msix.extend(bar_write(TABLE + 12, 1)); // mask vector 0
+    msix.extend(config_access(MSIX_REGISTER, Some(0)));
+    let mut bar = Vec::new();
+    for offset in [0, 0x100, 0x7ffc] {
+        bar.extend(bar_write(offset, 0xdead_beef));
+        bar.extend(bar_read(offset));
+    }
+    vec![
+        ("scan", scan),
+        ("sizing", sizing),
+        ("msix", msix),
+        ("bar", bar),
     ]
 }
