@@ -177,3 +177,86 @@ async fn run_cycle(containerd: &Containerd, cri: &mut CriClient, volumes: &Volum
     );
     remove_pods(containerd, cri, &[&pod_id]).await;
 }
+
+/// The footprint names each kind of leak it looks for: one of each is
+/// made by hand (no pod), found, and once removed no longer found.
+#[test]
+fn footprint_names_each_kind_of_leak() {
+    let _serial = leaks::exclusive();
+    if let Some(why) = disks::unavailable() {
+        println!("SKIPPED: the footprint's check of loop devices needs them: {why}");
+        return;
+    }
+    let Some(containerd) = Containerd::start_with_cri() else {
+        return;
+    };
+    let baseline = Footprint::take(&containerd);
+    let dir = containerd.dir();
+    let name = format!("rvleak{}", std::process::id() % 100_000);
+    let run = |program: &str, args: &[&str]| {
+        let status = Command::new(program).args(args).status().unwrap();
+        assert!(status.success(), "{program} {args:?}");
+    };
+    let mut process = Command::new("sleep")
+        .arg("600")
+        .current_dir(dir)
+        .spawn()
+        .unwrap();
+    let mount_point = dir.join("leaked-mount");
+    fs::create_dir(&mount_point).unwrap();
+    run(
+        "mount",
+        &["-t", "tmpfs", "leak", mount_point.to_str().unwrap()],
+    );
+    run("ip", &["link", "add", &name, "type", "bridge"]);
+    run("tc", &["qdisc", "add", "dev", &name, "ingress"]);
+    run("ip", &["netns", "add", &name]);
+    let addresses = dir.join("cni-state/runv-test");
+    fs::create_dir_all(&addresses).unwrap();
+    fs::write(addresses.join("10.255.0.9"), "leaked").unwrap();
+    let image = dir.join("leak.img");
+    disks::raw_image(&image, 1, b"");
+    let disk = LoopDevice::attach(&image);
+    let cgroup = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| Path::new(root).join(&name))
+        .find(|cgroup| fs::create_dir(cgroup).is_ok())
+        .expect("a cgroup of the test's own");
+    fs::create_dir_all(dir.join("run/pods/leaked-pod")).unwrap();
+    containerd.ctr_ok(&["snapshots", "prepare", "leaked-snapshot"]);
+
+    let leaks = Footprint::take(&containerd).leaks_since(&baseline);
+    println!("found:\n  {}", leaks.join("\n  "));
+    for kind in [
+        "process",
+        "mount",
+        "network interface",
+        "tc qdisc or filter",
+        "network namespace",
+        "pod address",
+        "loop device",
+        "cgroup",
+        "state file or socket",
+        "container snapshot",
+    ] {
+        assert!(
+            leaks
+                .iter()
+                .any(|leak| leak.starts_with(&format!("{kind}: "))),
+            "no {kind} among {leaks:?}"
+        );
+    }
+
+    process.kill().unwrap();
+    process.wait().unwrap();
+    run("umount", &[mount_point.to_str().unwrap()]);
+    run("ip", &["link", "delete", &name]);
+    run("ip", &["netns", "delete", &name]);
+    fs::remove_file(addresses.join("10.255.0.9")).unwrap();
+    drop(disk);
+    fs::remove_dir(cgroup).unwrap();
+    fs::remove_dir(dir.join("run/pods/leaked-pod")).unwrap();
+    containerd.ctr_ok(&["snapshots", "rm", "leaked-snapshot"]);
+    Footprint::assert_back_to(&containerd, &baseline);
+    containerd.stop();
+}

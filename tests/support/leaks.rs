@@ -1,8 +1,8 @@
 //! What a pod can leave behind on the host, taken as a footprint that a
 //! test compares before and after: processes, mounts, network interfaces,
-//! tc qdiscs and filters, network namespaces, loop devices, cgroups, the
-//! files and sockets in runv's and containerd's state, and containerd's
-//! open fds and RSS.
+//! tc qdiscs and filters, network namespaces, pod addresses, loop
+//! devices, cgroups, the files and sockets in runv's and containerd's
+//! state, containers' snapshots, and containerd's open fds and RSS.
 //!
 //! Most of these are host-wide, so a test that compares footprints holds
 //! [`exclusive`] for as long as it runs: no other test of its binary makes
@@ -31,15 +31,14 @@ const POD_PROGRAMS: [&str; 4] = [
 /// The directories whose entries at a depth are one pod's or container's
 /// each (relative: below containerd's directory): runv's run_dir, the
 /// shims' bundles (namespace/id), CRI's state and root per pod and
-/// container, containerd's snapshots, and the shims' sockets, which
+/// container, and the shims' sockets, which
 /// containerd keeps in /run/containerd/s whatever its config says.
-const STATE_DIRS: [(&str, usize); 7] = [
+const STATE_DIRS: [(&str, usize); 6] = [
     ("run/pods", 1),
     ("state/io.containerd.runtime.v2.task", 2),
     ("state/io.containerd.grpc.v1.cri", 2),
     ("root/io.containerd.grpc.v1.cri/sandboxes", 1),
     ("root/io.containerd.grpc.v1.cri/containers", 1),
-    ("root/io.containerd.snapshotter.v1.overlayfs/snapshots", 1),
     ("/run/containerd/s", 1),
 ];
 
@@ -87,6 +86,7 @@ impl Footprint {
                 ("loop device", loop_devices()),
                 ("cgroup", cgroups()),
                 ("state file or socket", state_files(containerd.dir())),
+                ("container snapshot", active_snapshots(containerd)),
             ],
             containerd_fds: fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count),
             containerd_rss_kib: rss_kib(pid),
@@ -148,7 +148,10 @@ fn pod_processes(containerd: &Containerd) -> BTreeSet<String> {
         };
         // comm is cut at 15 bytes.
         let comm = comm.trim_end();
-        if POD_PROGRAMS.iter().any(|program| program.starts_with(comm)) {
+        if POD_PROGRAMS
+            .iter()
+            .any(|program| program.get(..15).unwrap_or(program) == comm)
+        {
             found.insert(format!("{}: {comm}", entry.file_name().to_string_lossy()));
         }
     }
@@ -224,6 +227,20 @@ fn reserved_addresses(containerd_dir: &Path) -> BTreeSet<String> {
     entries(containerd_dir.join(cni::IPAM_DIR).join(cni::NETWORK_NAME))
         .into_iter()
         .filter(|name| name.parse::<std::net::IpAddr>().is_ok())
+        .collect()
+}
+
+/// The snapshots containers' root file systems are made of (active
+/// ones: image layers are committed and stay, as a node's image cache).
+fn active_snapshots(containerd: &Containerd) -> BTreeSet<String> {
+    let output = containerd
+        .ctr_command(&["snapshots", "ls"])
+        .output()
+        .expect("running ctr snapshots ls");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.split_whitespace().last() == Some("Active"))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
         .collect()
 }
 

@@ -57,8 +57,12 @@ impl Pod {
     /// with a NIC for each interface CNI made in the network namespace
     /// `netns` (none: no NIC), in the host cgroup `cgroups_path` (the
     /// sandbox spec's `linux.cgroupsPath`; none: the shim's own).
+    /// `bundle`, the first container's, records where the pod's shares are
+    /// before the VM boots, so that a shim killed while booting is cleaned
+    /// up after (`containerd-shim-runv-v2 delete`).
     /// On error nothing is left: no VM, tap, mount, directory or cgroup.
     pub async fn boot(
+        bundle: &Path,
         config_path: Option<&Path>,
         namespace: &str,
         pod_id: &str,
@@ -76,7 +80,16 @@ impl Pod {
         let network = network::setup(netns.clone(), &config).await?;
         let vm_id = vm_id(namespace, pod_id);
         let dir = config.run_dir.join("pods").join(&vm_id);
-        let shared = match SharedDir::create(&dir) {
+        let shared =
+            SharedDir::create(&dir).and_then(|shared| match mark_bundle(bundle, &shared) {
+                Ok(()) => Ok(shared),
+                Err(e) => {
+                    shared.remove();
+                    remove_pod_dir(&dir);
+                    Err(e)
+                }
+            });
+        let shared = match shared {
             Ok(shared) => shared,
             Err(e) => {
                 network::teardown(network).await;
@@ -187,9 +200,8 @@ impl Pod {
 
     /// Records in `bundle` where the pod's shares live.
     pub fn mark_bundle(&self, bundle: &Path) -> Result<()> {
-        let marker = bundle.join(SHARED_DIR_MARKER);
-        std::fs::write(&marker, self.shared.path().as_os_str().as_encoded_bytes())
-            .map_err(|e| ShimError::Internal(format!("cannot write {}: {e}", marker.display())))
+        mark_bundle(bundle, &self.shared)
+            .map_err(|e| ShimError::Internal(format!("cannot mark the bundle: {e}")))
     }
 
     /// Powers the VM off and removes the pod's directory. Every container
@@ -281,6 +293,14 @@ async fn configure_guest_network(vm: PodVm, network: &PodNetwork) -> Result<PodV
             )))
         }
     }
+}
+
+/// Writes [`SHARED_DIR_MARKER`] into `bundle`: the path of `shared`.
+fn mark_bundle(bundle: &Path, shared: &SharedDir) -> std::io::Result<()> {
+    let marker = bundle.join(SHARED_DIR_MARKER);
+    std::fs::write(&marker, shared.path().as_os_str().as_encoded_bytes()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot write {}: {e}", marker.display()))
+    })
 }
 
 fn remove_pod_dir(dir: &Path) {

@@ -73,6 +73,7 @@ impl TaskService {
             let netns = network::netns_path(&host_spec);
             *slot = Some(
                 Pod::boot(
+                    std::path::Path::new(&req.bundle),
                     config_path.as_deref(),
                     &self.namespace,
                     &pod_id,
@@ -312,16 +313,32 @@ impl TaskService {
         let mut slot = self.pod.lock().await;
         let pod = pod_of(&mut slot)?;
         let process = pod.container(&req.id)?.process(&req.exec_id)?;
-        if process.status() == api::Status::STOPPED && !req.all {
-            return Err(ShimError::NotFound(format!(
+        let exited = || {
+            ShimError::NotFound(format!(
                 "process {}/{} has already exited",
                 req.id, req.exec_id
-            )));
+            ))
+        };
+        if process.status() != api::Status::STOPPED {
+            pod.agent()
+                .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+                .await?;
+            return Ok(());
         }
+        if !req.all {
+            return Err(exited());
+        }
+        // `all` after the init's exit (containerd's delete with
+        // WithProcessKill): processes may be left in a PID namespace the
+        // container shared; where the guest cannot be asked (its VM has
+        // ended), none is, and the process is as gone as containerd asks.
         pod.agent()
-            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
-            .await?;
-        Ok(())
+            .signal_process(&req.id, &req.exec_id, req.signal, true)
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "signalling an exited container's processes");
+                exited()
+            })
     }
 
     async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
