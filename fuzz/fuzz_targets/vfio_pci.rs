@@ -10,12 +10,12 @@
 //! cannot be mmap-ed, so every BAR access is trapped. Each access is 11
 //! bytes, as in mmio_pci: a kind byte (bit 0 write, bit 1 the ports rather
 //! than the BAR, bits 2-4 the size), an address and a value for writes.
-//! Needs /dev/kvm (a VM per input); without it every input passes.
+//! Needs /dev/kvm; without it every input passes.
 #![no_main]
 
 use std::{
     ops::Range,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use libfuzzer_sys::fuzz_target;
@@ -121,12 +121,17 @@ impl PassthroughFunction for Function {
     fn reset(&self) {}
 }
 
-fn kvm_usable() -> bool {
-    std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// One VM for the process: making one per input would cost more than the
+/// input. Each input gets a fresh MMIO bus in it, so the function attached
+/// for the last input (its BAR traps, its MSI-X vectors and their GSIs) is
+/// gone. None without a usable /dev/kvm.
+fn vm() -> Option<&'static Mutex<Vm>> {
+    static VM: OnceLock<Option<Mutex<Vm>>> = OnceLock::new();
+    VM.get_or_init(|| {
+        let memory = create_guest_memory(RAM).expect("guest memory");
+        Vm::new(memory).ok().map(Mutex::new)
+    })
+    .as_ref()
 }
 
 /// Where the allocator put BAR0, read back through configuration space.
@@ -136,10 +141,11 @@ fn bar0_address(device: &mut VfioPciDevice) -> u64 {
 }
 
 fuzz_target!(|input: &[u8]| {
-    if !kvm_usable() {
+    let Some(vm) = vm() else {
         return;
-    }
-    let mut vm = Vm::new(create_guest_memory(RAM).expect("guest memory")).expect("a VM");
+    };
+    let mut vm = vm.lock().unwrap();
+    vm.mmio = Bus::default();
     let mut allocator = BarAllocator::new(RAM);
     let mut device = VfioPciDevice::attach(&mut vm, &mut allocator, Arc::new(Function::vf()))
         .expect("the function attached");

@@ -93,7 +93,9 @@ impl BusDevice for PciConfigIo {
         let Some(address) = self.address() else {
             return;
         };
-        if byte + data.len() as u64 > 4 {
+        // Within the register, and at least a byte: devices may take
+        // `data[0]`.
+        if data.is_empty() || byte + data.len() as u64 > 4 {
             return;
         }
         self.root.lock().expect("PCI root lock").write_config(
@@ -195,6 +197,16 @@ mod tests {
         // Linux's sanity check: a word at the host bridge's class.
         latch(&mut io, ENABLE | 2 << 2);
         assert_eq!(read(&mut io, 6, 2), 0x0600u16.to_le_bytes());
+    }
+
+    /// Found by the vfio_pci fuzz target: an empty write to the interrupt
+    /// line register made the VFIO device index an empty slice.
+    #[test]
+    fn an_empty_write_reaches_no_device() {
+        let (mut io, function) = config_io();
+        latch(&mut io, ENABLE | 1 << 11 | 15 << 2);
+        io.write(4, &[]);
+        assert!(function.lock().unwrap().writes.is_empty());
     }
 
     #[test]
