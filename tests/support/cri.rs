@@ -94,7 +94,9 @@ pub fn build_pause_image(dir: &Path) -> PathBuf {
     )
 }
 
-/// CRI's runtime and image services on containerd's socket.
+/// CRI's runtime and image services on containerd's socket; a clone
+/// shares the connection, for calls made at the same time.
+#[derive(Clone)]
 pub struct CriClient {
     pub runtime: RuntimeServiceClient<Channel>,
     pub images: ImageServiceClient<Channel>,
