@@ -37,7 +37,7 @@ ci_set=(
 # Every test binary of tests/, all of its tests.
 full_set=(
     builtin_boot vm_boot agent_containers block_devices containerd cri storage shared_fs network
-    host_mounts host_cgroup vsock_isolation exec_security host_confinement
+    host_mounts host_cgroup vsock_isolation exec_security host_confinement chaos concurrency soak
 )
 
 hypervisor=builtin threads=2 tests=() timeout= budget=
