@@ -7,6 +7,11 @@
 //! (tests/support/leaks.rs), and that the next pod starts and works.
 //! docs/reliability.md has the table.
 
+// A test holds the lock on host-wide footprints (leaks::exclusive) for
+// its whole run, awaits included, so that the binary's tests run one at a
+// time: blocking another test's thread on it is the point.
+#![allow(clippy::await_holding_lock)]
+
 use std::{
     fs,
     path::Path,

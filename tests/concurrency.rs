@@ -4,6 +4,11 @@
 //! other containers of it are created and deleted. All removed with the
 //! host back to its footprint from before (tests/support/leaks.rs).
 
+// A test holds the lock on host-wide footprints (leaks::exclusive) for
+// its whole run, awaits included, so that the binary's tests run one at a
+// time: blocking another test's thread on it is the point.
+#![allow(clippy::await_holding_lock)]
+
 use std::{fs, path::PathBuf};
 
 use k8s_cri::v1::{ContainerConfig, Device, Mount, StopContainerRequest};

@@ -7,6 +7,11 @@
 //! `RUNV_SOAK_CYCLES` sets the number of cycles (CI: 20); `scripts/soak N`
 //! runs it with N.
 
+// A test holds the lock on host-wide footprints (leaks::exclusive) for
+// its whole run, awaits included, so that the binary's tests run one at a
+// time: blocking another test's thread on it is the point.
+#![allow(clippy::await_holding_lock)]
+
 use std::{
     fs,
     path::Path,
