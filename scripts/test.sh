@@ -4,8 +4,8 @@
 # the guest images built from this checkout (end-to-end tests on the qemu
 # hypervisor), then the end-to-end suite on the builtin hypervisor and on
 # qemu with KVM in the nested-KVM bed (scripts/e2e-nested.sh), then
-# Kubernetes' CRI validation suite (scripts/critest.sh). Ends with a
-# summary line.
+# Kubernetes' CRI validation suite (scripts/critest.sh), then every fuzz
+# target for 30 s (scripts/fuzz). Ends with a summary line.
 #
 #   scripts/test.sh          what CI runs
 #   scripts/test.sh --full   every end-to-end test on builtin and on qemu
@@ -44,6 +44,7 @@ status=${PIPESTATUS[0]}
 # budget that keeps CI under an hour even when L1 misbehaves (they take 15
 # and 2 minutes); --full: everything, unbounded.
 nested_builtin=(--timeout 600 --budget 2100)
+# shellcheck disable=SC2054 # commas separate the test names of one argument
 nested_qemu=(--timeout 300 --budget 900 containerd:runv_runs_busybox,runv_task_lifecycle,runv_faults_leave_nothing)
 [[ -n $full ]] && nested_builtin=(--full) nested_qemu=(--full)
 for run in "--hypervisor builtin ${nested_builtin[*]}" "--hypervisor qemu ${nested_qemu[*]}"; do
@@ -57,6 +58,11 @@ done
 scripts/critest.sh 2>&1 | tee -a "$log"
 critest_status=${PIPESTATUS[0]}
 ((status != 0)) || status=$critest_status
+# Coverage-guided fuzzing of what the host parses from a guest and the
+# agent from the host, each target 30 s from its corpus (docs/fuzzing.md).
+scripts/fuzz --seconds 30 2>&1 | tee -a "$log"
+fuzz_status=${PIPESTATUS[0]}
+((status != 0)) || status=$fuzz_status
 set -e
 
 # One line for CI: the sums of every test binary's result line. Tests that
@@ -65,6 +71,7 @@ skipped=$(grep -c '^SKIPPED: ' "$log" || true)
 awk -v skipped="$skipped" '
     /^test result:/ { passed += $4; failed += $6 }
     /^e2e-nested: .* died/ { failed++ }
+    /^fuzz: [0-9]+ passed, [0-9]+ failed$/ { passed += $2; failed += $4 }
     END { printf "summary: %d passed, %d failed, %d skipped\n", passed - skipped, failed, skipped }
 ' "$log"
 exit "$status"
