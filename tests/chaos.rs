@@ -29,7 +29,7 @@ use runv_tests::{
     containerd::Containerd,
     cri::{
         app_config, create_app, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
-        start_app, wait_exited, CriClient, SHIM, VIRTIOFSD,
+        start_app, try_run_pod, wait_exited, CriClient, SHIM, VIRTIOFSD,
     },
     leaks::{self, Footprint},
     only_on,
@@ -154,15 +154,8 @@ async fn shim_killed_while_the_pod_boots() {
         return;
     };
     let config = bed.pod_config("booting");
-    let mut runtime = bed.cri.runtime.clone();
-    let run = tokio::spawn(async move {
-        runtime
-            .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: runv_tests::cri::RUNTIME_HANDLER.into(),
-            })
-            .await
-    });
+    let mut cri = bed.cri.clone();
+    let run = tokio::spawn(async move { try_run_pod(&mut cri, &config).await });
     // The pod's run directory appears when the shim starts making the VM.
     let pods_dir = bed.containerd.dir().join("run/pods");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -404,13 +397,7 @@ async fn state_file_system_full_during_create() {
     fs::create_dir_all(&run_dir).unwrap();
     let full = FullFileSystem::mount(&run_dir);
     let config = bed.pod_config("full");
-    let refused = bed
-        .cri
-        .runtime
-        .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
-            config: Some(config),
-            runtime_handler: runv_tests::cri::RUNTIME_HANDLER.into(),
-        })
+    let refused = try_run_pod(&mut bed.cri, &config)
         .await
         .expect_err("a pod started on a full state file system");
     println!("RunPodSandbox on a full state file system: {refused}");

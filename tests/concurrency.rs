@@ -11,11 +11,14 @@
 
 use std::{fs, path::PathBuf};
 
-use k8s_cri::v1::{ContainerConfig, Device, Mount, StopContainerRequest};
+use k8s_cri::v1::{ContainerConfig, Device, Mount};
 use runv_tests::{
     cni::pod_ip,
     containerd::Containerd,
-    cri::{app_config, exec_sync, pod_config, remove_pods, run_pod, start_app, CriClient},
+    cri::{
+        app_config, exec_sync, pod_config, remove_container, remove_pods, run_pod, start_app,
+        CriClient,
+    },
     disks::{self, raw_image, LoopDevice},
     leaks::{self, Footprint},
 };
@@ -239,22 +242,6 @@ async fn block_hot_plug_while_containers_churn() {
     Footprint::assert_back_to(&containerd, &baseline);
     drop(volume);
     containerd.stop();
-}
-
-async fn remove_container(cri: &mut CriClient, id: &str) {
-    cri.runtime
-        .stop_container(StopContainerRequest {
-            container_id: id.into(),
-            timeout: 5,
-        })
-        .await
-        .expect("StopContainer");
-    cri.runtime
-        .remove_container(k8s_cri::v1::RemoveContainerRequest {
-            container_id: id.into(),
-        })
-        .await
-        .expect("RemoveContainer");
 }
 
 /// Runs the futures concurrently on the test's runtime; their outputs in

@@ -19,8 +19,9 @@ use k8s_cri::v1::{
 use runv_tests::{
     containerd::Containerd,
     cri::{
-        app_config, create_app, exec_sync, pod_config, pod_processes, remove_pods, run_pod,
-        start_app, vm_process, CriClient, POD_NAMESERVER, RUNTIME_HANDLER, SHIM,
+        app_config, create_app, exec_sync, pod_config, pod_processes, remove_container,
+        remove_pods, run_pod, start_app, vm_process, CriClient, POD_NAMESERVER, RUNTIME_HANDLER,
+        SHIM,
     },
     disks::{self, ext4_image, processes_holding, raw_image, read_at, read_ext4_file, LoopDevice},
     pss_kib,
@@ -244,7 +245,7 @@ async fn block_volume_hot_plugs_into_a_running_pod() {
         "/vol is the plugged disk: {mount}"
     );
     assert_plugged(&mut cri, &keeper, &[disk.path()]).await;
-    remove_app(&mut cri, &user).await;
+    remove_container(&mut cri, &user).await;
     assert_unplugged(&mut cri, &keeper, &[disk.path()]).await;
     assert_eq!(
         read_ext4_file(disk.path(), "/out").as_deref(),
@@ -312,7 +313,7 @@ async fn raw_block_devices_hot_plug_into_a_running_pod() {
         .collect();
     read_only.sort();
     assert_eq!(read_only, ["0", "1"], "the `r` device is a read-only disk");
-    remove_app(&mut cri, &user).await;
+    remove_container(&mut cri, &user).await;
     assert_unplugged(&mut cri, &keeper, &[rw.path(), ro.path()]).await;
     assert_eq!(read_at(&rw_image, 512, 12), b"from the pod");
     assert_eq!(read_at(&ro_image, 0, 17), b"read-only volume!");
@@ -388,22 +389,6 @@ async fn assert_unplugged(cri: &mut CriClient, keeper: &str, host_disks: &[&Path
     }
     let alive = exec_sync(cri, keeper, &["echo", "still here"]).await;
     assert_eq!(String::from_utf8_lossy(&alive.stdout), "still here\n");
-}
-
-async fn remove_app(cri: &mut CriClient, id: &str) {
-    cri.runtime
-        .stop_container(StopContainerRequest {
-            container_id: id.to_owned(),
-            timeout: 5,
-        })
-        .await
-        .expect("StopContainer");
-    cri.runtime
-        .remove_container(RemoveContainerRequest {
-            container_id: id.to_owned(),
-        })
-        .await
-        .expect("RemoveContainer");
 }
 
 /// A pod's containers share its IPC and UTS namespaces (the sandbox's),

@@ -15,8 +15,8 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -167,15 +167,39 @@ pub async fn remove_pods(containerd: &Containerd, cri: &mut CriClient, pod_ids: 
 
 /// Runs a pod sandbox with the runv handler; returns its ID.
 pub async fn run_pod(cri: &mut CriClient, config: &PodSandboxConfig) -> String {
-    cri.runtime
+    try_run_pod(cri, config).await.expect("RunPodSandbox")
+}
+
+/// RunPodSandbox with the runv handler, for tests of how it fails.
+pub async fn try_run_pod(
+    cri: &mut CriClient,
+    config: &PodSandboxConfig,
+) -> Result<String, tonic::Status> {
+    let reply = cri
+        .runtime
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: RUNTIME_HANDLER.into(),
         })
+        .await?;
+    Ok(reply.into_inner().pod_sandbox_id)
+}
+
+/// Stops (5 s grace) and removes a container, as the kubelet does.
+pub async fn remove_container(cri: &mut CriClient, id: &str) {
+    cri.runtime
+        .stop_container(StopContainerRequest {
+            container_id: id.to_owned(),
+            timeout: 5,
+        })
         .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id
+        .expect("StopContainer");
+    cri.runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: id.to_owned(),
+        })
+        .await
+        .expect("RemoveContainer");
 }
 
 /// The name in a container config's metadata, for messages.
