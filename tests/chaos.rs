@@ -21,8 +21,9 @@ use std::{
 
 use k8s_cri::v1::{
     Capability, ContainerState, ExecSyncRequest, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxState,
-    RemoveContainerRequest, RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    LinuxContainerSecurityContext, ListContainersRequest, ListPodSandboxRequest, Mount,
+    PodSandboxConfig, PodSandboxState, RemoveContainerRequest, RemovePodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest,
 };
 use runv_config::HypervisorKind;
 use runv_tests::{
@@ -378,6 +379,20 @@ async fn containerd_restarted_while_pods_run() {
             pods.iter()
                 .any(|p| p.id == pod && p.state == PodSandboxState::SandboxReady as i32),
             "the pod is ready after containerd's restart (signal {signal}): {pods:?}"
+        );
+        let containers = bed
+            .cri
+            .runtime
+            .list_containers(ListContainersRequest::default())
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+        assert!(
+            containers
+                .iter()
+                .any(|c| c.id == app && c.state == ContainerState::ContainerRunning as i32),
+            "the container runs after containerd's restart (signal {signal}): {containers:?}"
         );
         let hello = exec_sync(&mut bed.cri, &app, &["echo", "still here"]).await;
         assert_eq!(String::from_utf8_lossy(&hello.stdout), "still here\n");
