@@ -361,7 +361,7 @@ async fn containerd_restarted_while_pods_run() {
     let shim = pod_processes(&bed.containerd, SHIM);
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         bed.containerd.restart(signal);
-        bed.cri = CriClient::connect(&bed.containerd.dir().join("containerd.sock")).await;
+        bed.cri = CriClient::reconnect(&bed.containerd.dir().join("containerd.sock")).await;
         assert_eq!(
             pod_processes(&bed.containerd, SHIM),
             shim,

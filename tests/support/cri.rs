@@ -16,7 +16,8 @@ use k8s_cri::v1::{
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -121,6 +122,19 @@ impl CriClient {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
         }
+    }
+
+    /// Connects to a containerd that has just started again, once its CRI
+    /// plugin serves (it answers "server is not initialized yet" while it
+    /// loads its state, after containerd itself answers).
+    pub async fn reconnect(socket: &Path) -> CriClient {
+        let mut cri = CriClient::connect(socket).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = cri.runtime.status(StatusRequest::default()).await {
+            assert!(Instant::now() < deadline, "CRI does not serve: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cri
     }
 
     /// Imports what pods run (busybox and a pause image) into
