@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use runv_fuzz::host;
+use runv_fuzz::{bus_access, host};
 use runv_vmm::{
     memory::create_guest_memory,
     pci::{
@@ -25,9 +25,6 @@ use runv_vmm::{
 use vmm_sys_util::eventfd::EventFd;
 
 const WINDOW: u64 = 0x1000;
-/// Access sizes, by bits 2-4 of the kind byte: the valid ones and a few
-/// that no CPU makes but a bus must survive.
-const SIZES: [usize; 8] = [1, 2, 4, 8, 0, 3, 5, 16];
 
 /// A function whose configuration space is a vendor and device ID, and
 /// BARs: a 64-bit prefetchable one, an I/O one and a 32-bit one.
@@ -101,24 +98,9 @@ fuzz_target!(|input: &[u8]| {
         )
         .expect("the config ports");
 
-    for access in input.chunks(11) {
-        let mut bytes = [0u8; 11];
-        bytes[..access.len()].copy_from_slice(access);
-        let kind = bytes[0];
-        let address = u64::from(u16::from_le_bytes([bytes[1], bytes[2]]));
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&bytes[3..]);
-        let data = &mut value[..SIZES[usize::from(kind >> 2 & 7)]];
-        // Addresses near each device, so that most accesses reach one.
-        let (bus, address) = if kind & 2 == 0 {
-            (&mmio, WINDOW / 2 + address % (2 * WINDOW))
-        } else {
-            (&ports, CONFIG_IO_PORT - 8 + address % 24)
-        };
-        if kind & 1 == 0 {
-            bus.read(address, data);
-        } else {
-            bus.write(address, data);
-        }
-    }
+    // Addresses near each device, so that most accesses reach one.
+    bus_access::replay(input, &mmio, &ports, |on_ports, address| match on_ports {
+        false => WINDOW / 2 + address % (2 * WINDOW),
+        true => CONFIG_IO_PORT - 8 + address % 24,
+    });
 });

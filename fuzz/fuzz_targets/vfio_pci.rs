@@ -8,7 +8,7 @@
 //! The function is in memory, shaped like an SR-IOV VF (a 64-bit BAR0
 //! holding the MSI-X table and PBA, capabilities PCIe, MSI, MSI-X); its BAR
 //! cannot be mmap-ed, so every BAR access is trapped. Each access is 11
-//! bytes, as in mmio_pci: a kind byte (bit 0 write, bit 1 the ports rather
+//! bytes, as in mmio_pci (runv_fuzz::bus_access): a kind byte (bit 0 write, bit 1 the ports rather
 //! than the BAR, bits 2-4 the size), an address and a value for writes.
 //! Needs /dev/kvm; without it every input passes.
 #![no_main]
@@ -19,6 +19,7 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
+use runv_fuzz::bus_access;
 use runv_vmm::{
     memory::create_guest_memory,
     pci::{BarAllocator, PciConfigIo, PciRoot, CONFIG_IO_PORT, CONFIG_IO_PORT_LEN},
@@ -29,7 +30,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 const RAM: u64 = 1 << 20;
 const BAR0_SIZE: u64 = 0x1_0000;
-const SIZES: [usize; 8] = [1, 2, 4, 8, 0, 3, 5, 16];
 
 /// A VF in memory; it checks that the VMM only asks for bytes within its
 /// regions, as a real function's VFIO regions would require.
@@ -163,23 +163,13 @@ fuzz_target!(|input: &[u8]| {
         )
         .expect("the config ports");
 
-    for access in input.chunks(11) {
-        let mut bytes = [0u8; 11];
-        bytes[..access.len()].copy_from_slice(access);
-        let kind = bytes[0];
-        let address = u64::from(u16::from_le_bytes([bytes[1], bytes[2]]));
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&bytes[3..]);
-        let data = &mut value[..SIZES[usize::from(kind >> 2 & 7)]];
-        let (bus, address) = if kind & 2 == 0 {
-            (&vm.mmio, bar0 + address % BAR0_SIZE)
-        } else {
-            (&ports, CONFIG_IO_PORT - 8 + address % 24)
-        };
-        if kind & 1 == 0 {
-            bus.read(address, data);
-        } else {
-            bus.write(address, data);
-        }
-    }
+    bus_access::replay(
+        input,
+        &vm.mmio,
+        &ports,
+        |on_ports, address| match on_ports {
+            false => bar0 + address % BAR0_SIZE,
+            true => CONFIG_IO_PORT - 8 + address % 24,
+        },
+    );
 });

@@ -3,6 +3,7 @@
 //! target ([`seeds`]). Each target in fuzz_targets/ is a thin harness over
 //! production code; docs/fuzzing.md says which.
 
+pub mod bus_access;
 pub mod host;
 pub mod scratch;
 pub mod script;
