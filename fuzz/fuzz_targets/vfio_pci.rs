@@ -8,8 +8,9 @@
 //! The function is in memory, shaped like an SR-IOV VF (a 64-bit BAR0
 //! holding the MSI-X table and PBA, capabilities PCIe, MSI, MSI-X); its BAR
 //! cannot be mmap-ed, so every BAR access is trapped. Each access is 11
-//! bytes, as in mmio_pci (runv_fuzz::bus_access): a kind byte (bit 0 write, bit 1 the ports rather
-//! than the BAR, bits 2-4 the size), an address and a value for writes.
+//! bytes, as in mmio_pci (runv_fuzz::bus_access): a kind byte (bit 0
+//! write, bit 1 the ports rather than the BAR, bits 2-4 the size), an
+//! address and a value for writes.
 //! Needs /dev/kvm; without it every input passes.
 #![no_main]
 
