@@ -78,14 +78,7 @@ impl Bed {
     /// is back to its footprint from before the first pod, and a new pod
     /// starts, runs an exec, and goes as cleanly.
     async fn recovers(mut self) {
-        let pods = self
-            .cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
+        let pods = self.pods().await;
         for pod in &pods {
             self.cri
                 .runtime
@@ -112,6 +105,17 @@ impl Bed {
         self.containerd.stop();
     }
 
+    /// The pods CRI lists.
+    async fn pods(&mut self) -> Vec<k8s_cri::v1::PodSandbox> {
+        self.cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items
+    }
+
     /// SIGKILLs the one host process of `program` that serves the pods;
     /// its PID.
     fn kill_one(&self, program: &str) -> u32 {
@@ -129,14 +133,7 @@ impl Bed {
     async fn wait_not_ready(&mut self, pod: &str) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let pods = self
-                .cri
-                .runtime
-                .list_pod_sandbox(ListPodSandboxRequest::default())
-                .await
-                .expect("ListPodSandbox")
-                .into_inner()
-                .items;
+            let pods = self.pods().await;
             let state = pods.iter().find(|p| p.id == pod).map(|p| p.state);
             if state != Some(PodSandboxState::SandboxReady as i32) {
                 return;
@@ -367,14 +364,7 @@ async fn containerd_restarted_while_pods_run() {
             shim,
             "the shim lives on"
         );
-        let pods = bed
-            .cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
+        let pods = bed.pods().await;
         assert!(
             pods.iter()
                 .any(|p| p.id == pod && p.state == PodSandboxState::SandboxReady as i32),
