@@ -73,7 +73,7 @@ impl TaskService {
             let netns = network::netns_path(&host_spec);
             *slot = Some(
                 Pod::boot(
-                    std::path::Path::new(&req.bundle),
+                    &bundle,
                     config_path.as_deref(),
                     &self.namespace,
                     &pod_id,
@@ -83,6 +83,9 @@ impl TaskService {
                 )
                 .await?,
             );
+        } else if let Some(pod) = slot.as_ref() {
+            // A booted pod's first container's bundle was marked at boot.
+            pod.mark_bundle(&bundle)?;
         }
         let pod = slot.as_mut().expect("booted above");
         let created = self.create_container(pod, &req).await;
@@ -95,7 +98,6 @@ impl TaskService {
 
     async fn create_container(&self, pod: &mut Pod, req: &api::CreateTaskRequest) -> Result<u32> {
         let bundle = PathBuf::from(&req.bundle);
-        pod.mark_bundle(&bundle)?;
         let (host, guest_spec) = HostMounts::prepare(pod, &req.id, &bundle, &req.rootfs).await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
