@@ -36,6 +36,7 @@ use std::{
 use k8s_cri::v1::{
     CreateContainerRequest, PodSandboxConfig, RunPodSandboxRequest, StartContainerRequest,
 };
+use runv_config::HypervisorKind;
 use runv_hypervisor::KvmSupport;
 use runv_tests::{
     bench::{command_output, configured_hypervisor, cpu_model, qemu_accel, write_report},
@@ -44,14 +45,16 @@ use runv_tests::{
         app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient, SHIM,
         VIRTIOFSD,
     },
-    pss_kib, test_config,
+    pss_kib, smaps, test_config,
 };
 use serde_json::{json, Value};
 
-/// Parts of QEMU's PSS, shown beside the programs.
-const GUEST_RAM: &str = "QEMU: guest RAM touched";
-const TCG_CODE: &str = "QEMU: TCG translated code";
-const GUEST_IMAGES: &str = "QEMU: guest kernel and initramfs files";
+/// Parts of the VMM process's PSS (QEMU's, or the shim's on builtin),
+/// shown beside the programs.
+const PART_PREFIX: &str = "VMM: ";
+const GUEST_RAM: &str = "VMM: guest RAM touched";
+const TCG_CODE: &str = "VMM: TCG translated code";
+const GUEST_IMAGES: &str = "VMM: guest kernel and initramfs files";
 
 /// The qemu hypervisor's VM process, and the vsock backend runv runs
 /// beside QEMU for a pod.
@@ -196,7 +199,7 @@ async fn main() {
     if let Some(last) = runv_pods.memory.last() {
         println!("  runv at {} pods, MiB a pod:", last.pods);
         for (program, mib) in &last.programs {
-            let (indent, name) = match program.strip_prefix("QEMU: ") {
+            let (indent, name) = match program.strip_prefix(PART_PREFIX) {
                 Some(part) => ("      of which ", part),
                 None => ("    ", program.as_str()),
             };
@@ -653,59 +656,34 @@ fn process_start_ms(pid: u32) -> Option<f64> {
     Some(ticks * 1000.0 / hz)
 }
 
-/// Where a QEMU process's PSS (KiB) lies, by mapping.
+/// Where a VMM process's PSS (KiB) lies, by mapping.
 #[derive(Default)]
-struct QemuParts {
+struct VmmParts {
     /// The guest RAM the guest touched: the one mapping of the guest's
     /// memory size (a shared memfd).
     guest_ram: u64,
     /// TCG's translated code: anonymous mappings that are writable and
     /// executable (none under KVM).
     tcg_code: u64,
-    /// The guest kernel and initramfs files QEMU mapped to load them.
+    /// The guest kernel and initramfs files the VMM mapped to load them.
     guest_images: u64,
 }
 
-fn qemu_parts(pid: u32, guest_ram_kib: u64, images: &[&Path]) -> QemuParts {
-    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let field = |line: &str, key: &str| -> Option<u64> {
-        line.strip_prefix(key)?
-            .trim()
-            .trim_end_matches(" kB")
-            .parse()
-            .ok()
-    };
-    let mut parts = QemuParts::default();
-    // The current mapping's header: "start-end perms offset dev inode path".
-    let mut header: Vec<&str> = Vec::new();
-    for line in smaps.lines() {
-        let first = line.split(' ').next().unwrap_or_default();
-        if first.contains('-') && !first.ends_with(':') {
-            header = line.split_whitespace().collect();
-            continue;
-        }
-        let Some(pss) = field(line, "Pss:") else {
-            continue;
-        };
-        let perms = header.get(1).copied().unwrap_or_default();
-        let path = header.get(5).copied().unwrap_or_default();
-        let size = header
-            .first()
-            .and_then(|range| range.split_once('-'))
-            .and_then(|(a, b)| {
-                Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
-            })
-            .unwrap_or(0)
-            / 1024;
-        if size == guest_ram_kib && path.starts_with("/memfd:") {
-            parts.guest_ram += pss;
-        } else if path.is_empty() && perms == "rwxp" {
-            parts.tcg_code += pss;
-        } else if images.iter().any(|image| Path::new(path) == *image) {
-            parts.guest_images += pss;
+impl VmmParts {
+    fn add(&mut self, pid: u32, guest_ram_kib: u64, images: &[&Path]) {
+        for mapping in smaps::mappings(pid) {
+            if mapping.size_kib == guest_ram_kib && mapping.path.starts_with("/memfd:") {
+                self.guest_ram += mapping.pss_kib;
+            } else if mapping.path.is_empty() && mapping.perms == "rwxp" {
+                self.tcg_code += mapping.pss_kib;
+            } else if images
+                .iter()
+                .any(|image| Path::new(&mapping.path) == *image)
+            {
+                self.guest_images += mapping.pss_kib;
+            }
         }
     }
-    parts
 }
 
 /// `pid` and every process below it.
@@ -755,15 +733,17 @@ fn measure_memory(
                 }
                 total += kib;
                 programs.push((program.to_owned(), mib(kib)));
-                if program == HYPERVISOR {
+                // The builtin VMM runs in the shim; on qemu the shim holds
+                // no guest memory and QEMU does.
+                let vmm = match config.hypervisor {
+                    HypervisorKind::Builtin => SHIM,
+                    HypervisorKind::Qemu => HYPERVISOR,
+                };
+                if program == vmm {
                     let images = [config.vm.kernel.as_path(), config.vm.initramfs.as_path()];
-                    let mut sums = QemuParts::default();
+                    let mut sums = VmmParts::default();
                     for &pid in &pids {
-                        let parts =
-                            qemu_parts(pid, u64::from(config.vm.memory_mib) * 1024, &images);
-                        sums.guest_ram += parts.guest_ram;
-                        sums.tcg_code += parts.tcg_code;
-                        sums.guest_images += parts.guest_images;
+                        sums.add(pid, u64::from(config.vm.memory_mib) * 1024, &images);
                     }
                     programs.push((GUEST_RAM.to_owned(), mib(sums.guest_ram)));
                     programs.push((TCG_CODE.to_owned(), mib(sums.tcg_code)));

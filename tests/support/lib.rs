@@ -9,6 +9,7 @@ pub mod containerd;
 pub mod cri;
 pub mod disks;
 pub mod leaks;
+pub mod smaps;
 
 use std::{
     fs,
@@ -89,6 +90,13 @@ pub fn test_config(scratch: &Path) -> Config {
     config.vm.kernel = kernel;
     config.vm.initramfs = initramfs;
     config.vm.vcpus = 2;
+    // Benchmarks size the VM like the pod they measure.
+    if let Some(mib) = std::env::var("RUNV_TEST_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.vm.memory_mib = mib;
+    }
     // Several TCG guests may boot at once on two cores.
     config.vm.agent_timeout_secs = 180;
     // Tests boot wherever QEMU can, TCG included (not a security boundary).

@@ -28,6 +28,13 @@ enum Command {
         /// Keep the guest console log at this path (else it is discarded)
         #[arg(long)]
         console_log: Option<PathBuf>,
+        /// Keep the VM running after the report until stdin closes, so
+        /// that its processes and memory can be looked at
+        #[arg(long)]
+        hold: bool,
+        /// Print the report as one JSON object instead of text
+        #[arg(long)]
+        json: bool,
     },
     /// Show what this host offers runv: KVM, accelerator, boot files.
     Check,
@@ -53,7 +60,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Boot { console_log } => boot(&config, console_log),
+        Command::Boot {
+            console_log,
+            hold,
+            json,
+        } => boot(&config, console_log, hold, json),
         Command::Check => {
             check(&config, cli.config.as_deref());
             Ok(())
@@ -73,7 +84,12 @@ fn main() -> ExitCode {
 }
 
 #[tokio::main]
-async fn boot(config: &Config, console_log: Option<PathBuf>) -> anyhow::Result<()> {
+async fn boot(
+    config: &Config,
+    console_log: Option<PathBuf>,
+    hold: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let console = console_log.unwrap_or_else(|| scratch.path().join("console.log"));
     let id = format!("runv-ctl-{}", std::process::id());
@@ -84,9 +100,60 @@ async fn boot(config: &Config, console_log: Option<PathBuf>) -> anyhow::Result<(
     let start = vm.start_info().clone();
     let details = vm.agent().guest_details().await?;
     let timeline = vm.boot_timeline(&details);
+    if json {
+        // The builtin VMM runs in this process; QEMU and its helpers do not.
+        let mut processes = vec![std::process::id()];
+        processes.extend(vm.pids());
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let report = serde_json::json!({
+            "hypervisor": config.hypervisor.to_string(),
+            "accel": start.accel.to_string(),
+            "accel_reason": start.accel_reason,
+            "kernel": details.kernel_release,
+            "memory_mib": details.memory_total_bytes / (1024 * 1024),
+            "online_cpus": details.online_cpus,
+            "processes": processes,
+            "hypervisor_spawn_ms": ms(timeline.hypervisor_spawn),
+            "guest_kernel_to_init_ms": timeline.guest.map(|g| ms(g.kernel_to_init)),
+            "guest_init_to_agent_ready_ms": timeline.guest.map(|g| ms(g.init_to_agent_ready)),
+            "agent_ready_ms": ms(timeline.agent_ready),
+            "first_rpc_ms": ms(timeline.first_rpc),
+        });
+        println!("{report}");
+    } else {
+        print_report(config, &start, &details, &timeline);
+    }
+    if hold {
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        wait_for_stdin_eof().await;
+    }
     let booted_for = vm.age();
     let shutdown = vm.shutdown().await;
+    if !json {
+        println!(
+            "shutdown                  {:>9.1} ms  ({}{})",
+            shutdown.duration.as_secs_f64() * 1000.0,
+            shutdown.exit,
+            if shutdown.forced { ", forced" } else { "" }
+        );
+        println!(
+            "total                     {:>9.1} ms",
+            (booted_for + shutdown.duration).as_secs_f64() * 1000.0
+        );
+    }
+    if shutdown.forced {
+        anyhow::bail!("the guest did not power off when asked and was killed");
+    }
+    Ok(())
+}
 
+fn print_report(
+    config: &Config,
+    start: &runv_hypervisor::StartInfo,
+    details: &runv_protocol::agent::GuestDetails,
+    timeline: &runv_sandbox::BootTimeline,
+) {
     println!(
         "runv: booted a {} VM with {} ({})",
         config.hypervisor, start.accel, start.accel_reason
@@ -104,20 +171,13 @@ async fn boot(config: &Config, console_log: Option<PathBuf>) -> anyhow::Result<(
     );
     println!("boot timeline:");
     println!("{timeline}");
-    println!(
-        "shutdown                  {:>9.1} ms  ({}{})",
-        shutdown.duration.as_secs_f64() * 1000.0,
-        shutdown.exit,
-        if shutdown.forced { ", forced" } else { "" }
-    );
-    println!(
-        "total                     {:>9.1} ms",
-        (booted_for + shutdown.duration).as_secs_f64() * 1000.0
-    );
-    if shutdown.forced {
-        anyhow::bail!("the guest did not power off when asked and was killed");
-    }
-    Ok(())
+}
+
+/// Returns once stdin is closed (or unreadable): `--hold`'s release.
+async fn wait_for_stdin_eof() {
+    let _ =
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await;
 }
 
 fn check(config: &Config, config_path: Option<&std::path::Path>) {

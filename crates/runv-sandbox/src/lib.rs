@@ -20,7 +20,7 @@ use runv_hypervisor::{
 use runv_protocol::{agent::GuestDetails, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
 pub use runv_hypervisor::{guest_pci_address, vfio_support, BlockDevice, NetDevice};
-pub use timeline::BootTimeline;
+pub use timeline::{BootTimeline, GuestBootTimes};
 
 /// Console lines quoted when the guest fails to come up.
 const CONSOLE_TAIL_LINES: usize = 30;
