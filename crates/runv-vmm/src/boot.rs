@@ -6,7 +6,12 @@
 //! in an area this memory map keeps out of RAM), wait for the guest to
 //! start them through their local APICs (INIT, then SIPI).
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    io::{self, Read, Seek, SeekFrom},
+    os::fd::AsRawFd,
+    path::Path,
+};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
 use linux_loader::{
@@ -20,7 +25,10 @@ use linux_loader::{
         load_cmdline, KernelLoader,
     },
 };
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{
+    bitmap::BitmapSlice, Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion,
+    ReadVolatile, VolatileMemoryError, VolatileSlice,
+};
 
 use crate::{memory::GuestMemory, mptable, vcpu::Vcpu};
 
@@ -104,18 +112,22 @@ pub struct BootEntry {
 }
 
 /// Loads `kernel` and `initramfs` into `memory` with `cmdline`, and writes
-/// the PVH boot parameters.
+/// the PVH boot parameters. With `share_files`, their pages are mapped
+/// from the files rather than copied (see [`BootFile`]): only for guest
+/// RAM that nothing else maps (no device DMA through pinned pages).
 pub fn load(
     memory: &GuestMemory,
     kernel: &Path,
     initramfs: &Path,
     cmdline: &str,
+    share_files: bool,
 ) -> Result<BootEntry, BootError> {
     let path = kernel.display().to_string();
-    let mut image = File::open(kernel).map_err(|source| BootError::OpenKernel {
-        path: path.clone(),
-        source,
-    })?;
+    let mut image =
+        BootFile::open(kernel, share_files).map_err(|source| BootError::OpenKernel {
+            path: path.clone(),
+            source,
+        })?;
     let loaded = Elf::load(
         memory,
         None,
@@ -129,7 +141,7 @@ pub fn load(
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(BootError::NoPvhEntry { path });
     };
-    let initramfs = load_initramfs(memory, initramfs, loaded.kernel_end)?;
+    let initramfs = load_initramfs(memory, initramfs, loaded.kernel_end, share_files)?;
     write_cmdline(memory, cmdline)?;
     write_start_info(memory, initramfs)?;
     Ok(BootEntry {
@@ -153,12 +165,14 @@ fn load_initramfs(
     memory: &GuestMemory,
     path: &Path,
     kernel_end: u64,
+    share_files: bool,
 ) -> Result<(GuestAddress, u64), BootError> {
-    let bytes = std::fs::read(path).map_err(|source| BootError::ReadInitramfs {
+    let read_error = |source| BootError::ReadInitramfs {
         path: path.display().to_string(),
         source,
-    })?;
-    let size = bytes.len() as u64;
+    };
+    let mut file = BootFile::open(path, share_files).map_err(read_error)?;
+    let size = file.size;
     let ram_end = low_ram_end(memory);
     let too_large = BootError::InitramfsTooLarge {
         size,
@@ -173,10 +187,121 @@ fn load_initramfs(
             ram_end,
         });
     }
+    let count = usize::try_from(size).map_err(|e| BootError::Memory(e.to_string()))?;
     memory
-        .write_slice(&bytes, GuestAddress(address))
+        .read_exact_volatile_from(GuestAddress(address), &mut file, count)
         .map_err(|e| BootError::Memory(e.to_string()))?;
     Ok((GuestAddress(address), size))
+}
+
+/// A boot file on its way into guest RAM. Where `share` allows it, its
+/// whole pages at page-aligned file offsets are mapped privately (copy on
+/// write) over guest RAM instead of copied: the guests of every VM read
+/// the same page-cache pages of the kernel and initramfs until they write
+/// one, and loading costs no copy. Other pages are read in, after one
+/// madvise has faulted in the pages they land on (page by page, a fresh
+/// memfd page costs a fault each: several times more, most under nested
+/// virtualization).
+struct BootFile {
+    file: File,
+    size: u64,
+    share: bool,
+}
+
+impl BootFile {
+    fn open(path: &Path, share: bool) -> io::Result<BootFile> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(BootFile { file, size, share })
+    }
+
+    /// Maps the whole pages of `len` bytes from the file's position at
+    /// `dest`; returns how many bytes it mapped (0: none, copy instead).
+    fn map_pages(&mut self, dest: usize, len: usize) -> io::Result<usize> {
+        let page = PAGE_SIZE as usize;
+        let position = self.file.stream_position()?;
+        if !self.share || position % PAGE_SIZE != 0 || dest % page != 0 {
+            return Ok(0);
+        }
+        let in_file = usize::try_from(self.size.saturating_sub(position)).unwrap_or(usize::MAX);
+        let whole = len.min(in_file) & !(page - 1);
+        if whole == 0 {
+            return Ok(0);
+        }
+        let offset = libc::off_t::try_from(position).map_err(io::Error::other)?;
+        // SAFETY: [dest, dest + whole) is guest RAM this process maps, not
+        // yet seen by a vCPU or a device; the new mapping replaces those
+        // pages with the file's, privately, and goes with the region's
+        // own munmap. The file covers the whole range (no SIGBUS).
+        let mapped = unsafe {
+            libc::mmap(
+                dest as *mut libc::c_void,
+                whole,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                self.file.as_raw_fd(),
+                offset,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.file.seek(SeekFrom::Current(whole as i64))?;
+        Ok(whole)
+    }
+}
+
+impl Read for BootFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for BootFile {
+    fn seek(&mut self, position: SeekFrom) -> io::Result<u64> {
+        self.file.seek(position)
+    }
+}
+
+impl ReadVolatile for BootFile {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        // GuestMemory's callers take one call's count as final: fill the
+        // whole slice, as a regular file's read does.
+        let start = buf.ptr_guard_mut().as_ptr() as usize;
+        let mapped = self
+            .map_pages(start, buf.len())
+            .map_err(VolatileMemoryError::IOError)?;
+        if mapped == buf.len() {
+            return Ok(mapped);
+        }
+        let rest = buf.offset(mapped)?;
+        let page = PAGE_SIZE as usize;
+        let first = start + mapped;
+        let aligned = first & !(page - 1);
+        let end = (first + rest.len()).next_multiple_of(page);
+        // SAFETY: the range is guest memory this process maps (guest RAM
+        // regions are page aligned); populating it leaves its contents as
+        // they are. A kernel without MADV_POPULATE_WRITE (before 5.14)
+        // refuses it, and the read faults the pages in as before.
+        unsafe {
+            libc::madvise(
+                aligned as *mut libc::c_void,
+                end - aligned,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        let mut read = 0;
+        while read < rest.len() {
+            match self.file.read_volatile(&mut rest.offset(read)?)? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok(mapped + read)
+    }
 }
 
 fn write_cmdline(memory: &GuestMemory, text: &str) -> Result<(), BootError> {
@@ -388,12 +513,34 @@ mod tests {
     }
 
     #[test]
+    fn shared_boot_files_read_alike_and_guest_writes_stay_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let initramfs = dir.path().join("initrd");
+        // Two whole pages (mapped when shared) and a partial one (read).
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&initramfs, &content).unwrap();
+        for share in [true, false] {
+            let memory = create_guest_memory(64 << 20).unwrap();
+            let (address, size) = load_initramfs(&memory, &initramfs, 0x40_0000, share).unwrap();
+            let mut seen = vec![0; size as usize];
+            memory.read_slice(&mut seen, address).unwrap();
+            assert!(seen == content, "share={share}: the guest sees other bytes");
+            memory.write_slice(&[0; 8192], address).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&initramfs).unwrap(),
+            content,
+            "a guest write reached the file"
+        );
+    }
+
+    #[test]
     fn start_info_describes_initramfs_cmdline_and_memory() {
         let memory = create_guest_memory(64 << 20).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let initramfs = dir.path().join("initrd");
         std::fs::write(&initramfs, vec![0xab; 10_000]).unwrap();
-        let (address, size) = load_initramfs(&memory, &initramfs, 0x40_0000).unwrap();
+        let (address, size) = load_initramfs(&memory, &initramfs, 0x40_0000, true).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(address.raw_value() % PAGE_SIZE, 0);
         assert!(address.raw_value() + size <= 64 << 20);
@@ -421,7 +568,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let initramfs = dir.path().join("initrd");
         std::fs::write(&initramfs, vec![0; 3 << 20]).unwrap();
-        let err = load_initramfs(&memory, &initramfs, 0x20_0000).unwrap_err();
+        let err = load_initramfs(&memory, &initramfs, 0x20_0000, false).unwrap_err();
         assert!(err.to_string().contains("give the VM more memory"), "{err}");
         let err = write_cmdline(&memory, &"x".repeat(CMDLINE_MAX_SIZE + 1)).unwrap_err();
         assert!(err.to_string().contains("at most 2048"), "{err}");
@@ -433,7 +580,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("bzImage");
         std::fs::write(&kernel, b"MZ not an ELF").unwrap();
-        let err = load(&memory, &kernel, &kernel, "").unwrap_err();
+        let err = load(&memory, &kernel, &kernel, "", true).unwrap_err();
         assert!(
             err.to_string().contains("uncompressed ELF vmlinux"),
             "{err}"

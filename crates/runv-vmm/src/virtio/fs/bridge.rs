@@ -2,15 +2,16 @@
 //! fuse-backend-rs is built on (0.17), one behind the VMM's (0.18); the
 //! two are different types to the compiler, not different data.
 //!
-//! The memory is the same memfd mapped a second time: the guest's pages
-//! are shared, nothing is copied, and the second mapping costs address
-//! space and page tables only for pages the device touches. A queue is
+//! The memory is the VMM's own mapping seen through the older types:
+//! every guest address is the same host page for the guest, the VMM and
+//! this device, boot files mapped privately over RAM (boot.rs) included,
+//! which a second mapping of the memfd would not see. A queue is
 //! carried over by its state (ring addresses, size, positions) at
 //! activation; from then on only the device uses it.
 
 use fuse_virtio_queue::QueueState;
 use virtio_queue::Queue;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::memory::GuestMemory;
 
@@ -19,26 +20,37 @@ pub(super) type FuseMemory = fuse_vm_memory::GuestMemoryMmap<()>;
 /// A queue as fuse-backend-rs takes descriptor chains from it.
 pub(super) type FuseQueue = fuse_virtio_queue::Queue;
 
-/// Maps `memory`'s backing file again, region by region, at the same guest
-/// addresses.
+/// `memory`'s regions at the same host and guest addresses, without a
+/// mapping of their own: the caller keeps `memory` alive for as long as
+/// it uses the result.
 pub(super) fn fuse_memory(memory: &GuestMemory) -> Result<FuseMemory, String> {
-    let ranges = memory
+    let regions = memory
         .iter()
         .map(|region| {
-            let file = region
-                .file_offset()
-                .ok_or("guest RAM without a backing file cannot be shared with the fs device")?;
-            Ok((
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| format!("guest RAM at {:#x}: {e}", region.start_addr().raw_value()))?;
+            let len = region.len() as usize;
+            // SAFETY: the range is one whole region of the VMM's guest
+            // RAM; the view does not unmap it (a raw region is not owned)
+            // and the device that holds the view holds `memory` too.
+            let view = unsafe {
+                fuse_vm_memory::MmapRegion::build_raw(
+                    host,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                )
+            }
+            .map_err(|e| format!("viewing guest RAM: {e}"))?;
+            fuse_vm_memory::GuestRegionMmap::new(
+                view,
                 fuse_vm_memory::GuestAddress(region.start_addr().raw_value()),
-                region.len() as usize,
-                Some(fuse_vm_memory::FileOffset::from_arc(
-                    file.arc().clone(),
-                    file.start(),
-                )),
-            ))
+            )
+            .ok_or_else(|| "guest RAM region overflows the address space".to_owned())
         })
         .collect::<Result<Vec<_>, String>>()?;
-    FuseMemory::from_ranges_with_files(ranges).map_err(|e| format!("mapping guest RAM: {e}"))
+    FuseMemory::from_regions(regions).map_err(|e| format!("viewing guest RAM: {e}"))
 }
 
 /// The same ring, as the older virtio-queue's queue.

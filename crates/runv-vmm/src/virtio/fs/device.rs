@@ -49,7 +49,9 @@ pub struct FsConfig {
 
 /// The driver's queues while the device runs.
 struct Active {
+    /// A view of `_guest`'s mappings, which must outlive it.
     memory: FuseMemory,
+    _guest: GuestMemory,
     queues: Vec<FuseQueue>,
     interrupt: Interrupt,
 }
@@ -171,6 +173,7 @@ impl QueueHandler for Fs {
         }
         self.active = Some(Active {
             memory: fuse_memory(&memory)?,
+            _guest: memory,
             queues: queues.iter().map(fuse_queue).collect::<Result<_, _>>()?,
             interrupt,
         });
