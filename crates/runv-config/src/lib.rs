@@ -160,12 +160,29 @@ pub struct VmConfig {
 }
 
 /// Settings of the `builtin` hypervisor.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BuiltinConfig {
     /// `vm.kernel` is a PVM guest kernel (CONFIG_PVM_GUEST): the only kind
     /// of guest a host whose KVM is the PVM backend (kvm_pvm) can run.
     pub pvm_guest_kernel: bool,
+    /// The guest reports the pages it frees (virtio-balloon free page
+    /// reporting) and the host takes their memory back.
+    pub free_page_reporting: bool,
+    /// The kernel and initramfs pages are mapped from their files, copy
+    /// on write, instead of copied into each VM: every VM's guest shares
+    /// the pages it only reads (not with VFIO devices, whose DMA pins RAM).
+    pub share_boot_files: bool,
+}
+
+impl Default for BuiltinConfig {
+    fn default() -> Self {
+        BuiltinConfig {
+            pvm_guest_kernel: false,
+            free_page_reporting: true,
+            share_boot_files: true,
+        }
+    }
 }
 
 /// Settings of the `qemu` hypervisor.
@@ -388,6 +405,8 @@ mod tests {
         let config = parse("").unwrap();
         assert_eq!(config.hypervisor, HypervisorKind::Builtin);
         assert!(!config.builtin.pvm_guest_kernel);
+        assert!(config.builtin.free_page_reporting);
+        assert!(config.builtin.share_boot_files);
         assert_eq!(config.vm.vcpus, 1);
         assert_eq!(config.vm.console_log_bytes(), 1 << 20);
         assert_eq!(config.qemu.accel, AccelMode::Auto);

@@ -135,6 +135,8 @@ impl BuiltinVm {
                     sysfs_path: sysfs_path.clone(),
                 })
                 .collect(),
+            free_page_reporting: self.config.free_page_reporting,
+            share_boot_files: self.config.share_boot_files,
         })
     }
 }
@@ -390,6 +392,7 @@ mod tests {
         // The payload runs on a PVM host as a PVM guest kernel would.
         let config = BuiltinConfig {
             pvm_guest_kernel: true,
+            ..BuiltinConfig::default()
         };
         Some(BuiltinVm::new(spec(dir), config))
     }

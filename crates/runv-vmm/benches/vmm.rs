@@ -62,6 +62,8 @@ fn start_vm(dir: &Path, index: usize) -> (MicroVm, Duration) {
         net_devices: Vec::new(),
         filesystems: Vec::new(),
         vfio_devices: Vec::new(),
+        free_page_reporting: true,
+        share_boot_files: true,
     };
     let started = Instant::now();
     let vm = MicroVm::start(config, Box::new(|_| {})).expect("the microVM starts");

@@ -25,6 +25,7 @@ use crate::{
     vcpu::{VcpuHandle, VcpuStop},
     vfio::{DmaMapping, VfioHost, VfioPciDevice},
     virtio::{
+        balloon::Balloon,
         block::{Block, BlockConfig},
         fs::{Fs, FsConfig},
         net::{Net, NetConfig},
@@ -76,6 +77,12 @@ pub struct MicroVmConfig {
     /// Each must be bound to vfio-pci on an IOMMU host; the VM's RAM is
     /// then pinned for their DMA. Empty: the guest has no PCI bus.
     pub vfio_devices: Vec<VfioConfig>,
+    /// A virtio-balloon through which the guest reports the pages it
+    /// frees, whose memory goes back to the host (after the other devices).
+    pub free_page_reporting: bool,
+    /// The kernel and initramfs are mapped from their files, copy on write
+    /// (boot.rs); ignored with VFIO devices.
+    pub share_boot_files: bool,
 }
 
 /// How a microVM ended.
@@ -133,8 +140,10 @@ impl MicroVm {
         if config.vcpus == 0 {
             return Err(VmmError::Device("a VM needs at least one vCPU".into()));
         }
+        let begin = std::time::Instant::now();
         let memory = create_guest_memory(config.memory_bytes)?;
         let mut vm = Vm::new(memory.clone())?;
+        let vm_created = begin.elapsed();
         add_legacy_devices(&mut vm, config.console)?;
         let devices = DeviceManager::new(&mut vm, DEVICE_SLOTS)?;
         let event_loop = EventLoop::spawn(&format!("{THREAD_NAME_PREFIX}events"))?;
@@ -152,12 +161,28 @@ impl MicroVm {
             let (slot, id) = plug(&vm, &devices, &event_loop, Net::new(net)?)?;
             registrations.insert(slot, Registration::Shared(id));
         }
+        if config.free_page_reporting {
+            let (slot, id) = plug(&vm, &devices, &event_loop, Balloon::new()?)?;
+            registrations.insert(slot, Registration::Shared(id));
+        }
         let registrations = Arc::new(Mutex::new(registrations));
         let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
+        let devices_ready = begin.elapsed();
         let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
-        let entry = boot::load(&memory, &config.kernel, &config.initramfs, &cmdline)?;
+        // VFIO pinned guest RAM's pages for DMA above: a boot file mapped
+        // over them now would leave the device and the guest on
+        // different pages.
+        let share_boot_files = config.share_boot_files && config.vfio_devices.is_empty();
+        let entry = boot::load(
+            &memory,
+            &config.kernel,
+            &config.initramfs,
+            &cmdline,
+            share_boot_files,
+        )?;
         mptable::write(&memory, config.vcpus)?;
+        let loaded = begin.elapsed();
 
         // Every vCPU is set up before any thread starts, so that a failure
         // here has no thread to clean up.
@@ -202,6 +227,10 @@ impl MicroVm {
             })
             .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
         tracing::info!(vm = %name, "microVM started");
+        tracing::debug!(
+            vm = %name, ?vm_created, ?devices_ready, ?loaded, started = ?begin.elapsed(),
+            "microVM start, times since its beginning"
+        );
         Ok(MicroVm {
             _vfio_dma: vfio_dma,
             name,

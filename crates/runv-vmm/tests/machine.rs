@@ -71,6 +71,8 @@ fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
             read_only: false,
         }],
         vfio_devices: Vec::new(),
+        free_page_reporting: true,
+        share_boot_files: true,
     }
 }
 

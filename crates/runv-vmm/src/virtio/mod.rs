@@ -1,5 +1,6 @@
 //! Virtio devices and their transport.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 mod loop_device;
