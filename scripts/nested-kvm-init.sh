@@ -4,6 +4,7 @@
 # has (proc, sys, dev, cgroup v1 as on the host, a scratch disk, tmpfs on
 # /run), chroots there and runs the job the host left in the `job` share:
 # its output goes to job/output, its exit code to job/rc. Then it powers off.
+# Directories listed in job/shares are the host's own, writable.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -37,6 +38,14 @@ chmod 1777 "$root/scratch"
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
 mkdir -p "$root/run/l1-job" "$root/run/lock"
 mount -t 9p -o "$ninep,cache=none" job "$root/run/l1-job"
+# Host directories shared writable at their own paths (`run --share`), so
+# that what the job writes there (reports) outlives L1.
+n=0
+while read -r dir; do
+    mkdir -p "$root$dir"
+    mount -t 9p -o "$ninep,cache=none" "share$n" "$root$dir" || echo "l1: cannot share $dir"
+    n=$((n + 1))
+done <"$root/run/l1-job/shares"
 mkdir -p "$root/lib/modules"
 mount --bind "$root$modules" "$root/lib/modules"
 cgroups=$root/sys/fs/cgroup

@@ -15,6 +15,9 @@
 #       --memory MIB   L1's memory (default 6144)
 #       --timeout S    kill L1 after S seconds (default 3600)
 #       --always-l1    use L1 even where the host could run builtin itself
+#       --share DIR    DIR (created if need be) is the host's own in L1,
+#                      writable at the same path: what the command leaves
+#                      there (reports) outlives L1; may be repeated
 #   scripts/nested-kvm.sh check            say where builtin would run
 #
 # `run` executes COMMAND in the current directory with the caller's
@@ -167,6 +170,7 @@ run_in_l1() {
     local cpus=$1 memory=$2 timeout=$3
     shift 3
     prepare
+    local share share_args=() n=0
     job=$(mktemp -d /tmp/runv-l1.XXXXXX)
     trap 'rm -rf "$job"' EXIT
     {
@@ -182,6 +186,12 @@ run_in_l1() {
         echo
     } >"$job/job.sh"
     echo "${l1_modules[*]}" >"$job/modules"
+    : >"$job/shares"
+    for share in "${shares[@]}"; do
+        echo "$share" >>"$job/shares"
+        share_args+=(-virtfs "local,path=$share,mount_tag=share$n,security_model=none")
+        n=$((n + 1))
+    done
     # L1's scratch disk (its TMPDIR): sparse, so tests meet a disk file
     # system (O_DIRECT, overlayfs, as on a node) and their files cost host
     # disk, not L1 RAM.
@@ -201,7 +211,7 @@ run_in_l1() {
         -kernel "$l1/root/boot/vmlinuz-$l1_kernel_release" -initrd "$l1/initramfs.cpio.gz" \
         -append "console=ttyS0 loglevel=4 panic=-1 oops=panic mitigations=off l1.modules=$l1/root/lib/modules" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
-        -virtfs "local,path=$job,mount_tag=job,security_model=none" \
+        -virtfs "local,path=$job,mount_tag=job,security_model=none" "${share_args[@]}" \
         -drive "file=$job/scratch.img,format=raw,if=virtio,cache=unsafe,discard=unmap" || status=$?
     sleep 0.5
     kill "$tail" 2>/dev/null || true
@@ -234,13 +244,17 @@ check)
     fi
     ;;
 run)
-    cpus=2 memory=6144 timeout=3600 always_l1=
+    cpus=2 memory=6144 timeout=3600 always_l1= shares=()
     while (($#)); do
         case $1 in
         --cpus) cpus=$2 && shift 2 ;;
         --memory) memory=$2 && shift 2 ;;
         --timeout) timeout=$2 && shift 2 ;;
         --always-l1) always_l1=1 && shift ;;
+        --share)
+            mkdir -p "$2"
+            shares+=("$(cd "$2" && pwd)") && shift 2
+            ;;
         --) shift && break ;;
         *) die "unknown option $1 (see the head of $0)" ;;
         esac
@@ -254,7 +268,7 @@ run)
     exit "$status"
     ;;
 *)
-    sed -n '2,22p' "$0" >&2
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' >&2
     exit 2
     ;;
 esac

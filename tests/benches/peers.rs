@@ -96,6 +96,8 @@ struct Setup {
 #[derive(Clone, Default)]
 struct Sample {
     start_to_agent_ms: f64,
+    /// runv's own: the VMM set up and running (runv-ctl's hypervisor spawn).
+    vmm_start_ms: Option<f64>,
     guest_kernel_to_init_ms: Option<f64>,
     guest_init_to_agent_ms: Option<f64>,
     pss_mib: f64,
@@ -109,6 +111,7 @@ struct Booted {
     /// The processes the VM needs.
     pids: Vec<u32>,
     start_to_agent: Duration,
+    vmm_start: Option<Duration>,
     guest: Option<GuestBootTimes>,
     _scratch: tempfile::TempDir,
 }
@@ -256,17 +259,22 @@ async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
     for &pid in &booted.pids {
         let mappings = smaps::mappings(pid);
         pss += mappings.iter().map(|m| m.pss_kib).sum::<u64>();
-        for ram in smaps::guest_ram(&mappings, guest_ram_kib) {
-            guest_pss += ram.pss_kib;
+        let guest_ram = smaps::guest_ram(&mappings, guest_ram_kib);
+        if !guest_ram.is_empty() {
             // A shared memfd is resident in each process that maps it:
             // what the guest touched is the most any of them holds.
-            guest_rss = Some(guest_rss.unwrap_or(0).max(ram.rss_kib));
+            let rss = guest_ram.iter().map(|m| m.rss_kib).sum::<u64>();
+            guest_rss = Some(guest_rss.unwrap_or(0).max(rss));
+        }
+        for ram in guest_ram {
+            guest_pss += ram.pss_kib;
         }
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let sample = Sample {
         start_to_agent_ms: ms(booted.start_to_agent),
+        vmm_start_ms: booted.vmm_start.map(ms),
         guest_kernel_to_init_ms: booted.guest.map(|g| ms(g.kernel_to_init)),
         guest_init_to_agent_ms: booted.guest.map(|g| ms(g.init_to_agent_ready)),
         pss_mib: mib(pss),
@@ -333,13 +341,14 @@ async fn boot_runv(hypervisor: HypervisorKind, setup: &Setup) -> Result<Booted, 
         HypervisorKind::Builtin => processes[..1].to_vec(),
         HypervisorKind::Qemu => processes[1..].to_vec(),
     };
-    let guest_ms = |key: &str| {
+    let report_ms = |key: &str| {
         report[key]
             .as_f64()
             .map(|ms| Duration::from_secs_f64(ms / 1000.0))
     };
-    let guest = guest_ms("guest_kernel_to_init_ms")
-        .zip(guest_ms("guest_init_to_agent_ready_ms"))
+    let vmm_start = report_ms("hypervisor_spawn_ms");
+    let guest = report_ms("guest_kernel_to_init_ms")
+        .zip(report_ms("guest_init_to_agent_ready_ms"))
         .map(|(kernel_to_init, init_to_agent_ready)| GuestBootTimes {
             kernel_to_init,
             init_to_agent_ready,
@@ -348,6 +357,7 @@ async fn boot_runv(hypervisor: HypervisorKind, setup: &Setup) -> Result<Booted, 
         child,
         pids,
         start_to_agent,
+        vmm_start,
         guest,
         _scratch: scratch,
     })
@@ -408,6 +418,7 @@ async fn boot_firecracker(setup: &Setup) -> Result<Booted, String> {
         child,
         pids: vec![pid],
         start_to_agent,
+        vmm_start: None,
         guest: details.boot_times.as_ref().cloned().map(Into::into),
         _scratch: scratch,
     })
@@ -421,6 +432,7 @@ fn median(samples: &[Sample]) -> Sample {
     let of = |f: fn(&Sample) -> Option<f64>| mid(samples.iter().filter_map(f).collect());
     Sample {
         start_to_agent_ms: of(|s| Some(s.start_to_agent_ms)).unwrap_or(f64::NAN),
+        vmm_start_ms: of(|s| s.vmm_start_ms),
         guest_kernel_to_init_ms: of(|s| s.guest_kernel_to_init_ms),
         guest_init_to_agent_ms: of(|s| s.guest_init_to_agent_ms),
         pss_mib: of(|s| Some(s.pss_mib)).unwrap_or(f64::NAN),
@@ -432,6 +444,7 @@ fn median(samples: &[Sample]) -> Sample {
 fn sample_json(sample: &Sample) -> Value {
     json!({
         "start_to_agent_ms": sample.start_to_agent_ms,
+        "vmm_start_ms": sample.vmm_start_ms,
         "guest_kernel_to_init_ms": sample.guest_kernel_to_init_ms,
         "guest_init_to_agent_ms": sample.guest_init_to_agent_ms,
         "pss_mib": sample.pss_mib,

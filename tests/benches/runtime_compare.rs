@@ -659,22 +659,25 @@ fn process_start_ms(pid: u32) -> Option<f64> {
 /// Where a VMM process's PSS (KiB) lies, by mapping.
 #[derive(Default)]
 struct VmmParts {
-    /// The guest RAM the guest touched: the one mapping of the guest's
-    /// memory size (a shared memfd).
+    /// The guest RAM the guest touched (smaps::guest_ram), the boot
+    /// files the builtin VMM maps into it included.
     guest_ram: u64,
     /// TCG's translated code: anonymous mappings that are writable and
     /// executable (none under KVM).
     tcg_code: u64,
-    /// The guest kernel and initramfs files the VMM mapped to load them.
+    /// The guest kernel and initramfs files QEMU mapped to load them.
     guest_images: u64,
 }
 
 impl VmmParts {
     fn add(&mut self, pid: u32, guest_ram_kib: u64, images: &[&Path]) {
-        for mapping in smaps::mappings(pid) {
-            if mapping.size_kib == guest_ram_kib && mapping.path.starts_with("/memfd:") {
-                self.guest_ram += mapping.pss_kib;
-            } else if mapping.path.is_empty() && mapping.perms == "rwxp" {
+        let mappings = smaps::mappings(pid);
+        let guest_ram = smaps::guest_ram(&mappings, guest_ram_kib);
+        self.guest_ram += guest_ram.iter().map(|m| m.pss_kib).sum::<u64>();
+        let in_guest_ram =
+            |m: &smaps::Mapping| guest_ram.iter().any(|g| g.start_kib == m.start_kib);
+        for mapping in mappings.iter().filter(|m| !in_guest_ram(m)) {
+            if mapping.path.is_empty() && mapping.perms == "rwxp" {
                 self.tcg_code += mapping.pss_kib;
             } else if images
                 .iter()

@@ -6,6 +6,8 @@ use std::fs;
 /// One mapping of a process and what of it is resident.
 #[derive(Debug, Clone, Default)]
 pub struct Mapping {
+    /// Where it starts in the process, in KiB.
+    pub start_kib: u64,
     pub size_kib: u64,
     /// Permissions as smaps writes them, e.g. "rw-s".
     pub perms: String,
@@ -25,15 +27,18 @@ pub fn mappings(pid: u32) -> Vec<Mapping> {
         // start with "Name:".
         if first.contains('-') && !first.ends_with(':') {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let size_kib = first
+            let (start, end) = first
                 .split_once('-')
                 .and_then(|(start, end)| {
-                    Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
+                    Some((
+                        u64::from_str_radix(start, 16).ok()?,
+                        u64::from_str_radix(end, 16).ok()?,
+                    ))
                 })
-                .unwrap_or(0)
-                / 1024;
+                .unwrap_or((0, 0));
             all.push(Mapping {
-                size_kib,
+                start_kib: start / 1024,
+                size_kib: end.saturating_sub(start) / 1024,
                 perms: fields.get(1).copied().unwrap_or_default().to_owned(),
                 path: fields.get(5..).map(|p| p.join(" ")).unwrap_or_default(),
                 ..Mapping::default()
@@ -49,11 +54,33 @@ pub fn mappings(pid: u32) -> Vec<Mapping> {
     all
 }
 
-/// The guest RAM mappings among `mappings`: those exactly the size of a
-/// guest with `guest_ram_kib` of memory (every VMM here maps it in one
-/// piece below the 32-bit MMIO gap).
-pub fn guest_ram(mappings: &[Mapping], guest_ram_kib: u64) -> impl Iterator<Item = &Mapping> {
-    mappings.iter().filter(move |m| m.size_kib == guest_ram_kib)
+/// The memfd that holds the builtin VMM's guest RAM (runv-vmm's memory.rs).
+const BUILTIN_GUEST_RAM: &str = "/memfd:runv-guest-ram";
+
+/// The guest RAM mappings among `mappings`, of a guest with
+/// `guest_ram_kib` of memory below the 32-bit MMIO gap: the mapping of
+/// exactly that size (QEMU's memfd, Firecracker's anonymous memory), or,
+/// where the builtin VMM mapped the boot files over parts of its memfd,
+/// every mapping in the span that starts with the memfd's first piece.
+pub fn guest_ram(mappings: &[Mapping], guest_ram_kib: u64) -> Vec<&Mapping> {
+    let whole: Vec<&Mapping> = mappings
+        .iter()
+        .filter(|m| m.size_kib == guest_ram_kib)
+        .collect();
+    if !whole.is_empty() {
+        return whole;
+    }
+    let Some(first) = mappings
+        .iter()
+        .find(|m| m.path.starts_with(BUILTIN_GUEST_RAM))
+    else {
+        return Vec::new();
+    };
+    let end = first.start_kib + guest_ram_kib;
+    mappings
+        .iter()
+        .filter(|m| m.start_kib >= first.start_kib && m.start_kib + m.size_kib <= end)
+        .collect()
 }
 
 fn field_kib(line: &str, key: &str) -> Option<u64> {
