@@ -7,7 +7,9 @@
 //! same vCPUs and memory (RUNV_BENCH_VCPUS, default 2;
 //! RUNV_BENCH_MEMORY_MIB, default 128):
 //! - runv builtin: `runv-ctl boot --hold --json`, the VMM inside that
-//!   process (RUNV_CTL, default `<target>/release/runv-ctl`);
+//!   process (RUNV_CTL, default `<target>/release/runv-ctl`), as it ships
+//!   and then without its memory savings one by one (free page reporting
+//!   off, then the boot files copied rather than shared as well);
 //! - runv qemu with KVM: the same with `hypervisor = "qemu"` and
 //!   `accel = "kvm"` (QEMU microvm, as Kata runs by default, and
 //!   vhost-device-vsock);
@@ -61,17 +63,50 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
-    Builtin,
+    /// With its memory savings, each on or off (`[builtin]` keys).
+    Builtin {
+        share_boot_files: bool,
+        free_page_reporting: bool,
+    },
     QemuKvm,
     Firecracker,
 }
 
-const PEERS: [Peer; 3] = [Peer::Builtin, Peer::QemuKvm, Peer::Firecracker];
+/// runv's builtin VMM as it ships, then without its memory savings one by
+/// one (what each is worth), then the peers.
+const PEERS: [Peer; 5] = [
+    Peer::Builtin {
+        share_boot_files: true,
+        free_page_reporting: true,
+    },
+    Peer::Builtin {
+        share_boot_files: true,
+        free_page_reporting: false,
+    },
+    Peer::Builtin {
+        share_boot_files: false,
+        free_page_reporting: false,
+    },
+    Peer::QemuKvm,
+    Peer::Firecracker,
+];
 
 impl Peer {
     fn name(self) -> &'static str {
         match self {
-            Peer::Builtin => "runv builtin",
+            Peer::Builtin {
+                share_boot_files: true,
+                free_page_reporting: true,
+            } => "runv builtin",
+            Peer::Builtin {
+                share_boot_files: true,
+                free_page_reporting: false,
+            } => "builtin -reporting",
+            Peer::Builtin {
+                share_boot_files: false,
+                free_page_reporting: false,
+            } => "builtin -reporting -sharing",
+            Peer::Builtin { .. } => "builtin (other)",
             Peer::QemuKvm => "runv qemu (KVM)",
             Peer::Firecracker => "Firecracker",
         }
@@ -219,7 +254,7 @@ async fn main() {
 fn unavailable(peer: Peer, setup: &Setup) -> Option<String> {
     let kvm = KvmSupport::probe();
     match peer {
-        Peer::Builtin => builtin_usable(&kvm, false).err(),
+        Peer::Builtin { .. } => builtin_usable(&kvm, false).err(),
         Peer::QemuKvm => choose_accel(runv_config::AccelMode::Kvm, false, &kvm).err(),
         Peer::Firecracker => builtin_usable(&kvm, false).err().or_else(|| {
             (!setup.firecracker.is_file()).then(|| {
@@ -249,8 +284,7 @@ fn default_firecracker() -> PathBuf {
 /// Boots `peer`, lets it idle, measures it and stops it.
 async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
     let booted = match peer {
-        Peer::Builtin => boot_runv(HypervisorKind::Builtin, setup).await?,
-        Peer::QemuKvm => boot_runv(HypervisorKind::Qemu, setup).await?,
+        Peer::Builtin { .. } | Peer::QemuKvm => boot_runv(peer, setup).await?,
         Peer::Firecracker => boot_firecracker(setup).await?,
     };
     tokio::time::sleep(setup.settle).await;
@@ -285,15 +319,29 @@ async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
     Ok(sample)
 }
 
-/// Boots a runv VM on `hypervisor` through `runv-ctl boot --hold --json`.
-async fn boot_runv(hypervisor: HypervisorKind, setup: &Setup) -> Result<Booted, String> {
+/// Boots a runv VM (`peer` is one of runv's) through `runv-ctl boot
+/// --hold --json`.
+async fn boot_runv(peer: Peer, setup: &Setup) -> Result<Booted, String> {
+    let (hypervisor, builtin) = match peer {
+        Peer::Builtin {
+            share_boot_files,
+            free_page_reporting,
+        } => (
+            HypervisorKind::Builtin,
+            format!(
+                "[builtin]\nshare_boot_files = {share_boot_files}\n\
+                 free_page_reporting = {free_page_reporting}\n"
+            ),
+        ),
+        _ => (HypervisorKind::Qemu, String::new()),
+    };
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let config = scratch.path().join("runv.toml");
     fs::write(
         &config,
         format!(
             "hypervisor = \"{hypervisor}\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n\
-             [qemu]\naccel = \"kvm\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n\
+             {builtin}[qemu]\naccel = \"kvm\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n\
              vcpus = {}\nmemory_mib = {}\nagent_timeout_secs = {}\n",
             scratch.path().join("run").display(),
             setup.kernel.display(),
