@@ -22,7 +22,8 @@
 //! - start to agent answering: from spawning the peer's process to the
 //!   agent's answers to Check and GetGuestDetails, on the host's clock,
 //!   with the guest's own split (kernel start to init, init to agent);
-//! - after RUNV_BENCH_SETTLE_SECS idle (default 5): the PSS of every
+//! - after RUNV_BENCH_SETTLE_SECS idle (default 20: free page reporting
+//!   takes about that long to settle after a boot): the PSS of every
 //!   process the VM needs (the controlling runv-ctl of a QEMU VM is left
 //!   out, as the benchmark itself is Firecracker's; the builtin VMM's
 //!   process is that runv-ctl), the guest RAM the guest touched (RSS of
@@ -59,7 +60,7 @@ use tokio::{
 
 /// How long a boot may take before the run counts it failed: TCG-emulated
 /// L1 is slow.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
@@ -140,6 +141,28 @@ struct Sample {
     guest_ram_touched_mib: Option<f64>,
 }
 
+/// What the rounds gave for one peer.
+struct PeerRuns {
+    peer: Peer,
+    /// Why it cannot run here at all.
+    unavailable: Option<String>,
+    samples: Vec<Sample>,
+    failures: Vec<String>,
+}
+
+impl PeerRuns {
+    /// The medians of its boots, or why there are none.
+    fn median(&self) -> Result<Sample, String> {
+        if let Some(why) = &self.unavailable {
+            return Err(why.clone());
+        }
+        if self.samples.is_empty() {
+            return Err(self.failures.join("; "));
+        }
+        Ok(median(&self.samples))
+    }
+}
+
 /// A booted peer, released (powered off or killed) by `stop`.
 struct Booted {
     child: Child,
@@ -181,7 +204,7 @@ async fn main() {
     let setup = Setup {
         vcpus: env_or("RUNV_BENCH_VCPUS", 2),
         memory_mib: env_or("RUNV_BENCH_MEMORY_MIB", 128),
-        settle: Duration::from_secs(env_or("RUNV_BENCH_SETTLE_SECS", 5)),
+        settle: Duration::from_secs(env_or("RUNV_BENCH_SETTLE_SECS", 20)),
         runs: env_or("RUNV_BENCH_RUNS", 5),
         runv_ctl: std::env::var_os("RUNV_CTL")
             .map(PathBuf::from)
@@ -203,30 +226,35 @@ async fn main() {
         cpu_model()
     );
 
-    let mut results: Vec<(Peer, Result<Vec<Sample>, String>)> = PEERS
+    let mut results: Vec<PeerRuns> = PEERS
         .iter()
-        .map(|&peer| (peer, unavailable(peer, &setup).map_or(Ok(Vec::new()), Err)))
+        .map(|&peer| PeerRuns {
+            peer,
+            unavailable: unavailable(peer, &setup),
+            samples: Vec::new(),
+            failures: Vec::new(),
+        })
         .collect();
-    for round in 0..setup.runs {
-        for (peer, outcome) in &mut results {
-            let Ok(samples) = outcome else { continue };
-            match measure(*peer, &setup).await {
-                Ok(sample) => samples.push(sample),
-                Err(e) => *outcome = Err(format!("round {}: {e}", round + 1)),
+    for round in 1..=setup.runs {
+        for runs in results.iter_mut().filter(|r| r.unavailable.is_none()) {
+            match measure(runs.peer, &setup).await {
+                Ok(sample) => runs.samples.push(sample),
+                // Noted; the next round boots it again.
+                Err(e) => runs.failures.push(format!("round {round}: {e}")),
             }
         }
     }
 
     let medians: Vec<(Peer, Result<Sample, String>)> = results
         .iter()
-        .map(|(peer, outcome)| {
-            (
-                *peer,
-                outcome.as_ref().map(|s| median(s)).map_err(Clone::clone),
-            )
-        })
+        .map(|runs| (runs.peer, runs.median()))
         .collect();
     print_table(&medians);
+    for runs in results.iter().filter(|r| !r.samples.is_empty()) {
+        for failure in &runs.failures {
+            println!("  {}: a boot failed: {failure}", runs.peer.name());
+        }
+    }
     let report = json!({
         "date": command_output("date", &["-u", "+%F %H:%M UTC"]),
         "bed": bed,
@@ -236,15 +264,14 @@ async fn main() {
         "memory_mib": setup.memory_mib,
         "runs": setup.runs,
         "settle_secs": setup.settle.as_secs(),
-        "peers": results.iter().zip(&medians).map(|((peer, outcome), (_, median))| {
-            match (outcome, median) {
-                (Ok(samples), Ok(median)) => json!({
-                    "name": peer.name(),
-                    "median": sample_json(median),
-                    "samples": samples.iter().map(sample_json).collect::<Vec<_>>(),
-                }),
-                (Err(e), _) | (_, Err(e)) => json!({ "name": peer.name(), "not_measured": e }),
-            }
+        "peers": results.iter().map(|runs| match runs.median() {
+            Ok(median) => json!({
+                "name": runs.peer.name(),
+                "median": sample_json(&median),
+                "samples": runs.samples.iter().map(sample_json).collect::<Vec<_>>(),
+                "failures": runs.failures,
+            }),
+            Err(why) => json!({ "name": runs.peer.name(), "not_measured": why }),
         }).collect::<Vec<_>>(),
     });
     println!("\nreport: {}", write_report("peers", &report).display());

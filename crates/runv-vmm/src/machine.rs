@@ -25,7 +25,7 @@ use crate::{
     vcpu::{VcpuHandle, VcpuStop},
     vfio::{DmaMapping, VfioHost, VfioPciDevice},
     virtio::{
-        balloon::Balloon,
+        balloon::{self, Balloon},
         block::{Block, BlockConfig},
         fs::{Fs, FsConfig},
         net::{Net, NetConfig},
@@ -169,7 +169,11 @@ impl MicroVm {
         let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
         let devices_ready = begin.elapsed();
-        let cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
+        let mut cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
+        if config.free_page_reporting {
+            cmdline.push(' ');
+            cmdline.push_str(balloon::KERNEL_PARAMS);
+        }
         // VFIO pinned guest RAM's pages for DMA above: a boot file mapped
         // over them now would leave the device and the guest on
         // different pages.

@@ -29,6 +29,12 @@ use crate::{
     VmmError,
 };
 
+/// What the guest kernel needs told: report free blocks of 128 KiB and
+/// up. At its default order (2 MiB) Linux reports only while a zone has
+/// 64 MiB free above its low watermark (32 blocks of the order), which a
+/// pod VM of a few hundred MiB seldom has: it would never report.
+pub const KERNEL_PARAMS: &str = "page_reporting.page_reporting_order=5";
+
 /// The virtio device ID of a memory balloon.
 pub const DEVICE_TYPE: u32 = 5;
 /// The device returns free pages the driver reports on the reporting queue.
