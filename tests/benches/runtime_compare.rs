@@ -22,7 +22,7 @@
 //! It prints figures and asserts none. Settings: RUNV_BENCH_START_RUNS
 //! (default 10), RUNV_BENCH_PODS (pod counts for the memory figure, default
 //! "1,10,50": the density series runs up to the largest), RUNV_BENCH_CPU_MIB
-//! (default 64) and RUNV_BENCH_CPU_RUNS (default 3). Under TCG on 2 cores
+//! (default 64) and RUNV_BENCH_CPU_RUNS (default 3; 0 skips the job). Under TCG on 2 cores
 //! the 50 pods take about 10 minutes: idle TCG guests still use host CPU.
 
 use std::{
@@ -245,16 +245,20 @@ async fn main() {
         "\n5. CPU-bound: sha256sum of {cpu_mib} MiB of zeros, timed inside the container, \
          median of {cpu_runs}"
     );
-    println!(
-        "  runc {:.2} s, runv ({label}) {:.2} s: runv runs at {:.1} % of runc's throughput{}",
-        cpu["runc_s"].as_f64().unwrap_or_default(),
-        cpu["runv_s"].as_f64().unwrap_or_default(),
-        ratio * 100.0,
-        match accel.as_str() {
-            "TCG" => " (TCG: software emulation, not the KVM figure the goal is about)",
-            _ => "",
-        }
-    );
+    if cpu_runs == 0 {
+        println!("  skipped (RUNV_BENCH_CPU_RUNS=0)");
+    } else {
+        println!(
+            "  runc {:.2} s, runv ({label}) {:.2} s: runv runs at {:.1} % of runc's throughput{}",
+            cpu["runc_s"].as_f64().unwrap_or_default(),
+            cpu["runv_s"].as_f64().unwrap_or_default(),
+            ratio * 100.0,
+            match accel.as_str() {
+                "TCG" => " (TCG: software emulation, not the KVM figure the goal is about)",
+                _ => "",
+            }
+        );
+    }
 
     let report = json!({
         "date": date,
@@ -350,6 +354,10 @@ fn remove_task(containerd: &Containerd, id: &str) {
 /// sha256sum of `mib` MiB of zeros in a runc and a runv container, timed
 /// with the container's /proc/uptime; the median of `runs` each.
 fn cpu_workload(containerd: &Containerd, mib: u32, runs: usize) -> Value {
+    if runs == 0 {
+        println!("runtime_compare: CPU-bound job skipped (RUNV_BENCH_CPU_RUNS=0)");
+        return json!({ "skipped": "RUNV_BENCH_CPU_RUNS=0" });
+    }
     println!("runtime_compare: CPU-bound job, {runs} runs each");
     let script = format!(
         "a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero bs=1M count={mib} 2>/dev/null \

@@ -576,10 +576,10 @@ mod tests {
             .to_string();
         assert!(err.contains("it is a directory"), "{err}");
 
-        // Slot 0 holds the vsock device.
+        // Slot 0 holds the vsock device, slot 1 the balloon.
         let rw = vm.attach_block(&device(&image, false)).await.unwrap();
         let ro = vm.attach_block(&device(&image, true)).await.unwrap();
-        assert_eq!((rw, ro), (1, 2));
+        assert_eq!((rw, ro), (2, 3));
         let err = vm.detach_block(0).await.unwrap_err().to_string();
         assert!(
             err.contains("slot 0 holds no attached block device"),
@@ -587,9 +587,9 @@ mod tests {
         );
         vm.detach_block(rw).await.unwrap();
         let err = vm.detach_block(rw).await.unwrap_err().to_string();
-        assert!(err.contains("slot 1"), "{err}");
+        assert!(err.contains("slot 2"), "{err}");
         // The freed slot is taken first; then every slot up to the 16th.
-        for expected in [1].into_iter().chain(3..16) {
+        for expected in [2].into_iter().chain(4..16) {
             let slot = vm.attach_block(&device(&image, true)).await.unwrap();
             assert_eq!(slot, expected);
         }
