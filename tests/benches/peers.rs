@@ -49,7 +49,7 @@ use runv_hypervisor::{
 };
 use runv_sandbox::{GuestBootTimes, PodVm};
 use runv_tests::{
-    bench::{command_output, cpu_model, target_dir, write_report},
+    bench::{command_output, cpu_model, env_or, target_dir, write_report},
     guest_images, smaps, test_config,
 };
 use serde_json::{json, Value};
@@ -186,13 +186,6 @@ impl Booted {
             let _ = self.child.kill().await;
         }
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]

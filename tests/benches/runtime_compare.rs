@@ -39,7 +39,7 @@ use k8s_cri::v1::{
 use runv_config::HypervisorKind;
 use runv_hypervisor::KvmSupport;
 use runv_tests::{
-    bench::{command_output, configured_hypervisor, cpu_model, qemu_accel, write_report},
+    bench::{command_output, configured_hypervisor, cpu_model, env_or, qemu_accel, write_report},
     containerd::{Containerd, BUSYBOX_IMAGE},
     cri::{
         app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient, SHIM,
@@ -83,13 +83,6 @@ impl Runtime {
             Runtime::Runv => "runv",
         }
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[tokio::main]

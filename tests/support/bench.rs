@@ -83,6 +83,14 @@ pub fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).unwrap().to_owned()
 }
 
+/// The benchmark setting `name` from the environment, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Writes a benchmark's report to `<target>/bench/<name>.json`; returns
 /// the path.
 pub fn write_report(name: &str, report: &serde_json::Value) -> PathBuf {
