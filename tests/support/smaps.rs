@@ -15,6 +15,8 @@ pub struct Mapping {
     pub path: String,
     pub rss_kib: u64,
     pub pss_kib: u64,
+    /// Private pages of a file mapping that were written (copied on write).
+    pub anonymous_kib: u64,
 }
 
 /// The mappings of `pid`, empty when it is gone.
@@ -48,6 +50,8 @@ pub fn mappings(pid: u32) -> Vec<Mapping> {
                 current.rss_kib = kib;
             } else if let Some(kib) = field_kib(line, "Pss:") {
                 current.pss_kib = kib;
+            } else if let Some(kib) = field_kib(line, "Anonymous:") {
+                current.anonymous_kib = kib;
             }
         }
     }
