@@ -28,8 +28,8 @@ use k8s_cri::v1::{
 };
 use runv_tests::{
     bench::{
-        command_output, configured_hypervisor, program_with_libraries, qemu_accel, write_report,
-        ReportLabels,
+        command_output, configured_hypervisor, median, program_with_libraries, qemu_accel,
+        write_report, ReportLabels,
     },
     cni::{self, pod_ip, wait_network_ready},
     containerd::{build_busybox_image_with_files, Containerd},
@@ -227,8 +227,8 @@ async fn main() {
     );
     let mut results = serde_json::Map::new();
     for metric in &METRICS {
-        let runc_figure = median(runc.rounds.iter().map(metric.figure).collect());
-        let runv_figure = median(runv.rounds.iter().map(metric.figure).collect());
+        let runc_figure = median(runc.rounds.iter().map(metric.figure).collect()).unwrap_or(0.0);
+        let runv_figure = median(runv.rounds.iter().map(metric.figure).collect()).unwrap_or(0.0);
         let ratio = ratio(runv_figure, runc_figure);
         println!(
             "  {:<18} {:>7} {:>10.3} {:>10.3} {:>10.3}",
@@ -465,15 +465,6 @@ fn ping(ip: &str) -> Ping {
         p50: percentile(0.5),
         p90: percentile(0.9),
         max: summary[2],
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 

@@ -13,7 +13,7 @@
 //! - runv qemu with KVM: the same with `hypervisor = "qemu"` and
 //!   `accel = "kvm"` (QEMU microvm, as Kata runs by default, and
 //!   vhost-device-vsock);
-//! - Firecracker (RUNV_FIRECRACKER, default what
+//! - Firecracker (RUNV_FIRECRACKER, which scripts/bench sets to what
 //!   scripts/build-firecracker.sh builds): `--no-api --config-file` with a
 //!   hybrid vsock, whose socket speaks the same CONNECT handshake as runv's.
 //!
@@ -49,8 +49,8 @@ use runv_hypervisor::{
 };
 use runv_sandbox::{GuestBootTimes, PodVm};
 use runv_tests::{
-    bench::{command_output, cpu_model, env_or, target_dir, write_report},
-    guest_images, smaps, test_config,
+    bench::{command_output, cpu_model, median, target_dir, write_report},
+    env_or, guest_images, smaps,
 };
 use serde_json::{json, Value};
 use tokio::{
@@ -121,7 +121,8 @@ struct Setup {
     settle: Duration,
     runs: usize,
     runv_ctl: PathBuf,
-    firecracker: PathBuf,
+    /// RUNV_FIRECRACKER: the Firecracker binary, if any.
+    firecracker: Option<PathBuf>,
     kernel: PathBuf,
     initramfs: PathBuf,
     /// The kernel command line runv gives its guests.
@@ -159,7 +160,7 @@ impl PeerRuns {
         if self.samples.is_empty() {
             return Err(self.failures.join("; "));
         }
-        Ok(median(&self.samples))
+        Ok(medians(&self.samples))
     }
 }
 
@@ -190,9 +191,6 @@ impl Booted {
 
 #[tokio::main]
 async fn main() {
-    let scratch = tempfile::tempdir().unwrap();
-    let mut config = test_config(scratch.path());
-    config.hypervisor = HypervisorKind::Builtin;
     let (kernel, initramfs) = guest_images();
     let setup = Setup {
         vcpus: env_or("RUNV_BENCH_VCPUS", 2),
@@ -202,12 +200,15 @@ async fn main() {
         runv_ctl: std::env::var_os("RUNV_CTL")
             .map(PathBuf::from)
             .unwrap_or_else(|| target_dir().join("release/runv-ctl")),
-        firecracker: std::env::var_os("RUNV_FIRECRACKER")
-            .map(PathBuf::from)
-            .unwrap_or_else(default_firecracker),
+        firecracker: std::env::var_os("RUNV_FIRECRACKER").map(PathBuf::from),
         kernel,
         initramfs,
-        kernel_params: format!("{BASE_KERNEL_PARAMS} {}", PodVm::kernel_params(&config)),
+        // What runv gives its guests at the log level the runv peers run
+        // with (runv-ctl's configuration below).
+        kernel_params: format!(
+            "{BASE_KERNEL_PARAMS} {}",
+            PodVm::kernel_params(&runv_config::Config::default())
+        ),
     };
     let bed = std::env::var("RUNV_BENCH_BED").unwrap_or_else(|_| "this host's KVM".into());
     println!(
@@ -276,14 +277,19 @@ fn unavailable(peer: Peer, setup: &Setup) -> Option<String> {
     match peer {
         Peer::Builtin { .. } => builtin_usable(&kvm, false).err(),
         Peer::QemuKvm => choose_accel(runv_config::AccelMode::Kvm, false, &kvm).err(),
-        Peer::Firecracker => builtin_usable(&kvm, false).err().or_else(|| {
-            (!setup.firecracker.is_file()).then(|| {
-                format!(
-                    "{} not found: run scripts/build-firecracker.sh or set RUNV_FIRECRACKER",
-                    setup.firecracker.display()
-                )
-            })
-        }),
+        Peer::Firecracker => {
+            builtin_usable(&kvm, false)
+                .err()
+                .or_else(|| match &setup.firecracker {
+                    None => Some(
+                        "RUNV_FIRECRACKER is not set: scripts/bench peers sets it to what \
+                     scripts/build-firecracker.sh builds"
+                            .into(),
+                    ),
+                    Some(path) => (!path.is_file())
+                        .then(|| format!("RUNV_FIRECRACKER={} is not a file", path.display())),
+                })
+        }
     }
     .or_else(|| {
         (peer != Peer::Firecracker && !setup.runv_ctl.is_file()).then(|| {
@@ -293,12 +299,6 @@ fn unavailable(peer: Peer, setup: &Setup) -> Option<String> {
             )
         })
     })
-}
-
-/// Where scripts/build-firecracker.sh leaves Firecracker.
-fn default_firecracker() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    home.join(".cache/runv/peers/firecracker-1.16.1/build/cargo_target/release/firecracker")
 }
 
 /// Boots `peer`, lets it idle, measures it and stops it.
@@ -450,9 +450,13 @@ async fn boot_firecracker(setup: &Setup) -> Result<Booted, String> {
     fs::write(&config, vm.to_string()).map_err(|e| e.to_string())?;
     let console_path = scratch.path().join("console.log");
     let console = fs::File::create(&console_path).map_err(|e| e.to_string())?;
+    let firecracker = setup
+        .firecracker
+        .as_deref()
+        .ok_or("RUNV_FIRECRACKER is not set")?;
     let ready = ReadyListener::bind(&vsock).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut child = Command::new(&setup.firecracker)
+    let mut child = Command::new(firecracker)
         .arg("--no-api")
         .arg("--config-file")
         .arg(&config)
@@ -462,7 +466,7 @@ async fn boot_firecracker(setup: &Setup) -> Result<Booted, String> {
         .stderr(console)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", setup.firecracker.display()))?;
+        .map_err(|e| format!("cannot run {}: {e}", firecracker.display()))?;
     let options = ConnectOptions::new(BOOT_TIMEOUT);
     let answered = async {
         let (agent, _) = AgentClient::connect(&vsock, ready, &options).await?;
@@ -492,12 +496,8 @@ async fn boot_firecracker(setup: &Setup) -> Result<Booted, String> {
     })
 }
 
-fn median(samples: &[Sample]) -> Sample {
-    fn mid(mut values: Vec<f64>) -> Option<f64> {
-        values.sort_by(f64::total_cmp);
-        (!values.is_empty()).then(|| values[values.len() / 2])
-    }
-    let of = |f: fn(&Sample) -> Option<f64>| mid(samples.iter().filter_map(f).collect());
+fn medians(samples: &[Sample]) -> Sample {
+    let of = |f: fn(&Sample) -> Option<f64>| median(samples.iter().filter_map(f).collect());
     Sample {
         start_to_agent_ms: of(|s| Some(s.start_to_agent_ms)).unwrap_or(f64::NAN),
         vmm_start_ms: of(|s| s.vmm_start_ms),

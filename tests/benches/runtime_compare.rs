@@ -39,13 +39,13 @@ use k8s_cri::v1::{
 use runv_config::HypervisorKind;
 use runv_hypervisor::KvmSupport;
 use runv_tests::{
-    bench::{command_output, configured_hypervisor, cpu_model, env_or, qemu_accel, write_report},
+    bench::{command_output, configured_hypervisor, cpu_model, qemu_accel, write_report},
     containerd::{Containerd, BUSYBOX_IMAGE},
     cri::{
         app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient, SHIM,
         VIRTIOFSD,
     },
-    pss_kib, smaps, test_config,
+    env_or, pss_kib, smaps, test_config,
 };
 use serde_json::{json, Value};
 

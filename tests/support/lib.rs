@@ -91,17 +91,20 @@ pub fn test_config(scratch: &Path) -> Config {
     config.vm.initramfs = initramfs;
     config.vm.vcpus = 2;
     // Benchmarks size the VM like the pod they measure.
-    if let Some(mib) = std::env::var("RUNV_TEST_MEMORY_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config.vm.memory_mib = mib;
-    }
+    config.vm.memory_mib = env_or("RUNV_TEST_MEMORY_MIB", config.vm.memory_mib);
     // Several TCG guests may boot at once on two cores.
     config.vm.agent_timeout_secs = 180;
     // Tests boot wherever QEMU can, TCG included (not a security boundary).
     config.qemu.allow_tcg = true;
     config
+}
+
+/// The setting `name` from the environment, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Asserts that what the agent reports is the guest `config` describes:

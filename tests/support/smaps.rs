@@ -58,9 +58,6 @@ pub fn mappings(pid: u32) -> Vec<Mapping> {
     all
 }
 
-/// The memfd that holds the builtin VMM's guest RAM (runv-vmm's memory.rs).
-const BUILTIN_GUEST_RAM: &str = "/memfd:runv-guest-ram";
-
 /// The guest RAM mappings among `mappings`, of a guest with
 /// `guest_ram_kib` of memory below the 32-bit MMIO gap: the mapping of
 /// exactly that size (QEMU's memfd, Firecracker's anonymous memory), or,
@@ -74,10 +71,8 @@ pub fn guest_ram(mappings: &[Mapping], guest_ram_kib: u64) -> Vec<&Mapping> {
     if !whole.is_empty() {
         return whole;
     }
-    let Some(first) = mappings
-        .iter()
-        .find(|m| m.path.starts_with(BUILTIN_GUEST_RAM))
-    else {
+    let builtin_memfd = format!("/memfd:{}", runv_vmm::memory::GUEST_RAM_MEMFD_NAME);
+    let Some(first) = mappings.iter().find(|m| m.path.starts_with(&builtin_memfd)) else {
         return Vec::new();
     };
     let end = first.start_kib + guest_ram_kib;

@@ -140,10 +140,8 @@ impl MicroVm {
         if config.vcpus == 0 {
             return Err(VmmError::Device("a VM needs at least one vCPU".into()));
         }
-        let begin = std::time::Instant::now();
         let memory = create_guest_memory(config.memory_bytes)?;
         let mut vm = Vm::new(memory.clone())?;
-        let vm_created = begin.elapsed();
         add_legacy_devices(&mut vm, config.console)?;
         let devices = DeviceManager::new(&mut vm, DEVICE_SLOTS)?;
         let event_loop = EventLoop::spawn(&format!("{THREAD_NAME_PREFIX}events"))?;
@@ -168,7 +166,6 @@ impl MicroVm {
         let registrations = Arc::new(Mutex::new(registrations));
         let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
-        let devices_ready = begin.elapsed();
         let mut cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
         if config.free_page_reporting {
             cmdline.push(' ');
@@ -186,7 +183,6 @@ impl MicroVm {
             share_boot_files,
         )?;
         mptable::write(&memory, config.vcpus)?;
-        let loaded = begin.elapsed();
 
         // Every vCPU is set up before any thread starts, so that a failure
         // here has no thread to clean up.
@@ -231,10 +227,6 @@ impl MicroVm {
             })
             .map_err(|e| VmmError::Device(format!("cannot start the VMM supervisor: {e}")))?;
         tracing::info!(vm = %name, "microVM started");
-        tracing::debug!(
-            vm = %name, ?vm_created, ?devices_ready, ?loaded, started = ?begin.elapsed(),
-            "microVM start, times since its beginning"
-        );
         Ok(MicroVm {
             _vfio_dma: vfio_dma,
             name,

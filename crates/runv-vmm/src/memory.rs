@@ -29,10 +29,14 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     ranges
 }
 
+/// The name of the guest RAM's memfd, as /proc/<pid>/maps shows it
+/// (`/memfd:<name>`): how tools find a VM's RAM in the VMM's mappings.
+pub const GUEST_RAM_MEMFD_NAME: &str = "runv-guest-ram";
+
 /// Allocates `size` bytes of guest RAM in a memfd. Pages are only touched
 /// (and only cost host memory) when the guest uses them.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, VmmError> {
-    let name = CString::new("runv-guest-ram").expect("no NUL in the name");
+    let name = CString::new(GUEST_RAM_MEMFD_NAME).expect("no NUL in the name");
     // SAFETY: name is a valid C string; the returned descriptor is checked
     // and then owned by the File.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
