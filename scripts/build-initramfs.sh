@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds runv-agent as a static binary and packs it as /init into a
-# gzip-compressed cpio initramfs.
+# gzip-compressed cpio initramfs, and into an ext4 image, runv-root.img
+# beside it: the builtin hypervisor's root image ([builtin] root_image),
+# which the guest mounts read-only from virtio-pmem with DAX.
 #
 #   scripts/build-initramfs.sh [OUTPUT]   (default: target/runv/runv-initramfs.cpio.gz)
 #
@@ -15,7 +17,7 @@ out=${1:-$repo/target/runv/runv-initramfs.cpio.gz}
 target=x86_64-unknown-linux-gnu
 max_bytes=$((4 * 1024 * 1024))
 
-for tool in cargo cpio gzip; do
+for tool in cargo cpio gzip mkfs.ext4; do
     command -v "$tool" >/dev/null || {
         echo "build-initramfs: $tool not found: run scripts/install.sh" >&2
         exit 1
@@ -45,6 +47,15 @@ mkdir -p "$(dirname "$out")"
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z |
     cpio --null --quiet -o -H newc --reproducible -R 0:0) | gzip -9 -n >"$out.tmp"
 mv "$out.tmp" "$out"
+# The same tree as ext4 for DAX: 4 KiB blocks (DAX maps whole pages), no
+# journal (read-only), a size in whole 2 MiB units (the pmem device's).
+image=$(dirname "$out")/runv-root.img
+image_mib=$(( ($(du -sm "$stage" | cut -f1) + 2) / 2 * 2 + 2 ))
+rm -f "$image.tmp"
+mkfs.ext4 -q -F -b 4096 -m 0 -O ^has_journal,^resize_inode -N 64 -L runv-root \
+    -E root_owner=0:0 -d "$stage" "$image.tmp" "${image_mib}M" >&2
+mv "$image.tmp" "$image"
+echo "build-initramfs: $image: $image_mib MiB" >&2
 
 size=$(stat -c %s "$out")
 echo "build-initramfs: $out: $((size / 1024)) KiB (agent $(($(stat -c %s "$agent") / 1024)) KiB uncompressed)" >&2

@@ -64,12 +64,14 @@ if ! "$prefix/bin/virtiofsd" --version 2>/dev/null | grep -qx "virtiofsd $virtio
     cargo install --quiet --locked --root "$prefix" "virtiofsd@$virtiofsd_version"
 fi
 
-# Guest kernel (cached outside the repo) and initramfs.
+# Guest kernel (cached outside the repo), initramfs and builtin's root
+# image (built beside the initramfs).
 kernel=$("$repo/scripts/build-kernel.sh")
 initramfs=$("$repo/scripts/build-initramfs.sh")
 install -D -m 0644 "$kernel" "$share/vmlinux"
 install -D -m 0644 "$initramfs" "$share/runv-initramfs.cpio.gz"
-log "guest kernel and initramfs in $share"
+install -D -m 0644 "$(dirname "$initramfs")/runv-root.img" "$share/runv-root.img"
+log "guest kernel, initramfs and root image in $share"
 
 # Host binaries.
 log "building the runv binaries"

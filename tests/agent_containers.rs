@@ -23,7 +23,7 @@ use runv_hypervisor::NetDevice;
 use runv_protocol::{agent, stdio::StdioStream};
 use runv_sandbox::PodVm;
 use runv_tests::{
-    assert_nothing_left,
+    assert_nothing_left, boot_from_initramfs,
     busybox::{bind_mount, container_spec, initramfs_with_busybox_rootfs, process, read_all},
     test_config,
 };
@@ -39,7 +39,8 @@ const SIGKILL: u32 = 9;
 async fn runs_containers_in_a_pod_vm() {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    boot_from_initramfs(&mut config, initramfs);
     let console = scratch.path().join("console.log");
     let spec = PodVm::spec(&config, "containers", console.clone());
     let connect = runv_agent_client::ConnectOptions::new(config.vm.agent_timeout());
@@ -80,7 +81,8 @@ const SECOND_MAC: &str = "0a:58:0a:7c:00:02";
 async fn configures_nics_in_a_pod_vm() {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    boot_from_initramfs(&mut config, initramfs);
     let host = HostNetns::new();
     let first = host.tap("rvtest0");
     let second = host.tap("rvtest1");

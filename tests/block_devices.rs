@@ -16,7 +16,7 @@ use runv_agent_client::ConnectOptions;
 use runv_config::HypervisorKind;
 use runv_sandbox::{BlockDevice, PodVm, SandboxError};
 use runv_tests::{
-    assert_nothing_left,
+    assert_nothing_left, boot_from_initramfs,
     busybox::{bind_mount, initramfs_with_busybox_rootfs, run_container},
     disks::{self, ext4_image, read_ext4_file, LoopDevice},
     test_config,
@@ -104,7 +104,8 @@ async fn block_devices_are_plugged_mounted_and_unplugged() {
     println!("loop device {}", loop_path.display());
 
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    let initramfs = initramfs_with_busybox_rootfs(scratch.path(), &config.vm.initramfs);
+    boot_from_initramfs(&mut config, initramfs);
     let console = scratch.path().join("console.log");
     let spec = PodVm::spec(&config, "disks", console.clone());
     let connect = ConnectOptions::new(config.vm.agent_timeout());

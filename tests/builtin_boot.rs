@@ -53,6 +53,7 @@ async fn builtin_boots_the_guest_and_its_agent_answers() {
         vm.start_info().accel_reason
     );
     assert_kernel_shared(&config);
+    assert_root_image_in_place(&config);
 
     let shutdown = vm.shutdown().await;
     println!("shutdown: {shutdown:?}");
@@ -87,4 +88,25 @@ fn assert_kernel_shared(config: &Config) {
         resident > copied,
         "every resident page of the kernel was copied: nothing is shared"
     );
+}
+
+/// The guest runs its agent from the root image in place (virtio-pmem with
+/// DAX): the VMM maps the image, the guest's reads made some of it
+/// resident, and none of it is a copy of the VM's own.
+fn assert_root_image_in_place(config: &Config) {
+    let image = config
+        .builtin
+        .root_image
+        .as_ref()
+        .expect("the tests boot builtin from the root image, as installed")
+        .display()
+        .to_string();
+    let mappings = smaps::mappings(std::process::id());
+    let of_image: Vec<_> = mappings.iter().filter(|m| m.path == image).collect();
+    let resident: u64 = of_image.iter().map(|m| m.rss_kib).sum();
+    let copied: u64 = of_image.iter().map(|m| m.anonymous_kib).sum();
+    println!("{image}: {resident} KiB resident, {copied} KiB copied");
+    assert!(!of_image.is_empty(), "the root image is not mapped");
+    assert!(resident > 0, "the guest read nothing from the root image");
+    assert_eq!(copied, 0, "pages of the root image were copied");
 }

@@ -16,7 +16,9 @@ use runv_agent_client::ConnectOptions;
 use runv_config::{AccelMode, HypervisorKind};
 use runv_hypervisor::{confine::HELPER_UID_BASE, VmExit};
 use runv_sandbox::PodVm;
-use runv_tests::{assert_nothing_left, initramfs_with_shell_init, only_on, test_config};
+use runv_tests::{
+    assert_nothing_left, boot_from_initramfs, initramfs_with_shell_init, only_on, test_config,
+};
 use runv_vmm::THREAD_NAME_PREFIX;
 
 const CAP_MKNOD: u32 = 27;
@@ -291,7 +293,10 @@ async fn guest_cannot_set_host_xattrs_or_make_device_nodes() {
     set_host_xattr(&host_file, "user.host", b"host value");
 
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_with_shell_init(scratch.path(), "fs-probe", PROBE_SCRIPT);
+    boot_from_initramfs(
+        &mut config,
+        initramfs_with_shell_init(scratch.path(), "fs-probe", PROBE_SCRIPT),
+    );
     let console = scratch.path().join("console.log");
     let mut spec = PodVm::spec(&config, "fs-probe", console.clone());
     spec.shared_dir = Some(shared.clone());

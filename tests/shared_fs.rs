@@ -24,8 +24,8 @@ use runv_hypervisor::{HypervisorError, VmExit};
 use runv_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 use runv_sandbox::{PodVm, SandboxError};
 use runv_tests::{
-    assert_nothing_left, initramfs_with_shell_init, is_running, only_on, spawn_vm_holder,
-    test_config, vm_helper_programs,
+    assert_nothing_left, boot_from_initramfs, initramfs_with_shell_init, is_running, only_on,
+    spawn_vm_holder, test_config, vm_helper_programs,
 };
 
 /// A host directory with one file in it, to be shared.
@@ -170,7 +170,10 @@ fn wait_for_file(path: &Path, timeout: Duration) -> String {
 async fn files_travel_both_ways_and_a_rootfs_mounted_after_boot_is_seen() {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_with_shell_init(scratch.path(), "share-rw", GUEST_SCRIPT);
+    boot_from_initramfs(
+        &mut config,
+        initramfs_with_shell_init(scratch.path(), "share-rw", GUEST_SCRIPT),
+    );
     let console = scratch.path().join("console.log");
     let shared = shared_dir(scratch.path());
     let mut spec = PodVm::spec(&config, "share-rw", console.clone());

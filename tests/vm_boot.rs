@@ -14,8 +14,8 @@ use runv_config::HypervisorKind;
 use runv_protocol::PROTOCOL_VERSION;
 use runv_sandbox::{PodVm, SandboxError};
 use runv_tests::{
-    assert_guest_matches, assert_nothing_left, initramfs_without_agent, is_running, only_on,
-    spawn_vm_holder, test_config, vm_helper_programs,
+    assert_guest_matches, assert_nothing_left, boot_from_initramfs, initramfs_without_agent,
+    is_running, only_on, spawn_vm_holder, test_config, vm_helper_programs,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +88,7 @@ async fn agent_of_another_protocol_version_is_refused() {
 async fn agent_that_never_answers_times_out() {
     let scratch = tempfile::tempdir().unwrap();
     let mut config = test_config(scratch.path());
-    config.vm.initramfs = initramfs_without_agent(scratch.path());
+    boot_from_initramfs(&mut config, initramfs_without_agent(scratch.path()));
     config.vm.agent_timeout_secs = 10;
     let spec = PodVm::spec(&config, "silent", scratch.path().join("console.log"));
     let connect = ConnectOptions::new(config.vm.agent_timeout());

@@ -630,9 +630,13 @@ fn build_shim() -> PathBuf {
 /// keys of it.
 fn write_runv_config(dir: &Path) {
     let config = test_config(dir);
+    let builtin = match &config.builtin.root_image {
+        Some(image) => format!("[builtin]\nroot_image = \"{}\"\n", image.display()),
+        None => String::new(),
+    };
     let text = format!(
         "hypervisor = \"{}\"\nlog_level = \"info\"\nrun_dir = \"{}\"\n\
-         [qemu]\nallow_tcg = {}\n[vm]\n\
+         {builtin}[qemu]\nallow_tcg = {}\n[vm]\n\
          kernel = \"{}\"\ninitramfs = \"{}\"\nvcpus = {}\nmemory_mib = {}\n\
          agent_timeout_secs = {}\n",
         config.hypervisor,

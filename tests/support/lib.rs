@@ -43,6 +43,21 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
     )
 }
 
+/// The builtin hypervisor's root image under test: `RUNV_ROOT_IMAGE`, else
+/// the one scripts/build-initramfs.sh built beside the initramfs under test.
+pub fn root_image() -> PathBuf {
+    let path = std::env::var_os("RUNV_ROOT_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| guest_images().1.with_file_name("runv-root.img"));
+    assert!(
+        path.is_file(),
+        "{} not found: scripts/build-initramfs.sh builds it beside the initramfs, or set \
+         RUNV_ROOT_IMAGE",
+        path.display()
+    );
+    path
+}
+
 /// The hypervisor the end-to-end tests run on: `RUNV_TEST_HYPERVISOR`,
 /// `qemu` (the default: it boots the guest on every host, under TCG where
 /// KVM cannot run it) or `builtin` (scripts/test.sh runs the suite so where
@@ -89,6 +104,10 @@ pub fn test_config(scratch: &Path) -> Config {
     };
     config.vm.kernel = kernel;
     config.vm.initramfs = initramfs;
+    // As installed: builtin boots from the root image.
+    if config.hypervisor == HypervisorKind::Builtin {
+        config.builtin.root_image = Some(root_image());
+    }
     config.vm.vcpus = 2;
     // Benchmarks size the VM like the pod they measure.
     config.vm.memory_mib = env_or("RUNV_TEST_MEMORY_MIB", config.vm.memory_mib);
@@ -97,6 +116,13 @@ pub fn test_config(scratch: &Path) -> Config {
     // Tests boot wherever QEMU can, TCG included (not a security boundary).
     config.qemu.allow_tcg = true;
     config
+}
+
+/// Boots `config`'s VMs from `initramfs`, a test's own, on builtin too
+/// (where the root image would otherwise take its place).
+pub fn boot_from_initramfs(config: &mut Config, initramfs: PathBuf) {
+    config.vm.initramfs = initramfs;
+    config.builtin.root_image = None;
 }
 
 /// The setting `name` from the environment, else `default`.

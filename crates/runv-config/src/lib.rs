@@ -173,6 +173,12 @@ pub struct BuiltinConfig {
     /// on write, instead of copied into each VM: every VM's guest shares
     /// the pages it only reads (not with VFIO devices, whose DMA pins RAM).
     pub share_boot_files: bool,
+    /// An ext4 image of the guest's root (scripts/build-initramfs.sh makes
+    /// it beside the initramfs), booted from instead of `vm.initramfs`:
+    /// the guest mounts it read-only from a virtio-pmem device with DAX,
+    /// so runv-agent runs from the host's page cache of the image, one
+    /// copy for every VM, and no guest RAM holds it. Unset: the initramfs.
+    pub root_image: Option<PathBuf>,
 }
 
 impl Default for BuiltinConfig {
@@ -181,6 +187,7 @@ impl Default for BuiltinConfig {
             pvm_guest_kernel: false,
             free_page_reporting: true,
             share_boot_files: true,
+            root_image: None,
         }
     }
 }

@@ -205,10 +205,16 @@ fn check(config: &Config, config_path: Option<&std::path::Path>) {
         }
         Err(e) => println!("qemu accel:  error: {e}"),
     }
-    for (what, path) in [
+    let root_image = config
+        .builtin
+        .root_image
+        .iter()
+        .map(|path| ("root image", path));
+    let boot_files = [
         ("kernel", &config.vm.kernel),
         ("initramfs", &config.vm.initramfs),
-    ] {
+    ];
+    for (what, path) in boot_files.into_iter().chain(root_image) {
         let state = if path.is_file() { "ok" } else { "MISSING" };
         println!("{what:<12} {} ({state})", path.display());
     }

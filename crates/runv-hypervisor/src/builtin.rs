@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use runv_config::BuiltinConfig;
 use runv_protocol::SHARED_FS_TAG;
 use runv_vmm::{
-    device_manager::SlotIndex, mptable, BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig,
-    VfioConfig, VmEnd, VmmError, VsockConfig,
+    device_manager::SlotIndex, mptable, BlockConfig, FsConfig, GuestRoot, MicroVm, MicroVmConfig,
+    NetConfig, VfioConfig, VmEnd, VmmError, VsockConfig,
 };
 use tokio::sync::watch;
 
@@ -102,7 +102,10 @@ impl BuiltinVm {
         Ok(MicroVmConfig {
             name: spec.id.clone(),
             kernel: spec.kernel.clone(),
-            initramfs: spec.initramfs.clone(),
+            root: match &self.config.root_image {
+                Some(image) => GuestRoot::PmemImage(image.clone()),
+                None => GuestRoot::Initramfs(spec.initramfs.clone()),
+            },
             kernel_params: format!("{BASE_KERNEL_PARAMS} {}", spec.kernel_params)
                 .trim_end()
                 .to_owned(),
@@ -148,7 +151,7 @@ impl Hypervisor for BuiltinVm {
             return Err(HypervisorError::AlreadyStarted);
         }
         let begin = Instant::now();
-        check_boot_files(&self.spec)?;
+        check_boot_files(&self.spec, self.config.root_image.as_deref())?;
         if let Some(dir) = &self.spec.shared_dir {
             if !dir.is_dir() {
                 return Err(HypervisorError::MissingFile {

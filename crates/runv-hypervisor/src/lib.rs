@@ -15,7 +15,7 @@ mod vhost_user;
 
 use std::{
     os::{fd::OwnedFd, unix::fs::FileTypeExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -309,8 +309,9 @@ fn ensure_running(exit: Option<&ExitWatch>, ended: Option<&VmExit>) -> Result<()
     }
 }
 
-/// Checks that the guest kernel and initramfs exist, naming the fix.
-fn check_boot_files(spec: &VmSpec) -> Result<(), HypervisorError> {
+/// Checks that the guest kernel and the guest's root exist, naming the
+/// fix: the initramfs, or `root_image` where the backend boots from one.
+fn check_boot_files(spec: &VmSpec, root_image: Option<&Path>) -> Result<(), HypervisorError> {
     if !spec.kernel.is_file() {
         return Err(HypervisorError::MissingFile {
             what: "guest kernel",
@@ -319,13 +320,20 @@ fn check_boot_files(spec: &VmSpec) -> Result<(), HypervisorError> {
                   vm.kernel in the runv config",
         });
     }
-    if !spec.initramfs.is_file() {
-        return Err(HypervisorError::MissingFile {
+    match root_image {
+        Some(image) if !image.is_file() => Err(HypervisorError::MissingFile {
+            what: "guest root image",
+            path: image.to_owned(),
+            fix: "build it with scripts/build-initramfs.sh (or run scripts/install.sh), or \
+                  remove builtin.root_image from the runv config to boot from vm.initramfs",
+        }),
+        Some(_) => Ok(()),
+        None if !spec.initramfs.is_file() => Err(HypervisorError::MissingFile {
             what: "guest initramfs",
             path: spec.initramfs.clone(),
             fix: "build it with scripts/build-initramfs.sh (or run scripts/install.sh) and set \
                   vm.initramfs in the runv config",
-        });
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }

@@ -186,7 +186,7 @@ impl QemuVm {
 
     /// Everything that can be checked before a process starts.
     fn check_inputs(&self) -> Result<Programs, HypervisorError> {
-        check_boot_files(&self.spec)?;
+        check_boot_files(&self.spec, None)?;
         check_nic_count(self.spec.net_devices.len())?;
         if !self.spec.vfio_devices.is_empty() {
             return Err(HypervisorError::StartFailed {

@@ -20,7 +20,7 @@ use std::{
 
 use runv_vmm::{
     testing::{print, pvh_image, HALT},
-    MicroVm, MicroVmConfig, VsockConfig,
+    GuestRoot, MicroVm, MicroVmConfig, VsockConfig,
 };
 
 const GUEST_RAM: u64 = 128 << 20;
@@ -50,7 +50,7 @@ fn start_vm(dir: &Path, index: usize) -> (MicroVm, Duration) {
     let config = MicroVmConfig {
         name: format!("bench-{index}"),
         kernel: dir.join("payload.elf"),
-        initramfs: dir.join("initramfs"),
+        root: GuestRoot::Initramfs(dir.join("initramfs")),
         kernel_params: "console=ttyS0".into(),
         vcpus: VCPUS,
         memory_bytes: GUEST_RAM,

@@ -118,7 +118,7 @@ pub struct BootEntry {
 pub fn load(
     memory: &GuestMemory,
     kernel: &Path,
-    initramfs: &Path,
+    initramfs: Option<&Path>,
     cmdline: &str,
     share_files: bool,
 ) -> Result<BootEntry, BootError> {
@@ -141,7 +141,9 @@ pub fn load(
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(BootError::NoPvhEntry { path });
     };
-    let initramfs = load_initramfs(memory, initramfs, loaded.kernel_end, share_files)?;
+    let initramfs = initramfs
+        .map(|path| load_initramfs(memory, path, loaded.kernel_end, share_files))
+        .transpose()?;
     write_cmdline(memory, cmdline)?;
     write_start_info(memory, initramfs)?;
     Ok(BootEntry {
@@ -344,27 +346,32 @@ fn memory_map(memory: &GuestMemory) -> Vec<hvm_memmap_table_entry> {
 
 fn write_start_info(
     memory: &GuestMemory,
-    (initramfs, initramfs_size): (GuestAddress, u64),
+    initramfs: Option<(GuestAddress, u64)>,
 ) -> Result<(), BootError> {
     let map = memory_map(memory);
+    let modules: Vec<_> = initramfs
+        .into_iter()
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr: paddr.raw_value(),
+            size,
+            ..Default::default()
+        })
+        .collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
-        nr_modules: 1,
+        nr_modules: modules.len() as u32,
         modlist_paddr: MODLIST_ADDRESS,
         cmdline_paddr: CMDLINE_ADDRESS,
         memmap_paddr: MEMMAP_ADDRESS,
         memmap_entries: map.len() as u32,
         ..Default::default()
     };
-    let module = hvm_modlist_entry {
-        paddr: initramfs.raw_value(),
-        size: initramfs_size,
-        ..Default::default()
-    };
     let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDRESS));
     params.set_sections(&map, GuestAddress(MEMMAP_ADDRESS));
-    params.set_modules(&[module], GuestAddress(MODLIST_ADDRESS));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(MODLIST_ADDRESS));
+    }
     PvhBootConfigurator::write_bootparams(&params, memory)
         .map_err(|e| BootError::Memory(e.to_string()))
 }
@@ -547,7 +554,7 @@ mod tests {
         assert_eq!(memory.read_obj::<u8>(address).unwrap(), 0xab);
 
         write_cmdline(&memory, "console=ttyS0 reboot=t").unwrap();
-        write_start_info(&memory, (address, size)).unwrap();
+        write_start_info(&memory, Some((address, size))).unwrap();
         let info: hvm_start_info = memory.read_obj(GuestAddress(START_INFO_ADDRESS)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.nr_modules, 1);
@@ -580,7 +587,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("bzImage");
         std::fs::write(&kernel, b"MZ not an ELF").unwrap();
-        let err = load(&memory, &kernel, &kernel, "", true).unwrap_err();
+        let err = load(&memory, &kernel, Some(&kernel), "", true).unwrap_err();
         assert!(
             err.to_string().contains("uncompressed ELF vmlinux"),
             "{err}"

@@ -23,7 +23,9 @@ pub mod virtio;
 pub mod vm;
 
 pub use bus::{Bus, BusDevice};
-pub use machine::{MicroVm, MicroVmConfig, OnEnd, VmEnd, VsockConfig, THREAD_NAME_PREFIX};
+pub use machine::{
+    GuestRoot, MicroVm, MicroVmConfig, OnEnd, VmEnd, VsockConfig, THREAD_NAME_PREFIX,
+};
 pub use vcpu::{Vcpu, VcpuStop};
 pub use vfio::VfioConfig;
 pub use virtio::{block::BlockConfig, fs::FsConfig, net::NetConfig};

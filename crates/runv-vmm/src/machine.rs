@@ -18,7 +18,7 @@ use crate::{
     device_manager::{DeviceManager, SlotIndex},
     devices::add_legacy_devices,
     event_loop::{EventLoop, SubscriberId},
-    memory::create_guest_memory,
+    memory::{create_guest_memory, MMIO_GAP_END},
     mptable,
     pci::{BarAllocator, PciConfigIo, PciRoot, CONFIG_IO_PORT, CONFIG_IO_PORT_LEN},
     seccomp::{self, ThreadKind},
@@ -29,6 +29,7 @@ use crate::{
         block::{Block, BlockConfig},
         fs::{Fs, FsConfig},
         net::{Net, NetConfig},
+        pmem::{self, ImageMapping, Pmem},
         vsock::Vsock,
         VirtioDevice,
     },
@@ -51,13 +52,23 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// Where the guest's first file system comes from.
+pub enum GuestRoot {
+    /// A compressed cpio archive the kernel unpacks into guest RAM.
+    Initramfs(PathBuf),
+    /// An ext4 image given to the guest as a read-only virtio-pmem device
+    /// (after the other boot devices), which it mounts as its root with
+    /// DAX: its files stay in the host's page cache, shared by every VM.
+    PmemImage(PathBuf),
+}
+
 /// What to boot.
 pub struct MicroVmConfig {
     /// For logs.
     pub name: String,
     /// Uncompressed ELF vmlinux with a PVH entry.
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    pub root: GuestRoot,
     /// The kernel command line, before the VMM's own device parameters.
     pub kernel_params: String,
     pub vcpus: u8,
@@ -120,6 +131,8 @@ pub struct MicroVm {
     /// first, while the functions (held by the VM's buses) still hold
     /// their IOMMU domain.
     _vfio_dma: Option<DmaMapping>,
+    /// The pmem root image in the guest: taken out after the vCPUs end.
+    _root_image: Option<ImageMapping>,
     name: String,
     vm: Arc<Vm>,
     devices: DeviceManager,
@@ -163,13 +176,29 @@ impl MicroVm {
             let (slot, id) = plug(&vm, &devices, &event_loop, Balloon::new()?)?;
             registrations.insert(slot, Registration::Shared(id));
         }
+        let ram_end = vm.memory().last_addr().0 + 1;
+        let (initramfs, root_image) = match &config.root {
+            GuestRoot::Initramfs(path) => (Some(path.as_path()), None),
+            GuestRoot::PmemImage(path) => {
+                let address = ram_end.max(MMIO_GAP_END).next_multiple_of(pmem::ALIGNMENT);
+                let (device, mapping) = Pmem::new(&vm, path, address)?;
+                let (slot, id) = plug(&vm, &devices, &event_loop, device)?;
+                registrations.insert(slot, Registration::Shared(id));
+                (None, Some(mapping))
+            }
+        };
+        let memory_end = root_image.as_ref().map_or(ram_end, ImageMapping::guest_end);
         let registrations = Arc::new(Mutex::new(registrations));
-        let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices)?;
+        let vfio_dma = attach_vfio_devices(&mut vm, &config.vfio_devices, memory_end)?;
         let event_loop = Arc::new(Mutex::new(Some(event_loop)));
         let mut cmdline = format!("{} {}", config.kernel_params, devices.kernel_params());
         if config.free_page_reporting {
             cmdline.push(' ');
             cmdline.push_str(balloon::KERNEL_PARAMS);
+        }
+        if initramfs.is_none() {
+            cmdline.push(' ');
+            cmdline.push_str(pmem::ROOT_KERNEL_PARAMS);
         }
         // VFIO pinned guest RAM's pages for DMA above: a boot file mapped
         // over them now would leave the device and the guest on
@@ -178,7 +207,7 @@ impl MicroVm {
         let entry = boot::load(
             &memory,
             &config.kernel,
-            &config.initramfs,
+            initramfs,
             &cmdline,
             share_boot_files,
         )?;
@@ -229,6 +258,7 @@ impl MicroVm {
         tracing::info!(vm = %name, "microVM started");
         Ok(MicroVm {
             _vfio_dma: vfio_dma,
+            _root_image: root_image,
             name,
             vm,
             devices,
@@ -383,20 +413,21 @@ fn wait_for_end(name: &str, events: &mpsc::Receiver<Event>) -> VmEnd {
     }
 }
 
-/// Puts the functions of `configs` on a PCI root bus of the guest's, and
-/// maps the guest's RAM for their DMA; returns that mapping, for the
-/// caller to keep until the VM ends. On error, what was attached goes
-/// with `vm`.
+/// Puts the functions of `configs` on a PCI root bus of the guest's, their
+/// BARs above `memory_end` (the end of RAM and device memory), and maps
+/// the guest's RAM for their DMA; returns that mapping, for the caller to
+/// keep until the VM ends. On error, what was attached goes with `vm`.
 fn attach_vfio_devices(
     vm: &mut Vm,
     configs: &[VfioConfig],
+    memory_end: u64,
 ) -> Result<Option<DmaMapping>, VmmError> {
     if configs.is_empty() {
         return Ok(None);
     }
     let host = VfioHost::new(vm)?;
     let mut root = PciRoot::new();
-    let mut allocator = BarAllocator::new(vm.memory().last_addr().0 + 1);
+    let mut allocator = BarAllocator::new(memory_end);
     for config in configs {
         let function = host.open(config)?;
         let device = VfioPciDevice::attach(vm, &mut allocator, function)?;

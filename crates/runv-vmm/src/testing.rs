@@ -169,7 +169,8 @@ mod tests {
         std::fs::write(&kernel, pvh_image(&code)).unwrap();
         std::fs::write(&initramfs, b"not read by the payload").unwrap();
         let memory = create_guest_memory(16 << 20).unwrap();
-        let entry = crate::boot::load(&memory, &kernel, &initramfs, "console=ttyS0", true).unwrap();
+        let entry =
+            crate::boot::load(&memory, &kernel, Some(&initramfs), "console=ttyS0", true).unwrap();
         assert_eq!(entry.entry, GuestAddress(u64::from(PAYLOAD_ADDRESS)));
         let mut loaded = vec![0u8; code.len()];
         memory.read_slice(&mut loaded, entry.entry).unwrap();

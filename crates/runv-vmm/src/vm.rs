@@ -10,7 +10,8 @@ use std::{
 };
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_PIT_SPEAKER_DUMMY,
+    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MEM_READONLY,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
@@ -132,8 +133,8 @@ impl Vm {
     }
 
     /// Maps `len` bytes of host memory at `host_address` (a device's
-    /// mmap-ed BAR) into the guest at `guest_address`, in a KVM memory
-    /// slot of its own, which it returns.
+    /// mmap-ed BAR, a pmem device's file) into the guest at
+    /// `guest_address`, in a KVM memory slot of its own, which it returns.
     ///
     /// # Safety
     /// The mapping must stay valid until [`Vm::unmap_device_memory`] or
@@ -143,9 +144,13 @@ impl Vm {
         guest_address: u64,
         len: u64,
         host_address: *mut u8,
+        access: GuestAccess,
     ) -> Result<u32, VmmError> {
         // SAFETY: the caller's promise is the one `map` asks for.
-        unsafe { self.device_memory.map(guest_address, len, host_address) }
+        unsafe {
+            self.device_memory
+                .map(guest_address, len, host_address, access)
+        }
     }
 
     /// Takes the slot of [`Vm::map_device_memory`] out of the guest.
@@ -176,8 +181,18 @@ impl Vm {
     }
 }
 
-/// Device memory in the guest (a passed-through function's BARs): KVM
-/// memory slots numbered after RAM's, which take slots 0..n.
+/// What the guest may do with device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestAccess {
+    ReadWrite,
+    /// Guest writes never reach the memory: KVM turns them into MMIO exits,
+    /// which no device claims.
+    ReadOnly,
+}
+
+/// Device memory in the guest (a passed-through function's BARs, a pmem
+/// device's file): KVM memory slots numbered after RAM's, which take
+/// slots 0..n.
 pub struct DeviceMemory {
     fd: Arc<VmFd>,
     first_slot: u32,
@@ -195,6 +210,7 @@ impl DeviceMemory {
         guest_address: u64,
         len: u64,
         host_address: *mut u8,
+        access: GuestAccess,
     ) -> Result<u32, VmmError> {
         let mut used = self.used.lock().expect("device slots lock");
         // The lowest free slot: KVM bounds the slot numbers, not their count.
@@ -206,7 +222,10 @@ impl DeviceMemory {
             guest_phys_addr: guest_address,
             memory_size: len,
             userspace_addr: host_address as u64,
-            flags: 0,
+            flags: match access {
+                GuestAccess::ReadWrite => 0,
+                GuestAccess::ReadOnly => KVM_MEM_READONLY,
+            },
         };
         // SAFETY: the caller keeps the mapping valid while the slot lives.
         unsafe { self.fd.set_user_memory_region(region) }
@@ -315,14 +334,17 @@ mod tests {
         let (a, b) = (anonymous(0x4000), anonymous(0x1000));
         // SAFETY: both mappings live until the end of the test, after the
         // slots are gone.
-        let first = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a) }.unwrap();
-        let second = unsafe { vm.map_device_memory(0xe000_4000, 0x1000, b) }.unwrap();
+        let first = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a, GuestAccess::ReadWrite) }
+            .unwrap();
+        let second =
+            unsafe { vm.map_device_memory(0xe000_4000, 0x1000, b, GuestAccess::ReadOnly) }.unwrap();
         assert_eq!(first, vm.memory().num_regions() as u32);
         assert_ne!(first, second);
         vm.unmap_device_memory(first).unwrap();
         assert!(vm.unmap_device_memory(first).is_err());
         // The freed slot is taken again.
-        let again = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a) }.unwrap();
+        let again = unsafe { vm.map_device_memory(0xe000_0000, 0x4000, a, GuestAccess::ReadWrite) }
+            .unwrap();
         assert_eq!(again, first);
         vm.unmap_device_memory(again).unwrap();
         vm.unmap_device_memory(second).unwrap();

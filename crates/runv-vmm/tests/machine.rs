@@ -17,8 +17,8 @@ use common::Console;
 use runv_vmm::{
     device_manager::SlotIndex,
     testing::{namespaced_tap, print, pvh_image, RESET, SPIN},
-    BlockConfig, FsConfig, MicroVm, MicroVmConfig, NetConfig, VfioConfig, VmEnd, VmmError,
-    VsockConfig, THREAD_NAME_PREFIX,
+    BlockConfig, FsConfig, GuestRoot, MicroVm, MicroVmConfig, NetConfig, VfioConfig, VmEnd,
+    VmmError, VsockConfig, THREAD_NAME_PREFIX,
 };
 
 const END_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,7 +54,7 @@ fn config(guest: &Guest, vcpus: u8, console: &Console) -> MicroVmConfig {
     MicroVmConfig {
         name: "test".into(),
         kernel: guest.kernel.clone(),
-        initramfs: guest.initramfs.clone(),
+        root: GuestRoot::Initramfs(guest.initramfs.clone()),
         kernel_params: "console=ttyS0".into(),
         vcpus,
         memory_bytes: 64 << 20,

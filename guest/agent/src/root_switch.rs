@@ -19,7 +19,10 @@ use std::{
 
 use nix::{
     mount::{mount, MsFlags},
-    sys::stat::{mknod, Mode, SFlag},
+    sys::{
+        stat::{mknod, Mode, SFlag},
+        statfs::{statfs, FsType, TMPFS_MAGIC},
+    },
     unistd::{chdir, chroot},
 };
 
@@ -29,10 +32,25 @@ const NEW_ROOT: &str = "/.runv-root";
 /// The agent's own binary, which stays on the ramfs.
 const AGENT_BINARY: &str = "/init";
 
-/// Moves the root onto a tmpfs. Runs before any thread is started and any
+/// Moves the root onto a tmpfs if it is the initramfs; a root the kernel
+/// mounted from a device (the builtin VMM's pmem root image) has a parent
+/// mount already and stays. Runs before any thread is started and any
 /// file system is mounted.
 pub fn leave_initramfs() -> io::Result<()> {
+    if !root_is_initramfs()? {
+        return Ok(());
+    }
     switch_to_tmpfs()
+}
+
+/// linux/magic.h's; neither nix nor libc names it.
+const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+
+/// The kernel unpacks an initramfs into a ramfs, or a tmpfs where the
+/// kernel has one and no root device was named.
+fn root_is_initramfs() -> io::Result<bool> {
+    let root = statfs("/").map_err(|e| context(e.into(), "looking at", Path::new("/")))?;
+    Ok([RAMFS_MAGIC, TMPFS_MAGIC].contains(&root.filesystem_type()))
 }
 
 fn switch_to_tmpfs() -> io::Result<()> {

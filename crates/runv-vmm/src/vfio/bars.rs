@@ -16,7 +16,7 @@ use crate::{
         config::{BarInfo, BarPart, MsixCapability},
         function::{HostMapping, PassthroughFunction},
     },
-    vm::DeviceMemory,
+    vm::{DeviceMemory, GuestAccess},
     Vm, VmmError,
 };
 
@@ -108,7 +108,12 @@ impl MappedPart {
         let mapping = function.mmap_region(region, range.clone())?;
         // SAFETY: the mapping lives in this value until the slot is gone.
         let slot = unsafe {
-            device_memory.map(bar_address + range.start, mapping.size(), mapping.address())
+            device_memory.map(
+                bar_address + range.start,
+                mapping.size(),
+                mapping.address(),
+                GuestAccess::ReadWrite,
+            )
         }?;
         Ok(MappedPart {
             device_memory: device_memory.clone(),

@@ -7,6 +7,7 @@ mod loop_device;
 mod loop_queues;
 pub mod mmio;
 pub mod net;
+pub mod pmem;
 pub mod queue_device;
 #[cfg(test)]
 mod test_driver;
