@@ -8,8 +8,10 @@
 //! RUNV_BENCH_MEMORY_MIB, default 128):
 //! - runv builtin: `runv-ctl boot --hold --json`, the VMM inside that
 //!   process (RUNV_CTL, default `<target>/release/runv-ctl`), as it ships
-//!   and then without its memory savings one by one (free page reporting
-//!   off, then the boot files copied rather than shared as well);
+//!   (the agent on the root image, runv_tests::root_image) and then
+//!   without its memory savings one by one (the initramfs instead, then
+//!   free page reporting off, then the boot files copied rather than
+//!   shared as well);
 //! - runv qemu with KVM: the same with `hypervisor = "qemu"` and
 //!   `accel = "kvm"` (QEMU microvm, as Kata runs by default, and
 //!   vhost-device-vsock);
@@ -27,8 +29,8 @@
 //!   process the VM needs (the controlling runv-ctl of a QEMU VM is left
 //!   out, as the benchmark itself is Firecracker's; the builtin VMM's
 //!   process is that runv-ctl), the guest RAM the guest touched (RSS of
-//!   the guest-memory mapping) and the VMM's own share (PSS apart from
-//!   guest RAM).
+//!   the guest-memory mapping), the PSS of the root image's page cache
+//!   (builtin as it ships) and the VMM's own share (PSS apart from both).
 //!
 //! It prints the medians with each line's ratio to the best peer and
 //! writes target/bench/peers.json. A peer that cannot run here is listed
@@ -50,7 +52,7 @@ use runv_hypervisor::{
 use runv_sandbox::{GuestBootTimes, PodVm};
 use runv_tests::{
     bench::{command_output, cpu_model, median, target_dir, write_report},
-    env_or, guest_images, smaps,
+    env_or, guest_images, root_image, smaps,
 };
 use serde_json::{json, Value};
 use tokio::{
@@ -65,29 +67,43 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
     /// With its memory savings, each on or off (`[builtin]` keys).
-    Builtin {
-        share_boot_files: bool,
-        free_page_reporting: bool,
-    },
+    Builtin(Savings),
     QemuKvm,
     Firecracker,
 }
 
+/// The builtin VMM's memory savings.
+#[derive(Clone, Copy, PartialEq)]
+struct Savings {
+    /// Boots from the root image (virtio-pmem, DAX), not the initramfs.
+    root_image: bool,
+    free_page_reporting: bool,
+    share_boot_files: bool,
+}
+
 /// runv's builtin VMM as it ships, then without its memory savings one by
 /// one (what each is worth), then the peers.
-const PEERS: [Peer; 5] = [
-    Peer::Builtin {
-        share_boot_files: true,
+const PEERS: [Peer; 6] = [
+    Peer::Builtin(Savings {
+        root_image: true,
         free_page_reporting: true,
-    },
-    Peer::Builtin {
         share_boot_files: true,
+    }),
+    Peer::Builtin(Savings {
+        root_image: false,
+        free_page_reporting: true,
+        share_boot_files: true,
+    }),
+    Peer::Builtin(Savings {
+        root_image: false,
         free_page_reporting: false,
-    },
-    Peer::Builtin {
+        share_boot_files: true,
+    }),
+    Peer::Builtin(Savings {
+        root_image: false,
+        free_page_reporting: false,
         share_boot_files: false,
-        free_page_reporting: false,
-    },
+    }),
     Peer::QemuKvm,
     Peer::Firecracker,
 ];
@@ -95,19 +111,27 @@ const PEERS: [Peer; 5] = [
 impl Peer {
     fn name(self) -> &'static str {
         match self {
-            Peer::Builtin {
-                share_boot_files: true,
+            Peer::Builtin(Savings {
+                root_image: true,
                 free_page_reporting: true,
-            } => "runv builtin",
-            Peer::Builtin {
                 share_boot_files: true,
+            }) => "runv builtin",
+            Peer::Builtin(Savings {
+                root_image: false,
+                free_page_reporting: true,
+                share_boot_files: true,
+            }) => "builtin initramfs",
+            Peer::Builtin(Savings {
+                root_image: false,
                 free_page_reporting: false,
-            } => "builtin -reporting",
-            Peer::Builtin {
+                share_boot_files: true,
+            }) => "initramfs -reporting",
+            Peer::Builtin(Savings {
+                root_image: false,
+                free_page_reporting: false,
                 share_boot_files: false,
-                free_page_reporting: false,
-            } => "builtin -reporting -sharing",
-            Peer::Builtin { .. } => "builtin (other)",
+            }) => "initramfs -rep. -sharing",
+            Peer::Builtin(_) => "builtin (other)",
             Peer::QemuKvm => "runv qemu (KVM)",
             Peer::Firecracker => "Firecracker",
         }
@@ -125,6 +149,8 @@ struct Setup {
     firecracker: Option<PathBuf>,
     kernel: PathBuf,
     initramfs: PathBuf,
+    /// The builtin VMM's root image, as runv installs it.
+    root_image: PathBuf,
     /// The kernel command line runv gives its guests.
     kernel_params: String,
 }
@@ -140,6 +166,8 @@ struct Sample {
     pss_mib: f64,
     vmm_own_mib: f64,
     guest_ram_touched_mib: Option<f64>,
+    /// The PSS of the root image's pages (page cache every VM shares).
+    root_image_mib: Option<f64>,
 }
 
 /// What the rounds gave for one peer.
@@ -203,6 +231,7 @@ async fn main() {
         firecracker: std::env::var_os("RUNV_FIRECRACKER").map(PathBuf::from),
         kernel,
         initramfs,
+        root_image: root_image(),
         // What runv gives its guests at the log level the runv peers run
         // with (runv-ctl's configuration below).
         kernel_params: format!(
@@ -275,7 +304,7 @@ async fn main() {
 fn unavailable(peer: Peer, setup: &Setup) -> Option<String> {
     let kvm = KvmSupport::probe();
     match peer {
-        Peer::Builtin { .. } => builtin_usable(&kvm, false).err(),
+        Peer::Builtin(_) => builtin_usable(&kvm, false).err(),
         Peer::QemuKvm => choose_accel(runv_config::AccelMode::Kvm, false, &kvm).err(),
         Peer::Firecracker => {
             builtin_usable(&kvm, false)
@@ -304,15 +333,20 @@ fn unavailable(peer: Peer, setup: &Setup) -> Option<String> {
 /// Boots `peer`, lets it idle, measures it and stops it.
 async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
     let booted = match peer {
-        Peer::Builtin { .. } | Peer::QemuKvm => boot_runv(peer, setup).await?,
+        Peer::Builtin(_) | Peer::QemuKvm => boot_runv(peer, setup).await?,
         Peer::Firecracker => boot_firecracker(setup).await?,
     };
     tokio::time::sleep(setup.settle).await;
     let guest_ram_kib = u64::from(setup.memory_mib) * 1024;
     let (mut pss, mut guest_pss, mut guest_rss) = (0, 0, None::<u64>);
+    let root_image = setup.root_image.display().to_string();
+    let mut image_pss = None::<u64>;
     for &pid in &booted.pids {
         let mappings = smaps::mappings(pid);
         pss += mappings.iter().map(|m| m.pss_kib).sum::<u64>();
+        for image in mappings.iter().filter(|m| m.path == root_image) {
+            image_pss = Some(image_pss.unwrap_or(0) + image.pss_kib);
+        }
         let guest_ram = smaps::guest_ram(&mappings, guest_ram_kib);
         if !guest_ram.is_empty() {
             // A shared memfd is resident in each process that maps it:
@@ -332,8 +366,9 @@ async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
         guest_kernel_to_init_ms: booted.guest.map(|g| ms(g.kernel_to_init)),
         guest_init_to_agent_ms: booted.guest.map(|g| ms(g.init_to_agent_ready)),
         pss_mib: mib(pss),
-        vmm_own_mib: mib(pss - guest_pss),
+        vmm_own_mib: mib(pss - guest_pss - image_pss.unwrap_or(0)),
         guest_ram_touched_mib: guest_rss.map(mib),
+        root_image_mib: image_pss.map(mib),
     };
     booted.stop().await;
     Ok(sample)
@@ -343,14 +378,17 @@ async fn measure(peer: Peer, setup: &Setup) -> Result<Sample, String> {
 /// --hold --json`.
 async fn boot_runv(peer: Peer, setup: &Setup) -> Result<Booted, String> {
     let (hypervisor, builtin) = match peer {
-        Peer::Builtin {
-            share_boot_files,
-            free_page_reporting,
-        } => (
+        Peer::Builtin(savings) => (
             HypervisorKind::Builtin,
             format!(
-                "[builtin]\nshare_boot_files = {share_boot_files}\n\
-                 free_page_reporting = {free_page_reporting}\n"
+                "[builtin]\nshare_boot_files = {}\nfree_page_reporting = {}\n{}",
+                savings.share_boot_files,
+                savings.free_page_reporting,
+                if savings.root_image {
+                    format!("root_image = \"{}\"\n", setup.root_image.display())
+                } else {
+                    String::new()
+                }
             ),
         ),
         _ => (HypervisorKind::Qemu, String::new()),
@@ -506,6 +544,7 @@ fn medians(samples: &[Sample]) -> Sample {
         pss_mib: of(|s| Some(s.pss_mib)).unwrap_or(f64::NAN),
         vmm_own_mib: of(|s| Some(s.vmm_own_mib)).unwrap_or(f64::NAN),
         guest_ram_touched_mib: of(|s| s.guest_ram_touched_mib),
+        root_image_mib: of(|s| s.root_image_mib),
     }
 }
 
@@ -518,6 +557,7 @@ fn sample_json(sample: &Sample) -> Value {
         "pss_mib": sample.pss_mib,
         "vmm_own_mib": sample.vmm_own_mib,
         "guest_ram_touched_mib": sample.guest_ram_touched_mib,
+        "root_image_mib": sample.root_image_mib,
     })
 }
 
@@ -525,7 +565,7 @@ fn sample_json(sample: &Sample) -> Value {
 /// best (lowest) of its line.
 fn print_table(medians: &[(Peer, Result<Sample, String>)]) {
     type Line = (&'static str, fn(&Sample) -> Option<f64>);
-    let lines: [Line; 6] = [
+    let lines: [Line; 7] = [
         ("start to agent answering, ms", |s| {
             Some(s.start_to_agent_ms)
         }),
@@ -540,6 +580,7 @@ fn print_table(medians: &[(Peer, Result<Sample, String>)]) {
         ("  guest RAM touched (RSS), MiB", |s| {
             s.guest_ram_touched_mib
         }),
+        ("  root image (PSS of its page cache)", |s| s.root_image_mib),
     ];
     println!("\nmedians (ratio to the best peer of the line)");
     print!("  {:<40}", "");

@@ -54,7 +54,7 @@ use serde_json::{json, Value};
 const PART_PREFIX: &str = "VMM: ";
 const GUEST_RAM: &str = "VMM: guest RAM touched";
 const TCG_CODE: &str = "VMM: TCG translated code";
-const GUEST_IMAGES: &str = "VMM: guest kernel and initramfs files";
+const GUEST_IMAGES: &str = "VMM: guest kernel, initramfs and root image files";
 
 /// The qemu hypervisor's VM process, and the vsock backend runv runs
 /// beside QEMU for a pod.
@@ -666,7 +666,8 @@ struct VmmParts {
     /// TCG's translated code: anonymous mappings that are writable and
     /// executable (none under KVM).
     tcg_code: u64,
-    /// The guest kernel and initramfs files QEMU mapped to load them.
+    /// The guest kernel and initramfs files QEMU mapped to load them, and
+    /// the builtin VMM's root image (page cache every VM shares).
     guest_images: u64,
 }
 
@@ -744,7 +745,11 @@ fn measure_memory(
                     HypervisorKind::Qemu => HYPERVISOR,
                 };
                 if program == vmm {
-                    let images = [config.vm.kernel.as_path(), config.vm.initramfs.as_path()];
+                    let images: Vec<&Path> =
+                        [config.vm.kernel.as_path(), config.vm.initramfs.as_path()]
+                            .into_iter()
+                            .chain(config.builtin.root_image.as_deref())
+                            .collect();
                     let mut sums = VmmParts::default();
                     for &pid in &pids {
                         sums.add(pid, u64::from(config.vm.memory_mib) * 1024, &images);
