@@ -121,6 +121,13 @@ impl MmioTransport {
                 .load(std::sync::atomic::Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No device here has shared memory regions: the spec's answer
+            // for a region that does not exist is a length of all ones
+            // (Linux's virtio-fs would take 0 for an empty region at 0).
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => {
                 tracing::debug!(offset, "read of an unknown virtio-mmio register");
                 0
@@ -496,6 +503,15 @@ mod tests {
             MmioTransport::kernel_param(0xd000_0000, 5),
             "virtio_mmio.device=4K@0xd0000000:5"
         );
+    }
+
+    #[test]
+    fn has_no_shared_memory_region() {
+        let mut driver = Driver::new();
+        driver.write(VIRTIO_MMIO_SHM_SEL, 0);
+        for register in [VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH] {
+            assert_eq!(driver.read(register), u32::MAX, "{register:#x}");
+        }
     }
 
     #[test]
