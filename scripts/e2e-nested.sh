@@ -23,8 +23,8 @@ export PATH="/usr/local/bin:$HOME/.cargo/bin:$PATH"
 cd "$repo"
 
 # What CI runs in L1, about 15 minutes: every builtin device (vsock, block
-# with hot-plug, net, fs, SMP) and the pod lifecycle through containerd and
-# CRI. Everything is emulated there, so the slowest tests (100 MiB through
+# with hot-plug, net, fs, pmem, SMP), the pod lifecycle through containerd
+# and CRI, and the attack on the shared root image. Everything is emulated there, so the slowest tests (100 MiB through
 # stdout, an OOM kill, raw block devices, namespaces) are left to --full.
 ci_set=(
     builtin_boot vm_boot agent_containers block_devices
@@ -33,11 +33,13 @@ ci_set=(
     storage:block_and_bind_volumes
     shared_fs:agent_mounts_the_share,files_travel_both_ways
     network:pods_reach_the_host_and_each_other
+    root_image
 )
 # Every test binary of tests/, all of its tests.
 full_set=(
     builtin_boot vm_boot agent_containers block_devices containerd cri storage shared_fs network
     host_mounts host_cgroup vsock_isolation exec_security host_confinement chaos concurrency soak
+    root_image
 )
 
 hypervisor=builtin threads=2 tests=() timeout= budget=
