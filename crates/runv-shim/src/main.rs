@@ -32,7 +32,11 @@ use containerd_shim::protos::{
 /// The runtime name containerd knows this shim by.
 const RUNTIME_ID: &str = "io.containerd.runv.v2";
 
-#[tokio::main]
+// One shim serves one pod: two workers keep its calls, streams and agent
+// connection moving, where tokio's default (a worker per host CPU) would
+// give every pod dozens of threads, stacks and malloc arenas on a large
+// node. The VM's vCPUs and devices run on the VMM's own threads.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // containerd 2 asks `-info` of a runtime; containerd-shim 0.10 leaves
     // that flag to the shim.

@@ -204,6 +204,10 @@ impl MicroVm {
         // over them now would leave the device and the guest on
         // different pages.
         let share_boot_files = config.share_boot_files && config.vfio_devices.is_empty();
+        if share_boot_files {
+            cmdline.push(' ');
+            cmdline.push_str(boot::SHARED_KERNEL_PARAMS);
+        }
         let entry = boot::load(
             &memory,
             &config.kernel,
