@@ -3,8 +3,9 @@
 //! of the image (virtio-pmem with DAX), so a guest that could write it
 //! would run its code in every other pod's guest. The container, root in
 //! the guest with the guest's devices, overwrites the pmem device; the
-//! writes reach neither its own guest's view, nor the host's file, nor the
-//! next VM, which boots from the image as before.
+//! writes to runv-agent's code reach neither the device as its own guest
+//! reads it, nor the host's file, nor the next VM, which boots from the
+//! image and runs its agent as before.
 
 use std::{fs, path::Path};
 
@@ -16,13 +17,19 @@ use runv_tests::{
     only_on, test_config,
 };
 
-/// Overwrites the first 16 KiB of the pmem device (the superblock among
-/// them) through the guest kernel's block layer, then drops the guest's
-/// page cache, so that what it reads back is what the device holds. Each
-/// store the device refuses is a VM exit: a few thousand are enough.
-const ATTACK: &str = "dd if=/dev/zero of=/dev/pmem0 bs=4096 count=4 conv=notrunc,fsync \
-                      2>&1 && sync && echo 3 > /proc/sys/vm/drop_caches && \
-                      head -c 16384 /dev/pmem0 | tr -d '\\000' | wc -c";
+/// The pmem device is not among the container's devices: the container
+/// makes its node (privileged: CAP_MKNOD, every device allowed) from the
+/// numbers in /proc/partitions. Through it, it overwrites 16 KiB of
+/// runv-agent's code (2 MiB into the image, inside the agent's extents)
+/// with zeros, past the guest's page cache (O_DIRECT: through the guest's
+/// pmem driver to the device); then drops the guest's caches, reads the
+/// same blocks back and prints them in hex. Each store the device refuses is a VM exit: a few
+/// thousand are enough.
+const ATTACK: &str = "set -- $(grep -w pmem0 /proc/partitions) && mknod /dev/root-image b $1 $2 \
+                      && dd if=/dev/zero of=/dev/root-image bs=4096 seek=512 count=4 \
+                      oflag=direct conv=notrunc && sync && echo 3 > /proc/sys/vm/drop_caches \
+                      && dd if=/dev/root-image of=/dev/shm/back bs=4096 skip=512 count=4 && \
+                      echo && od -An -tx1 -v /dev/shm/back | tr -d ' \\n'";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_cannot_change_the_shared_root_image() {
@@ -48,15 +55,29 @@ async fn a_guest_cannot_change_the_shared_root_image() {
         attack.exit_code, 0,
         "the writes themselves go through: {output}"
     );
-    let nonzero: u64 = output.lines().last().unwrap().trim().parse().unwrap();
-    assert!(
-        nonzero > 0,
-        "the guest reads back the zeros it wrote: the device took them"
-    );
     assert!(
         fs::read(&image).unwrap() == before,
         "the host's root image {} changed",
         image.display()
+    );
+    let agent_code = &before[512 * 4096..516 * 4096];
+    assert!(
+        agent_code.iter().any(|&byte| byte != 0),
+        "the attacked blocks of the image are not the agent's code"
+    );
+    let expected: String = agent_code
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let read_back = output.lines().last().unwrap_or_default();
+    assert_eq!(
+        read_back.len(),
+        expected.len(),
+        "the guest read the blocks back"
+    );
+    assert!(
+        read_back == expected,
+        "the guest reads back what it wrote, not the image: the device took the writes"
     );
 
     // The next VM boots from the image and runs its agent as before.

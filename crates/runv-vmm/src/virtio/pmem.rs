@@ -47,9 +47,10 @@ const RESP_FAILED: u32 = 1;
 /// The kernel command line that makes the first pmem device the guest's
 /// root: ext4, read-only, executed in place (DAX), with runv-agent at
 /// /init as in the initramfs. The device appears asynchronously, after
-/// the kernel would first look for its root.
+/// the kernel would first look for its root; a guest that has not found it
+/// within 20 s panics (and so resets) instead of waiting in silence.
 pub const ROOT_KERNEL_PARAMS: &str =
-    "root=/dev/pmem0 rootfstype=ext4 rootflags=dax ro rootwait init=/init";
+    "root=/dev/pmem0 rootfstype=ext4 rootflags=dax ro rootwait=20 init=/init";
 
 /// The image file mapped into the host and the guest; dropping it takes
 /// it out of the guest, then out of the host. The VM's owner holds it
