@@ -22,7 +22,9 @@
 //! It prints figures and asserts none. Settings: RUNV_BENCH_START_RUNS
 //! (default 10), RUNV_BENCH_PODS (pod counts for the memory figure, default
 //! "1,10,50": the density series runs up to the largest), RUNV_BENCH_CPU_MIB
-//! (default 64) and RUNV_BENCH_CPU_RUNS (default 3; 0 skips the job). Under TCG on 2 cores
+//! (default 64), RUNV_BENCH_CPU_RUNS (default 3; 0 skips the job) and
+//! RUNV_BENCH_SETTLE_SECS (how long pods idle before their memory is
+//! measured, default 20: free page reporting settles in that). Under TCG on 2 cores
 //! the 50 pods take about 10 minutes: idle TCG guests still use host CPU.
 
 use std::{
@@ -540,19 +542,25 @@ async fn pod_series(
         series.starts.push(start);
         pod_ids.push(pod_id);
         if counts.contains(&k) {
-            // Let the pods settle into idling.
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // Let the pods settle into idling: the guests' free page
+            // reports take about 20 s after a boot.
+            tokio::time::sleep(settle()).await;
             let memory = measure_memory(containerd, runtime, k, config);
             println!(
                 "  {k} idle pods: {:.1} MiB a pod (shims {:.1} MiB a pod)",
                 memory.per_pod_mib, memory.shim_per_pod_mib
             );
+            // Now, not only in the summary: a run that ends early (L1
+            // crashes under load) keeps what it measured.
+            for (program, mib) in &memory.programs {
+                println!("    {program}: {:.1} MiB a pod", mib / k as f64);
+            }
             series.memory.push(memory);
         }
     }
     let started = pod_ids.len();
     if series.memory.last().map(|m| m.pods) != Some(started) {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(settle()).await;
         series
             .memory
             .push(measure_memory(containerd, runtime, started, config));
@@ -715,6 +723,12 @@ fn with_descendants(pid: u32) -> Vec<u32> {
         at += 1;
     }
     all
+}
+
+/// How long pods idle before their memory is measured:
+/// RUNV_BENCH_SETTLE_SECS, default 20.
+fn settle() -> Duration {
+    Duration::from_secs(env_or("RUNV_BENCH_SETTLE_SECS", 20))
 }
 
 /// The host memory of `pods` idle pods of `runtime`.
