@@ -215,15 +215,19 @@ def summary_table(results):
                     )
                 )
         cpu = rc["cpu"]
-        ratio = cpu["ratio_runc_over_runv_time"]
-        rows.append(
-            (
-                f"CPU-bound ({cpu['job']}), time in the container",
-                f"{fmt(cpu['runv_s'], ' s', 2)} = {ratio * 100:.1f} % of runc's throughput",
-                f"{fmt(cpu['runc_s'], ' s', 2)}",
-                f">= {GOALS['cpu_ratio'] * 100:.0f} %: " + ("met" if ratio >= GOALS["cpu_ratio"] else "not met"),
+        ratio = cpu.get("ratio_runc_over_runv_time")
+        if ratio is None:
+            # RUNV_BENCH_CPU_RUNS=0: the job was skipped, with the reason.
+            rows.append(("CPU-bound job", f"not run: {cpu.get('skipped', 'no figure')}", "-", ""))
+        else:
+            rows.append(
+                (
+                    f"CPU-bound ({cpu['job']}), time in the container",
+                    f"{fmt(cpu['runv_s'], ' s', 2)} = {ratio * 100:.1f} % of runc's throughput",
+                    f"{fmt(cpu['runc_s'], ' s', 2)}",
+                    f">= {GOALS['cpu_ratio'] * 100:.0f} %: " + ("met" if ratio >= GOALS["cpu_ratio"] else "not met"),
+                )
             )
-        )
     pb = b.get("pod_boot")
     if pb:
         for kind in ("qemu", "builtin"):
