@@ -436,6 +436,12 @@ mod tests {
             config.qemu.virtiofsd_binary,
             QemuConfig::default().virtiofsd_binary
         );
+        // The one key the shipped file sets beyond the defaults.
+        assert_eq!(BuiltinConfig::default().root_image, None);
+        assert_eq!(
+            config.builtin.root_image,
+            Some(Path::new(DEFAULT_SHARE_DIR).join("runv-root.img"))
+        );
     }
 
     #[test]

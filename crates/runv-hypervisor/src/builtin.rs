@@ -360,6 +360,28 @@ mod tests {
         assert!(vm.exit_watch().is_none());
     }
 
+    /// A configured root image that is not there is named with the fix,
+    /// even where the initramfs is.
+    #[tokio::test]
+    async fn a_missing_root_image_is_named_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("vmlinux"), "").unwrap();
+        std::fs::write(tmp.path().join("initrd"), "").unwrap();
+        let config = BuiltinConfig {
+            root_image: Some(tmp.path().join("runv-root.img")),
+            ..BuiltinConfig::default()
+        };
+        let mut vm = BuiltinVm::new(spec(tmp.path()), config);
+        let err = vm.start().await.unwrap_err().to_string();
+        assert!(
+            err.contains("guest root image")
+                && err.contains("runv-root.img")
+                && err.contains("builtin.root_image"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("vm1").exists(), "no VM directory is left");
+    }
+
     /// On a host whose KVM cannot boot an ordinary guest (this project's
     /// PVM machines among them), start fails before anything is created,
     /// naming the qemu hypervisor as the way out.
