@@ -215,10 +215,6 @@ impl QueueHandler for Pmem {
     const DEVICE_TYPE: u32 = DEVICE_TYPE;
     const QUEUE_MAX_SIZES: &'static [u16] = QUEUE_SIZES;
 
-    fn features(&self) -> u64 {
-        0
-    }
-
     fn config_space(&self) -> &[u8] {
         &self.config
     }

@@ -29,7 +29,9 @@ pub trait QueueHandler: Send + 'static {
     /// The largest size of each queue.
     const QUEUE_MAX_SIZES: &'static [u16];
     /// The features offered; VIRTIO_F_VERSION_1 is the transport's.
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        0
+    }
     /// The device-specific configuration space.
     fn config_space(&self) -> &[u8];
     /// On a vCPU thread: the driver set the device up. `queues` has one

@@ -148,14 +148,11 @@ fn serve(
         })
 }
 
+/// No features: neither notifications nor DAX (which would need a shared
+/// memory region).
 impl QueueHandler for Fs {
     const DEVICE_TYPE: u32 = DEVICE_TYPE;
     const QUEUE_MAX_SIZES: &'static [u16] = &[QUEUE_SIZE; 1 + REQUEST_QUEUES as usize];
-
-    fn features(&self) -> u64 {
-        // No notifications (DAX would need a shared memory region).
-        0
-    }
 
     fn config_space(&self) -> &[u8] {
         &self.config
