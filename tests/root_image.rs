@@ -2,10 +2,10 @@
 //! container: every VM on the host runs its agent from the same page cache
 //! of the image (virtio-pmem with DAX), so a guest that could write it
 //! would run its code in every other pod's guest. The container, root in
-//! the guest with the guest's devices, overwrites the pmem device; the
-//! writes to runv-agent's code reach neither the device as its own guest
-//! reads it, nor the host's file, nor the next VM, which boots from the
-//! image and runs its agent as before.
+//! the guest, makes itself a node for the pmem device and overwrites
+//! runv-agent's code through it; the writes reach neither the device as
+//! its own guest reads it, nor the host's file, nor the next VM, which
+//! boots from the image and runs its agent as before.
 
 use std::{fs, path::Path};
 
