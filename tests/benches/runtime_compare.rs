@@ -44,8 +44,8 @@ use runv_tests::{
     bench::{command_output, configured_hypervisor, cpu_model, qemu_accel, write_report},
     containerd::{Containerd, BUSYBOX_IMAGE},
     cri::{
-        app_config, build_pause_image, pod_config, pod_processes, remove_pods, CriClient, SHIM,
-        VIRTIOFSD,
+        app_config, build_pause_image, exec_sync, pod_config, pod_processes, remove_pods,
+        CriClient, SHIM, VIRTIOFSD,
     },
     env_or, pss_kib, smaps, test_config,
 };
@@ -436,6 +436,8 @@ struct Memory {
     /// MiB in all per program.
     programs: Vec<(String, f64)>,
     mem_available_mib: u64,
+    /// runv: the last pod's guest memory as its kernel counts it, MiB.
+    guest: Vec<(&'static str, f64)>,
 }
 
 struct PodSeries {
@@ -509,7 +511,7 @@ async fn pod_series(
         let pod = pod_config(&name, &log_dir);
         let shims_before = pids_of(containerd, shim);
         let hypervisors_before = pids_of(containerd, HYPERVISOR);
-        let (pod_id, start) = match start_pod(cri, runtime, &pod).await {
+        let (pod_id, app_id, start) = match start_pod(cri, runtime, &pod).await {
             Ok(started) => started,
             Err(e) if k > 1 => {
                 // The most pods this machine ran: measure what did start.
@@ -545,7 +547,11 @@ async fn pod_series(
             // Let the pods settle into idling: the guests' free page
             // reports take about 20 s after a boot.
             tokio::time::sleep(settle()).await;
-            let memory = measure_memory(containerd, runtime, k, config);
+            let mut memory = measure_memory(containerd, runtime, k, config);
+            if runtime == Runtime::Runv {
+                memory.guest = guest_view(cri, &app_id).await;
+                print_guest_view(k, &memory.guest);
+            }
             println!(
                 "  {k} idle pods: {:.1} MiB a pod (shims {:.1} MiB a pod)",
                 memory.per_pod_mib, memory.shim_per_pod_mib
@@ -571,13 +577,13 @@ async fn pod_series(
 }
 
 /// Runs a pod sandbox with `runtime`'s handler and an app container in it;
-/// returns the pod's ID, its timing, and when (CLOCK_BOOTTIME, ms) the
-/// RunPodSandbox call began.
+/// returns the pod's and the app's IDs, its timing, and when
+/// (CLOCK_BOOTTIME, ms) the RunPodSandbox call began.
 async fn start_pod(
     cri: &mut CriClient,
     runtime: Runtime,
     config: &PodSandboxConfig,
-) -> Result<(String, (PodStart, f64)), String> {
+) -> Result<(String, String, (PodStart, f64)), String> {
     let called_at = boottime_ms();
     let started = Instant::now();
     let pod_id = cri
@@ -606,7 +612,9 @@ async fn start_pod(
     let created = create_started.elapsed();
     let start_started = Instant::now();
     cri.runtime
-        .start_container(StartContainerRequest { container_id: id })
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
         .await
         .map_err(|e| failure("StartContainer", &e))?;
     let app_started = start_started.elapsed();
@@ -619,7 +627,7 @@ async fn start_pod(
         hypervisor_started_ms: None,
         vm_boot: Vec::new(),
     };
-    Ok((pod_id, (start, called_at)))
+    Ok((pod_id, id, (start, called_at)))
 }
 
 /// A failed CRI call in a line or two: its first line and, from a guest
@@ -794,7 +802,60 @@ fn measure_memory(
         shim_per_pod_mib: mib(shims) / pods as f64,
         programs,
         mem_available_mib: mem_available_mib(),
+        guest: Vec::new(),
     }
+}
+
+/// What the guest kernel of the pod whose app is `app_id` says its memory
+/// holds (/proc/meminfo through ExecSync), MiB: where guest RAM touched
+/// goes, seen from inside. Empty where the exec fails.
+async fn guest_view(cri: &mut CriClient, app_id: &str) -> Vec<(&'static str, f64)> {
+    let reply = exec_sync(cri, app_id, &["cat", "/proc/meminfo"]).await;
+    let text = String::from_utf8_lossy(&reply.stdout);
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+    };
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let (Some(total), Some(free)) = (kib("MemTotal"), kib("MemFree")) else {
+        return Vec::new();
+    };
+    let mut view = vec![(
+        "in use (MemTotal - MemFree)",
+        mib(total.saturating_sub(free)),
+    )];
+    for (label, key) in [
+        ("slab, unreclaimable", "SUnreclaim"),
+        ("slab, reclaimable", "SReclaimable"),
+        ("kernel stacks", "KernelStack"),
+        ("page tables", "PageTables"),
+        ("per-CPU areas", "Percpu"),
+        ("anonymous (processes)", "AnonPages"),
+        ("page cache", "Cached"),
+    ] {
+        if let Some(value) = kib(key) {
+            view.push((label, mib(value)));
+        }
+    }
+    view
+}
+
+fn print_guest_view(pod: usize, view: &[(&str, f64)]) {
+    if view.is_empty() {
+        println!("    pod {pod}'s guest: /proc/meminfo not read");
+        return;
+    }
+    let parts: Vec<String> = view[1..]
+        .iter()
+        .map(|(label, mib)| format!("{label} {mib:.1}"))
+        .collect();
+    println!(
+        "    pod {pod}'s guest, by its own count: {} {:.1} MiB: {}",
+        view[0].0,
+        view[0].1,
+        parts.join(", ")
+    );
 }
 
 fn memory_json(runv: &PodSeries, runc: &PodSeries) -> Value {
@@ -817,6 +878,7 @@ fn memory_json(runv: &PodSeries, runc: &PodSeries) -> Value {
                     "tcg_code_per_pod_mib": part(m, TCG_CODE),
                     "guest_images_per_pod_mib": part(m, GUEST_IMAGES),
                     "programs_mib": m.programs.iter().cloned().collect::<HashMap<_, _>>(),
+                    "last_guest_meminfo_mib": m.guest.iter().cloned().collect::<HashMap<_, _>>(),
                     "mem_available_mib": m.mem_available_mib,
                     "mem_available_drop_per_pod_mib":
                         series.mem_available_before_mib.saturating_sub(m.mem_available_mib) as f64
