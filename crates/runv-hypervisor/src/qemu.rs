@@ -1187,7 +1187,7 @@ mod tests {
         );
         assert!(args.contains("-chardev socket,id=vsock,fd=14"), "{args}");
         assert!(
-            args.contains("console=ttyS0 reboot=t panic=-1 no_timer_check runv.log_level=debug"),
+            args.contains(&format!("{BASE_KERNEL_PARAMS} runv.log_level=debug")),
             "{args}"
         );
         let kvm_args = vm.qemu_args(Accel::Kvm, &fds(false)).join(" ");
