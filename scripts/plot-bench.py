@@ -415,8 +415,8 @@ def plot(results, png):
 
     # 5. CPU-bound throughput.
     ax = axes[1][1]
-    if rc:
-        cpu = rc["cpu"]
+    cpu = rc.get("cpu", {}) if rc else {}
+    if "ratio_runc_over_runv_time" in cpu:
         ratio = cpu["ratio_runc_over_runv_time"]
         ax.bar(["runc", f"runv ({rc['accel']})"], [1.0, ratio], color=[colors["runc"], colors["runv"]])
         ax.axhline(GOALS["cpu_ratio"], color="red", linestyle="--", linewidth=1, label="goal 0.98")
@@ -427,7 +427,7 @@ def plot(results, png):
                      fontsize=10)
         ax.legend(fontsize=8)
     else:
-        note(ax, "runtime_compare not run")
+        note(ax, "CPU-bound job not run" if rc else "runtime_compare not run")
 
     # 6. I/O ratios from the storage and network benches.
     ax = axes[1][2]
