@@ -320,17 +320,27 @@ pub fn app_config(name: &str) -> ContainerConfig {
     }
 }
 
-pub async fn exec_sync(cri: &mut CriClient, id: &str, cmd: &[&str]) -> ExecSyncResponse {
-    let response = cri
-        .runtime
+/// Runs `cmd` in container `id` through CRI's ExecSync (60 s at most).
+pub async fn try_exec_sync(
+    cri: &mut CriClient,
+    id: &str,
+    cmd: &[&str],
+) -> Result<ExecSyncResponse, tonic::Status> {
+    cri.runtime
         .exec_sync(ExecSyncRequest {
             container_id: id.into(),
             cmd: cmd.iter().map(|arg| arg.to_string()).collect(),
             timeout: 60,
         })
         .await
-        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
-        .into_inner();
+        .map(tonic::Response::into_inner)
+}
+
+/// [`try_exec_sync`] that must succeed; prints what the command printed.
+pub async fn exec_sync(cri: &mut CriClient, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    let response = try_exec_sync(cri, id, cmd)
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"));
     eprintln!(
         "ExecSync {cmd:?} in {id}: exit {}, stdout {:?}, stderr {:?}",
         response.exit_code,
